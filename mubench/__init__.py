@@ -1,0 +1,1 @@
+"""The μBench service cell shared by every stack (see ARCHITECTURE.md, "μBench cell")."""

@@ -43,6 +43,7 @@ from dpumesh.routing import WorkerTable, egress_target, host_service, split_pref
 log = logging.getLogger("dpumesh.dpu_daemon")
 
 LIVENESS_PERIOD_S = 0.25
+LINGER_S = 2.0
 STATS_PATH = "/_dpumesh/stats"
 HEALTH_PATH = "/_dpumesh/health"
 JSON_HEADERS = [("content-type", "application/json")]
@@ -61,7 +62,7 @@ class Config:
     deadline_s: float = 30.0
     receive_timeout_s: float = 10.0
     idle_timeout_s: float = 75.0
-    max_body: int = 8 << 20
+    max_body: int = ring.MAX_BODY
     services: list[str] = field(default_factory=list)
     routes: dict[str, Peer] = field(default_factory=dict)
     peer: Peer | None = None
@@ -110,18 +111,15 @@ class Sidecar:
         self.bridge_errors: dict[int, int] = defaultdict(int)
         self.corrupt_entries = 0
         self.bridge_requests = 0
+        self._seen_version = -1
         self.fallback = FallbackClient(max_body=cfg.max_body)
         self._next_id = 1
         self._stopping = threading.Event()
         self.registry = registry.Registry.open_or_create(cfg.namespace)
-        registry.collect_stale(cfg.namespace)
-        self.bell = ring.Doorbell.open_or_create(naming.sidecar_bell(cfg.namespace))
-        dpa_bell = ring.Doorbell.open_or_create(naming.dpa_bell(cfg.namespace))
-        self.sq = ring.Ring.open_or_create(naming.sidecar_sq(cfg.namespace), doorbell=self.bell)
-        self.cq = ring.Ring.open_or_create(naming.sidecar_cq(cfg.namespace), doorbell=dpa_bell)
-        self._dpa_bell = dpa_bell
+        registry.collect_stale(cfg.namespace, self.registry)
+        self.rings = registry.SidecarRings(cfg.namespace)
+        self.membership = registry.Membership(self.registry, registry.DAEMON_PREFIX + "dpu-daemon")
         self._reader = threading.Thread(target=self._read_loop, name="sidecar-sq", daemon=True)
-        self._registry_version = -1
 
     # ---- lifecycle -------------------------------------------------------
 
@@ -134,24 +132,28 @@ class Sidecar:
     def stop(self) -> None:
         """Answer everything in flight with 503 and release the queues."""
         self._stopping.set()
-        self.bell.ring()
+        self.rings.bell.ring()
         self._reader.join(timeout=2)
         for sid in list(self.pending):
             self._complete(sid, (503, JSON_HEADERS, error_body(503, "sidecar shutting down")))
         self.fallback.close()
-        for obj in (self.sq, self.cq, self.bell, self._dpa_bell, self.registry):
-            obj.close()
+        self.rings.close()
+        self.membership.close()  # the last process of the namespace removes its objects
+        self.registry.close()
 
     # ---- queue reader (its own thread) -------------------------------------
 
     def _read_loop(self) -> None:
-        pop = self.sq.pop
+        """Sleep on the doorbell, drain sidecar_sq, hand each batch to the event loop."""
+        rings = self.rings
         while not self._stopping.is_set():
-            self.bell.wait(timeout=1.0)
+            rings.bell.wait(timeout=1.0)
+            pop = rings.sq.pop
             batch = []
             while (entry := pop()) is not None:
                 batch.append(entry)
             if batch:
+                rings.bell.absorb(len(batch) - 1)
                 self.loop.call_soon_threadsafe(self._on_entries, batch)
 
     # ---- liveness ------------------------------------------------------------
@@ -162,10 +164,16 @@ class Sidecar:
         self.refresh_workers()
         self.loop.call_later(LIVENESS_PERIOD_S, self._liveness_tick)
 
+    def _follow_registry(self) -> None:
+        """Pick up workers that joined or left since the last liveness tick (cheap check)."""
+        if self.registry.version != self._seen_version:
+            self.refresh_workers()
+
     def refresh_workers(self) -> None:
         """Re-read the registry; answer the in-flight requests of dead workers with 503."""
+        self._seen_version = self.registry.version
         live = [
-            (info.key, info.service) for info in self.registry.snapshot() if info.alive
+            (info.key.route, info.service) for info in self.registry.snapshot() if info.alive
         ]
         for key in self.table.update(live):
             for sid in list(self.by_worker.pop(key, ())):
@@ -198,10 +206,11 @@ class Sidecar:
                 kind=wire.RESPONSE, req_id=msg.req_id, status=status, headers=headers, body=body
             )
             try:
-                self.cq.push(wire.encode(answer), route=origin, timeout=1.0)
+                self.rings.cq.push(wire.encode(answer), route=origin, timeout=1.0)
             except (ring.RingFull, ring.PayloadTooLarge) as exc:
                 log.warning("cannot answer worker %#x: %s", origin, exc)
 
+        self._follow_registry()
         target = egress_target(msg.target, self.table.known)
         if target is None:
             reply((400, JSON_HEADERS, error_body(400, f"egress URL without host: {msg.target}")))
@@ -261,7 +270,7 @@ class Sidecar:
             deadline_ns=deadline_ns,
         )
         try:
-            self.cq.push(wire.encode(msg), route=worker, timeout=0)
+            self.rings.cq.push(wire.encode(msg), route=worker, timeout=0)
         except ring.RingFull:
             counted((503, JSON_HEADERS, error_body(503, "mesh queue full")))
             return
@@ -315,6 +324,7 @@ class Sidecar:
         if req.path == HEALTH_PATH:
             fut.set_result((200, JSON_HEADERS, b'{"status": "ok"}'))
             return req_id, fut
+        self._follow_registry()
         service, path = self._resolve(req)
         self.stats[service].ingress += 1
         target = path + ("?" + req.query if req.query else "")
@@ -395,7 +405,7 @@ class BridgeConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
-            return
+            return  # refused: discard what the client is still sending
         try:
             requests = self.parser.feed(data)
         except BadRequest as exc:
@@ -413,6 +423,8 @@ class BridgeConnection(asyncio.Protocol):
         self._flush()
 
     def eof_received(self) -> bool:
+        if self.closing:
+            return False
         try:
             self.parser.eof()
         except BadRequest as exc:
@@ -454,7 +466,13 @@ class BridgeConnection(asyncio.Protocol):
             transport.write(render_json(0, status, JSON_HEADERS, body))
         else:
             transport.write(render_http(status, JSON_HEADERS, body, keep_alive=False))
-        self._close()
+        # Lingering close: a client still uploading (say, a body over the limit) would
+        # get a reset instead of our answer if we closed now. Stop writing, discard
+        # its input until it closes, and close for good after a short grace period.
+        self.closing = True
+        if transport.can_write_eof():
+            transport.write_eof()
+        self.sidecar.loop.call_later(LINGER_S, transport.close)
 
     def _close(self) -> None:
         self.closing = True
@@ -502,7 +520,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
                    help="per-request deadline in seconds; then 504 (default 30)")
     p.add_argument("--receive-timeout", type=float, default=10.0,
                    help="seconds a client may take to send one whole request; then 408")
-    p.add_argument("--max-body", type=int, default=8 << 20,
+    p.add_argument("--max-body", type=int, default=ring.MAX_BODY,
                    help="largest request/response body in bytes; larger gets 413 (default 8 MiB)")
     p.add_argument("--service", action="append", default=[], metavar="NAME",
                    help="a service expected here (answers 503, not 404, while it has no worker)")

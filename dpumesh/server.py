@@ -54,7 +54,9 @@ def load_app(spec: str):
     try:
         return getattr(module, attr or "app")
     except AttributeError:
-        raise SystemExit(f"dpumesh.server: {module_name} has no attribute {attr or 'app'!r}")
+        raise SystemExit(
+            f"dpumesh.server: {module_name} has no attribute {attr or 'app'!r}"
+        ) from None
 
 
 def _positive_int(name: str, default: int) -> int:

@@ -143,10 +143,18 @@ class WorkerRuntime:
         try:
             while not self._stopping.is_set():
                 self.bell.wait(self._wait_timeout())
+                handled = 0
                 while completions:
                     completions.popleft()()
+                    handled += 1
                 while (entry := pop()) is not None:
                     self._on_entry(*entry)
+                    handled += 1
+                if handled > 1:
+                    # One token per event was posted; we used one to wake. Skip the
+                    # wake-ups the others would cause (the count never drops below
+                    # the number of unhandled events).
+                    self.bell.absorb(handled - 1)
                 if self.deadlines:
                     self._expire_due()
         finally:

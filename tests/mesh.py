@@ -1,0 +1,115 @@
+"""Start a real DPUmesh (both daemons and worker services) for end-to-end tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def shm_objects(namespace: str) -> list[str]:
+    """This namespace's POSIX shared memory and semaphores still in /dev/shm."""
+    marker = f"dpumesh.{namespace}."
+    return sorted(n for n in os.listdir("/dev/shm") if marker in n)
+
+
+class Mesh:
+    """dpa-daemon + dpu-daemon + `python -m dpumesh.server` per service, as subprocesses."""
+
+    def __init__(self, namespace: str, tmp: Path, port: int | None = None) -> None:
+        self.ns = namespace
+        self.tmp = tmp
+        self.port = port or free_port()
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.env = dict(os.environ, DPUMESH_NS=namespace, PYTHONPATH=str(REPO))
+
+    def _spawn(self, name: str, argv: list[str], **env: str) -> subprocess.Popen:
+        log = open(self.tmp / f"{name}.log", "ab")  # noqa: SIM115 - owned by the process
+        proc = subprocess.Popen(
+            [sys.executable, *argv],
+            env=dict(self.env, **env),
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.procs[name] = proc
+        return proc
+
+    def start_dpa(self) -> None:
+        self._spawn("dpa", ["-m", "dpumesh.dpa_daemon", "--ns", self.ns])
+
+    def start_dpu(self, *extra: str) -> None:
+        self._spawn(
+            "dpu",
+            ["-m", "dpumesh.dpu_daemon", "--ns", self.ns, "--port", str(self.port), *extra],
+        )
+        self.wait_http("/_dpumesh/health")
+
+    def start_service(self, service: str, processes: int = 2, app: str = "tests.apps.seed_app:app"):
+        self._spawn(
+            f"svc-{service}",
+            ["-m", "dpumesh.server", app],
+            APP=service,
+            PN=str(processes),
+            DPUMESH_THREADS="8",
+        )
+
+    def url(self, path: str = "/") -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def wait_http(self, path: str, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(self.url(path), timeout=2) as resp:
+                    if resp.status == 200:
+                        return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{path} not ready; logs in {self.tmp}") from None
+            time.sleep(0.05)
+
+    def stats(self) -> dict:
+        with urllib.request.urlopen(self.url("/_dpumesh/stats"), timeout=5) as resp:
+            return json.load(resp)
+
+    def wait_workers(self, counts: dict[str, int], timeout: float = 30.0) -> None:
+        """Wait until each service has exactly the given number of live workers."""
+        deadline = time.monotonic() + timeout
+        while True:
+            workers = self.stats()["workers"]
+            if all(len(workers.get(s, [])) == n for s, n in counts.items()):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"workers {workers}, wanted {counts}; logs in {self.tmp}")
+            time.sleep(0.1)
+
+    def stop(self, name: str, sig: int = signal.SIGTERM) -> None:
+        proc = self.procs.pop(name)
+        if proc.poll() is None:
+            proc.send_signal(sig)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    def close(self) -> None:
+        # Workers first, then the daemons, as an operator would.
+        for name in sorted(self.procs, key=lambda n: not n.startswith("svc-")):
+            self.stop(name)

@@ -1,0 +1,275 @@
+"""The DMA manager as a real subprocess between a fake sidecar and fake workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+
+import posix_ipc
+import psutil
+import pytest
+
+from dpumesh import naming, ring
+from dpumesh.registry import SidecarRings, WorkerEndpoint, WorkerKey
+
+pytestmark = pytest.mark.e2e
+
+# Child worker that never reads its worker_sq; reports its key, waits to be killed.
+SILENT_WORKER = """
+import json, sys, time
+from dpumesh.registry import WorkerEndpoint
+ep = WorkerEndpoint(sys.argv[1], "silent")
+print(json.dumps(list(ep.key)), flush=True)
+time.sleep(60)
+"""
+
+
+def unlink_all(ns: str) -> None:
+    for obj in naming.list_objects(ns):
+        try:
+            if obj.kind == naming.SHM:
+                posix_ipc.unlink_shared_memory(obj.name)
+            else:
+                posix_ipc.unlink_semaphore(obj.name)
+        except posix_ipc.ExistentialError:
+            pass
+
+
+def stop(proc: subprocess.Popen) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise
+
+
+@pytest.fixture
+def ns(namespace: str) -> Iterator[str]:
+    """Unique namespace whose objects are removed even if the test fails."""
+    yield namespace
+    unlink_all(namespace)
+
+
+@pytest.fixture
+def start_daemon(ns: str) -> Iterator[Callable[[], subprocess.Popen]]:
+    procs: list[subprocess.Popen] = []
+
+    def start() -> subprocess.Popen:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dpumesh.dpa_daemon", "--ns", ns, "--log-level", "WARNING"]
+        )
+        procs.append(proc)
+        # ready once it has mapped sidecar_cq (its signal handlers are installed by then)
+        ready = f"/dev/shm/{naming.sidecar_cq(ns)[1:]}"
+        deadline = time.monotonic() + 15
+        while ready not in {m.path for m in psutil.Process(proc.pid).memory_maps()}:
+            assert proc.poll() is None and time.monotonic() < deadline, "daemon did not start"
+            time.sleep(0.02)
+        return proc
+
+    yield start
+    for proc in procs:
+        stop(proc)
+
+
+def recv_until(recv: Callable[[float], tuple | None], count: int, timeout: float = 10.0) -> list:
+    got = []
+    deadline = time.monotonic() + timeout
+    while len(got) < count and time.monotonic() < deadline:
+        item = recv(0.5)
+        if item is not None:
+            got.append(item)
+    return got
+
+
+def exchange(ns: str, sidecar: SidecarRings, worker: WorkerEndpoint) -> None:
+    """Requests sidecar -> worker and replies worker -> sidecar, small and large."""
+    big = os.urandom(5 * 1024 * 1024)
+    for i in range(50):
+        sidecar.send(b"req%d" % i, route=worker.key.route)
+    sidecar.send(big, route=worker.key.route)
+    got = recv_until(worker.recv, 51)
+    assert [g[2] for g in got[:50]] == [b"req%d" % i for i in range(50)]
+    assert got[50] == (worker.key.route, 0, big)
+    for i in range(50):
+        worker.send(b"rsp%d" % i, route=12345)
+    worker.send(big[::-1])
+    back = recv_until(sidecar.recv, 51)
+    # the daemon stamps every reply with the worker's key
+    assert {route for route, _f, _p in back} == {worker.key.route}
+    assert [p for _r, _f, p in back[:50]] == [b"rsp%d" % i for i in range(50)]
+    assert back[50][2] == big[::-1]
+    assert not [o for o in naming.list_objects(ns) if naming.is_buffer(ns, o.name)]
+
+
+@pytest.mark.parametrize("daemon_first", [True, False])
+def test_end_to_end_in_both_start_orders(
+    ns: str, start_daemon: Callable[[], subprocess.Popen], daemon_first: bool
+) -> None:
+    daemon = start_daemon() if daemon_first else None
+    worker = WorkerEndpoint(ns, "ms-001")
+    sidecar = SidecarRings(ns)
+    if daemon is None:
+        sidecar.send(b"early", route=worker.key.route)  # queued before the daemon exists
+        daemon = start_daemon()
+        assert recv_until(worker.recv, 1) == [(worker.key.route, 0, b"early")]
+    try:
+        exchange(ns, sidecar, worker)
+    finally:
+        worker.close()
+        sidecar.close()
+    assert stop(daemon) == 0
+    assert naming.list_objects(ns) == []
+
+
+def test_unknown_or_stale_key_bounces(ns: str, start_daemon: Callable) -> None:
+    start_daemon()
+    sidecar = SidecarRings(ns)
+    worker = WorkerEndpoint(ns, "svc")
+    stale = WorkerKey(worker.key.slot, worker.key.gen + 1)
+    try:
+        sidecar.send(b"nobody", route=WorkerKey(99, 1).route)
+        sidecar.send(b"stale", route=stale.route)
+        big = os.urandom(1 << 20)
+        sidecar.send(big, route=WorkerKey(98, 1).route)
+        got = recv_until(sidecar.recv, 3)
+        assert got == [
+            (WorkerKey(99, 1).route, ring.BOUNCED, b"nobody"),
+            (stale.route, ring.BOUNCED, b"stale"),
+            (WorkerKey(98, 1).route, ring.BOUNCED, big),
+        ]
+    finally:
+        worker.close()
+        sidecar.close()
+
+
+def test_dead_worker_requests_bounce_promptly(ns: str, start_daemon: Callable) -> None:
+    start_daemon()
+    sidecar = SidecarRings(ns)
+    proc = subprocess.Popen([sys.executable, "-c", SILENT_WORKER, ns], stdout=subprocess.PIPE)
+    try:
+        key = WorkerKey(*json.loads(proc.stdout.readline()))
+        time.sleep(0.3)  # let the daemon attach it
+        for i in range(3):
+            sidecar.send(b"inflight%d" % i, route=key.route)
+        time.sleep(0.2)
+        assert sidecar.recv(0) is None  # delivered to the worker, which does not answer
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        t_kill = time.monotonic()
+        got = recv_until(sidecar.recv, 3, timeout=5.0)
+        assert [(f, p) for _r, f, p in got] == [(ring.BOUNCED, b"inflight%d" % i) for i in range(3)]
+        assert time.monotonic() - t_kill < 2.5  # ~1 s heartbeat timeout + one tick
+        sidecar.send(b"after", route=key.route)
+        assert recv_until(sidecar.recv, 1) == [(key.route, ring.BOUNCED, b"after")]
+        # the daemon reaped the slot and collected the dead worker's segments
+        assert not [o for o in naming.list_objects(ns) if naming.worker_of(o.name)]
+    finally:
+        proc.kill()
+        proc.wait()
+        sidecar.close()
+
+
+def test_slow_worker_backlog_then_bounce_without_loss(ns: str, start_daemon: Callable) -> None:
+    start_daemon()
+    sidecar = SidecarRings(ns)
+    worker = WorkerEndpoint(ns, "slow", slots=8, slot_size=128)
+    try:
+        time.sleep(0.3)
+        total = 8 + 256 + 40  # ring + worker backlog + overflow
+        for i in range(total):
+            sidecar.send(b"m%d" % i, route=worker.key.route, timeout=5)
+        bounced = recv_until(sidecar.recv, 40)
+        assert all(f == ring.BOUNCED for _r, f, _p in bounced)
+        bounced_ids = {int(p[1:]) for _r, _f, p in bounced}
+        delivered = recv_until(worker.recv, total - len(bounced_ids))
+        ids = [int(p[1:]) for _r, _f, p in delivered]
+        assert ids == sorted(ids)  # in order, nothing overwritten
+        assert set(ids) | bounced_ids == set(range(total)) and not set(ids) & bounced_ids
+        assert worker.recv(0.3) is None and sidecar.recv(0) is None
+    finally:
+        worker.close()
+        sidecar.close()
+
+
+def test_slow_sidecar_back_pressure_without_loss(ns: str, start_daemon: Callable) -> None:
+    start_daemon()
+    sidecar = SidecarRings(ns, slots=8, slot_size=128)
+    worker = WorkerEndpoint(ns, "chatty")
+    try:
+        n = 600
+        for i in range(n):
+            worker.send(b"r%d" % i, timeout=10)
+        got = recv_until(sidecar.recv, n)
+        assert [p for _r, _f, p in got] == [b"r%d" % i for i in range(n)]
+    finally:
+        worker.close()
+        sidecar.close()
+
+
+def test_idle_daemon_uses_no_cpu_and_sigterm_cleans_up(ns: str, start_daemon: Callable) -> None:
+    daemon = start_daemon()
+    sidecar = SidecarRings(ns)
+    worker = WorkerEndpoint(ns, "idle")
+    sidecar.send(b"warm-up", route=worker.key.route)
+    assert recv_until(worker.recv, 1)
+    proc = psutil.Process(daemon.pid)
+    before = proc.cpu_times()
+    t0 = time.monotonic()
+    time.sleep(5.0)
+    after = proc.cpu_times()
+    elapsed = time.monotonic() - t0
+    used = (after.user + after.system) - (before.user + before.system)
+    assert used / elapsed < 0.01, f"idle daemon used {used / elapsed:.2%} CPU"
+    worker.close()
+    sidecar.close()
+    assert stop(daemon) == 0
+    assert naming.list_objects(ns) == []
+
+
+def test_sigterm_keeps_shared_objects_while_workers_live(ns: str, start_daemon: Callable) -> None:
+    daemon = start_daemon()
+    worker = WorkerEndpoint(ns, "stays")
+    sidecar = SidecarRings(ns)
+    sidecar.close()
+    assert stop(daemon) == 0
+    names = {o.name for o in naming.list_objects(ns)}
+    # Another process (the worker) still holds a slot: nothing shared is removed.
+    assert {naming.dpa_bell(ns), naming.registry(ns), naming.sidecar_sq(ns)} <= names
+    # a restarted daemon serves the same worker through the same dpa doorbell
+    start_daemon()
+    sidecar = SidecarRings(ns)
+    try:
+        worker.send(b"still here")
+        assert recv_until(sidecar.recv, 1) == [(worker.key.route, 0, b"still here")]
+    finally:
+        worker.close()
+        sidecar.close()
+
+
+def test_last_process_out_removes_shared_objects(ns: str, start_daemon: Callable) -> None:
+    daemon = start_daemon()
+    worker = WorkerEndpoint(ns, "leaves-last")
+    assert stop(daemon) == 0
+    assert naming.list_objects(ns) != []
+    worker.close()  # the last member of the namespace cleans up after everyone
+    assert naming.list_objects(ns) == []
+
+
+def test_help() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "dpumesh.dpa_daemon", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    for flag in ("--ns", "--dma-latency-us", "--dma-gbps", "--log-level"):
+        assert flag in out

@@ -172,9 +172,7 @@ class Sidecar:
     def refresh_workers(self) -> None:
         """Re-read the registry; answer the in-flight requests of dead workers with 503."""
         self._seen_version = self.registry.version
-        live = [
-            (info.key.route, info.service) for info in self.registry.snapshot() if info.alive
-        ]
+        live = [(info.key.route, info.service) for info in self.registry.snapshot() if info.alive]
         for key in self.table.update(live):
             for sid in list(self.by_worker.pop(key, ())):
                 self._complete(sid, (503, JSON_HEADERS, error_body(503, "worker died")))
@@ -511,23 +509,51 @@ def parse_args(argv: list[str] | None = None) -> Config:
             "DMA manager's shared-memory queues, falls back to HTTP peers for other services."
         ),
     )
-    p.add_argument("--ns", default=naming.namespace_from_env(), help="instance namespace "
-                   "(default: $DPUMESH_NS or 'default')")
+    p.add_argument(
+        "--ns",
+        default=naming.namespace_from_env(),
+        help="instance namespace (default: $DPUMESH_NS or 'default')",
+    )
     p.add_argument("--host", default="127.0.0.1", help="bridge listen address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=5005, help="bridge listen port (default 5005)")
     p.add_argument("--entry", default="s0", help="service for requests naming none (default s0)")
-    p.add_argument("--deadline", type=float, default=30.0,
-                   help="per-request deadline in seconds; then 504 (default 30)")
-    p.add_argument("--receive-timeout", type=float, default=10.0,
-                   help="seconds a client may take to send one whole request; then 408")
-    p.add_argument("--max-body", type=int, default=ring.MAX_BODY,
-                   help="largest request/response body in bytes; larger gets 413 (default 8 MiB)")
-    p.add_argument("--service", action="append", default=[], metavar="NAME",
-                   help="a service expected here (answers 503, not 404, while it has no worker)")
-    p.add_argument("--route", action="append", default=[], metavar="SVC=URL",
-                   help="send SVC to this HTTP endpoint when it has no local worker")
-    p.add_argument("--peer", metavar="URL",
-                   help="default HTTP endpoint (e.g. another dpu-daemon) for non-local services")
+    p.add_argument(
+        "--deadline",
+        type=float,
+        default=30.0,
+        help="per-request deadline in seconds; then 504 (default 30)",
+    )
+    p.add_argument(
+        "--receive-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a client may take to send one whole request; then 408",
+    )
+    p.add_argument(
+        "--max-body",
+        type=int,
+        default=ring.MAX_BODY,
+        help="largest request/response body in bytes; larger gets 413 (default 8 MiB)",
+    )
+    p.add_argument(
+        "--service",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a service expected here (answers 503, not 404, while it has no worker)",
+    )
+    p.add_argument(
+        "--route",
+        action="append",
+        default=[],
+        metavar="SVC=URL",
+        help="send SVC to this HTTP endpoint when it has no local worker",
+    )
+    p.add_argument(
+        "--peer",
+        metavar="URL",
+        help="default HTTP endpoint (e.g. another dpu-daemon) for non-local services",
+    )
     p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")

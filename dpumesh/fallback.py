@@ -77,9 +77,7 @@ class FallbackClient:
     ) -> tuple[int, list[tuple[str, str]], bytes]:
         """Send one request to `peer`; returns (status, headers, body)."""
         try:
-            return await asyncio.wait_for(
-                self._request(peer, method, path, headers, body), timeout
-            )
+            return await asyncio.wait_for(self._request(peer, method, path, headers, body), timeout)
         except (OSError, asyncio.IncompleteReadError, httptools.HttpParserError) as exc:
             raise FallbackError(f"{peer.host}:{peer.port}: {exc}") from None
 

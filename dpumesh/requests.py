@@ -83,8 +83,9 @@ def request(
     if result is None:
         raise Timeout(f"no reply from {url} within {timeout or DEFAULT_TIMEOUT_S} s")
     content = result.body.encode("utf-8", errors="surrogateescape")
-    return Response(status_code=result.status_code, headers=result.headers, content=content,
-                    url=url)
+    return Response(
+        status_code=result.status_code, headers=result.headers, content=content, url=url
+    )
 
 
 def get(url: str, **kwargs: Any) -> Response:

@@ -274,9 +274,7 @@ class WorkerRuntime:
         if entry is None:
             return  # a late reply for a request that already finished
         owner, step_id, seq = entry
-        result = StepResult(
-            status_code=msg.status, headers=dict(msg.headers), body=_text(msg.body)
-        )
+        result = StepResult(status_code=msg.status, headers=dict(msg.headers), body=_text(msg.body))
         if isinstance(owner, BlockingCall):
             owner.result = result
             owner.event.set()

@@ -258,3 +258,32 @@ def test_idle_daemons_use_almost_no_cpu(seed_mesh):
     after = [sum(p.cpu_times()[:2]) for p in procs]
     for b, a in zip(before, after, strict=True):
         assert (a - b) / 10 < 0.01
+
+
+def test_deadline_gives_504_and_frees_the_request(namespace, tmp_path):
+    mesh = Mesh(namespace, tmp_path)
+    try:
+        mesh.start_dpa()
+        mesh.start_dpu("--deadline", "1")
+        mesh.start_service("s1", processes=1)
+        mesh.wait_workers({"s1": 1})
+        start = time.monotonic()
+        status, _ = get(mesh.port, "/s1/sleep?s=3")
+        assert status == 504 and time.monotonic() - start < 2.5
+        assert mesh.stats()["inflight"] == 0
+        assert get(mesh.port, "/s1/api/v1")[0] == 200  # the worker keeps serving
+    finally:
+        mesh.close()
+    assert shm_objects(namespace) == []
+
+
+@pytest.mark.parametrize(
+    "module", ["dpumesh.dpa_daemon", "dpumesh.dpu_daemon", "dpumesh.server", "dpumesh.bench"]
+)
+def test_every_cli_has_help(module):
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", module, "--help"]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=60, check=True)
+    assert "usage:" in out.stdout.lower()

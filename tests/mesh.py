@@ -60,13 +60,20 @@ class Mesh:
         )
         self.wait_http("/_dpumesh/health")
 
-    def start_service(self, service: str, processes: int = 2, app: str = "tests.apps.seed_app:app"):
+    def start_service(
+        self,
+        service: str,
+        processes: int = 2,
+        app: str = "tests.apps.seed_app:app",
+        **env: str,
+    ) -> None:
         self._spawn(
             f"svc-{service}",
             ["-m", "dpumesh.server", app],
             APP=service,
             PN=str(processes),
-            DPUMESH_THREADS="8",
+            DPUMESH_THREADS=env.pop("DPUMESH_THREADS", "8"),
+            **env,
         )
 
     def url(self, path: str = "/") -> str:

@@ -1,0 +1,100 @@
+"""How many requests crossed a stack, read from the stack's own counters.
+
+A run compares these counts with the load generator's (DESIGN §5: "requests
+counted by the stack match requests counted by the load generator"). Every
+reader returns the same shape, a `Traffic` dict::
+
+    {"entry_requests": N,           # requests that came in on the public port
+     "per_service": {svc: n, ...},  # requests each service received (entry + calls)
+     "raw": {...}}                  # the counters they were taken from (absolute)
+
+Sources:
+
+* `envoy`: Envoy admin stats, `downstream_rq_total` per listener: the gateway
+  listener for entry requests, each sidecar's `inbound_<svc>` per service.
+  `raw["listeners"]` holds every listener (`outbound_<svc>` too, so a run can
+  prove calls left through the sidecars) and `raw["apps"]` the apps' own
+  counters, which must equal the inbound counts.
+* `dpumesh`: the bridge's `/_dpumesh/stats`: entry = the requests the bridge
+  routed to a service (`ingress`, summed; the bridge's own `/_dpumesh/*`
+  endpoints are not in it), per service = `requests` (ingress + egress).
+* `nomesh`: each app's `/_mubench/stats` (`requests`, which excludes the
+  health and stats endpoints); entry = the entry service's count, so any call
+  a service makes *to* the entry service counts too (there is no proxy to
+  tell them apart).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from baselines.envoy.config import (
+    GATEWAY,
+    MeshDescription,
+    inbound_stat_prefix,
+    mesh_counts,
+)
+from dpumesh.dpu_daemon import STATS_PATH as BRIDGE_STATS_PATH
+from mubench.http_app import STATS_PATH as APP_STATS_PATH
+
+Traffic = dict[str, Any]
+
+
+def get_json(port: int, path: str, timeout_s: float = 5.0) -> Any:
+    """`GET 127.0.0.1:port/path` as JSON (plain http.client: proxy variables never apply)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout_s)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        body = resp.read()
+    finally:
+        conn.close()
+    if resp.status != 200:
+        raise RuntimeError(f"GET :{port}{path} answered {resp.status}: {body[:200]!r}")
+    return json.loads(body)
+
+
+def app_counters(app_ports: Mapping[str, int]) -> dict[str, dict[str, int]]:
+    """Each plain-HTTP app's counters (summed over its gunicorn workers)."""
+    return {svc: get_json(port, APP_STATS_PATH) for svc, port in app_ports.items()}
+
+
+def nomesh_traffic(app_ports: Mapping[str, int], entry: str) -> Traffic:
+    """Traffic of the no-mesh stack, from the apps' own counters."""
+    apps = app_counters(app_ports)
+    per_service = {svc: c["requests"] for svc, c in apps.items()}
+    return _traffic(per_service[entry], per_service, {"apps": apps})
+
+
+def envoy_traffic(desc: MeshDescription, app_ports: Mapping[str, int]) -> Traffic:
+    """Traffic of the Envoy stack, from every proxy's admin stats (plus the apps')."""
+    listeners = mesh_counts(desc)
+    per_service = {
+        svc: listeners[inbound_stat_prefix(svc)]["downstream_rq_total"] for svc in desc.services
+    }
+    entry = listeners[GATEWAY]["downstream_rq_total"]
+    return _traffic(entry, per_service, {"listeners": listeners, "apps": app_counters(app_ports)})
+
+
+def dpumesh_traffic(bridge_port: int, services: list[str]) -> Traffic:
+    """Traffic of the DPUmesh stack, from the bridge's counters."""
+    stats = get_json(bridge_port, BRIDGE_STATS_PATH)
+    counters = stats["services"]
+    per_service = {svc: counters.get(svc, {}).get("requests", 0) for svc in services}
+    entry = sum(c.get("ingress", 0) for c in counters.values())
+    return _traffic(entry, per_service, {"bridge": stats})
+
+
+def since(after: Traffic, before: Traffic) -> Traffic:
+    """The requests counted between two readings; `raw` stays `after`'s absolute counters."""
+    per_service = {
+        svc: n - before["per_service"].get(svc, 0) for svc, n in after["per_service"].items()
+    }
+    return _traffic(after["entry_requests"] - before["entry_requests"], per_service, after["raw"])
+
+
+def _traffic(entry: int, per_service: dict[str, int], raw: dict[str, Any]) -> Traffic:
+    return {"entry_requests": entry, "per_service": per_service, "raw": raw}

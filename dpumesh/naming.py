@@ -148,3 +148,16 @@ def list_objects(ns: str) -> list[ShmObject]:
         elif fname.startswith(_SEM_PREFIX + stem):
             found.append(ShmObject("/" + fname[len(_SEM_PREFIX) :], SEM, Path(entry.path)))
     return sorted(found, key=lambda obj: obj.name)
+
+
+def remove_all(ns: str) -> list[ShmObject]:
+    """Unlink every object of `ns`; only for a namespace nobody uses any more.
+
+    For test and benchmark teardown and for a harness whose processes have
+    exited: running members clean up after themselves (see registry).
+    Returns what was removed.
+    """
+    found = list_objects(ns)
+    for obj in found:
+        obj.path.unlink(missing_ok=True)
+    return found

@@ -593,31 +593,7 @@ class Ring:
         if length > self.max_inline:
             self._push_out_of_line(payload, route, flags, timeout)
             return
-        # Hot path (inline entry), the same steps as _publish without the call.
-        slots = self.slots
-        slot_size = self.slot_size
-        span = (_ENTRY_SIZE + length + slot_size - 1) // slot_size
-        tail = self._tail
-        idx = tail % slots
-        pad = slots - idx if idx + span > slots else 0
-        need = pad + span
-        q = self._q
-        if slots - (tail - q[_HEAD]) < need:
-            self._wait_space(need, timeout)
-        mm = self._mm
-        if pad:
-            self._entry_pack(mm, HEADER_SIZE + idx * slot_size, _PAD, 0, 0, 0, pad)
-            idx = 0
-        off = HEADER_SIZE + idx * slot_size
-        self._entry_pack(mm, off, flags, 0, route, length, span)
-        off += _ENTRY_SIZE
-        mm[off : off + length] = payload
-        # Publish: payload stores precede this tail store (TSO keeps them in order).
-        self._tail = tail = tail + need
-        q[_TAIL] = tail
-        self._pushed = pushed = self._pushed + 1
-        q[_PUSHED] = pushed
-        self._ring_doorbell()
+        self._publish(route, flags, length, payload, timeout)
 
     def _push_out_of_line(
         self,

@@ -11,38 +11,14 @@ the stack, not its behaviour under load.
 from __future__ import annotations
 
 import argparse
-import http.client
-import socket
 import statistics
-import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
+from dpumesh.bench.bridge import sequential_latencies
 from harness.ports import free_ports
 from harness.stacks import DEFAULT_WORKMODEL, MESHES, start_stack
-
-
-def measure(port: int, requests: int, warmup: int, path: str = "/") -> list[int]:
-    """Nanoseconds per request for `requests` sequential GETs after `warmup` untimed ones."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    conn.connect()
-    conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    timings = []
-    try:
-        for n in range(warmup + requests):
-            began = time.perf_counter_ns()
-            conn.request("GET", path)
-            resp = conn.getresponse()
-            resp.read()
-            elapsed = time.perf_counter_ns() - began
-            if resp.status != 200:
-                raise RuntimeError(f"request {n} answered {resp.status}")
-            if n >= warmup:
-                timings.append(elapsed)
-    finally:
-        conn.close()
-    return timings
 
 
 def summary(timings_ns: Sequence[int]) -> dict[str, float]:
@@ -81,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     with start_stack(
         args.mesh, args.workmodel, port=port, run_dir=run_dir, seed=args.seed, scale=args.scale
     ) as stack:
-        stats = summary(measure(port, args.requests, args.warmup))
+        stats = summary(sequential_latencies(port, args.requests, args.warmup))
         traffic = stack.traffic()
     print(
         f"{args.mesh}: {args.requests} sequential GET / after {args.warmup} warm-up: "

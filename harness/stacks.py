@@ -444,9 +444,7 @@ def _remove_shm(ns: str) -> None:
 
     The namespace is unique to this stack start, so nothing else uses it.
     """
-    leftovers = naming.list_objects(ns)
-    for obj in leftovers:
-        obj.path.unlink(missing_ok=True)
+    leftovers = naming.remove_all(ns)
     if leftovers:
         names = ", ".join(obj.name for obj in leftovers)
         print(f"warning: removed shared memory left by stopped processes: {names}", file=sys.stderr)

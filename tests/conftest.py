@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import itertools
 import os
+from collections.abc import Iterator
 
 import pytest
+
+from dpumesh import naming
 
 _counter = itertools.count()
 
@@ -28,3 +31,10 @@ def require_external(available: bool, what: str) -> None:
 def namespace() -> str:
     """A DPUmesh namespace unique to this test (POSIX objects are machine-wide)."""
     return f"t{os.getpid()}n{next(_counter)}"
+
+
+@pytest.fixture
+def ns(namespace: str) -> Iterator[str]:
+    """A unique namespace whose objects are removed even if the test fails."""
+    yield namespace
+    naming.remove_all(namespace)

@@ -10,7 +10,6 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 
-import posix_ipc
 import psutil
 import pytest
 
@@ -29,17 +28,6 @@ time.sleep(60)
 """
 
 
-def unlink_all(ns: str) -> None:
-    for obj in naming.list_objects(ns):
-        try:
-            if obj.kind == naming.SHM:
-                posix_ipc.unlink_shared_memory(obj.name)
-            else:
-                posix_ipc.unlink_semaphore(obj.name)
-        except posix_ipc.ExistentialError:
-            pass
-
-
 def stop(proc: subprocess.Popen) -> int:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -49,13 +37,6 @@ def stop(proc: subprocess.Popen) -> int:
         proc.kill()
         proc.wait()
         raise
-
-
-@pytest.fixture
-def ns(namespace: str) -> Iterator[str]:
-    """Unique namespace whose objects are removed even if the test fails."""
-    yield namespace
-    unlink_all(namespace)
 
 
 @pytest.fixture

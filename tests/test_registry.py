@@ -36,24 +36,6 @@ reg.close()
 """
 
 
-def unlink_all(ns: str) -> None:
-    for obj in naming.list_objects(ns):
-        try:
-            if obj.kind == naming.SHM:
-                posix_ipc.unlink_shared_memory(obj.name)
-            else:
-                posix_ipc.unlink_semaphore(obj.name)
-        except posix_ipc.ExistentialError:
-            pass
-
-
-@pytest.fixture
-def ns(namespace: str) -> Iterator[str]:
-    """Unique namespace whose objects are removed even if the test fails."""
-    yield namespace
-    unlink_all(namespace)
-
-
 @pytest.fixture
 def reg(ns: str) -> Iterator[Registry]:
     r = Registry.open_or_create(ns)

@@ -40,24 +40,6 @@ def payload(i: int, size: int) -> bytes:
     return (i.to_bytes(4, "little") * (size // 4 + 1))[:size]
 
 
-def unlink_all(ns: str) -> None:
-    for obj in naming.list_objects(ns):
-        try:
-            if obj.kind == naming.SHM:
-                posix_ipc.unlink_shared_memory(obj.name)
-            else:
-                posix_ipc.unlink_semaphore(obj.name)
-        except posix_ipc.ExistentialError:
-            pass
-
-
-@pytest.fixture
-def ns(namespace: str) -> Iterator[str]:
-    """Unique namespace whose objects are removed even if the test fails."""
-    yield namespace
-    unlink_all(namespace)
-
-
 @pytest.fixture
 def bell(ns: str) -> Iterator[ring.Doorbell]:
     b = ring.Doorbell.create(naming.sidecar_bell(ns))

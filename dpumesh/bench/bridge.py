@@ -45,6 +45,32 @@ def _wait_ready(port: int, timeout: float = 20.0) -> None:
     raise TimeoutError("mesh did not become ready")
 
 
+def sequential_latencies(port: int, requests: int, warmup: int, path: str = "/") -> list[int]:
+    """Nanoseconds per request for `requests` sequential GETs after `warmup` untimed ones.
+
+    One keep-alive connection with TCP_NODELAY: the path length of whatever
+    listens on `port`, with no load generator in the way.
+    """
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.connect()
+    conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    timings = []
+    try:
+        for n in range(warmup + requests):
+            began = time.perf_counter_ns()
+            conn.request("GET", path)
+            resp = conn.getresponse()
+            resp.read()
+            elapsed = time.perf_counter_ns() - began
+            if resp.status != 200:
+                raise RuntimeError(f"request {n} answered {resp.status}")
+            if n >= warmup:
+                timings.append(elapsed)
+    finally:
+        conn.close()
+    return timings
+
+
 def measure(requests: int, warmup: int, processes: int) -> dict[str, float]:
     """Start a mesh, time `requests` sequential keep-alive requests, stop the mesh."""
     ns = f"bench{os.getpid()}"
@@ -64,21 +90,7 @@ def measure(requests: int, warmup: int, processes: int) -> dict[str, float]:
                     subprocess.Popen([sys.executable, *argv], env=env, stdout=log, stderr=log)
                 )
         _wait_ready(port)
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        conn.connect()
-        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        samples = []
-        for i in range(warmup + requests):
-            start = time.perf_counter_ns()
-            conn.request("GET", "/")
-            resp = conn.getresponse()
-            resp.read()
-            elapsed = time.perf_counter_ns() - start
-            if resp.status != 200:
-                raise RuntimeError(f"status {resp.status}")
-            if i >= warmup:
-                samples.append(elapsed / 1000)
-        conn.close()
+        samples = [ns / 1000 for ns in sequential_latencies(port, requests, warmup)]
     finally:
         for proc in reversed(procs):
             proc.send_signal(signal.SIGTERM)

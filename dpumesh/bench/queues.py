@@ -62,17 +62,6 @@ for _ in range(int(sys.argv[3])):
 """
 
 
-def _cleanup(ns: str) -> None:
-    for obj in naming.list_objects(ns):
-        try:
-            if obj.kind == naming.SHM:
-                posix_ipc.unlink_shared_memory(obj.name)
-            else:
-                posix_ipc.unlink_semaphore(obj.name)
-        except posix_ipc.ExistentialError:
-            pass
-
-
 def one_way(ns: str, size: int, count: int) -> tuple[float, float]:
     """(msgs/s, MB/s) for `count` payloads of `size` bytes, producer -> consumer process."""
     bell = ring.Doorbell.create(naming.sidecar_bell(ns))
@@ -187,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         print("reference: bare semaphore ping-pong between two processes")
         print(f"  p50 {_pct(ref, 0.5):.1f} us  p99 {_pct(ref, 0.99):.1f} us")
     finally:
-        _cleanup(ns)
+        naming.remove_all(ns)
     return 0
 
 

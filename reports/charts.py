@@ -1,0 +1,315 @@
+"""Plotly figures of a report. One colour per stack in every chart; units on every axis.
+
+Text that comes from result files (stack, level, run and role names) is
+HTML-escaped before it reaches plotly, whose labels accept a subset of HTML.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from html import escape
+
+import plotly.graph_objects as go
+from hdrh.histogram import HdrHistogram
+
+from harness import latency
+from reports import stats
+from reports.summary import PERCENTILES, RunSummary
+
+#: Fixed stack colours (Okabe-Ito, colour-blind safe); unknown stacks take the spares.
+STACK_COLOURS = {
+    "dpumesh": "#0072B2",
+    "envoy": "#D55E00",
+    "nomesh": "#009E73",
+    "nodeproxy": "#CC79A7",
+}
+SPARE_COLOURS = ("#E69F00", "#56B4E9", "#000000", "#F0E442")
+#: Line dash per run when several runs share a chart (first run solid).
+RUN_DASHES = ("solid", "dash", "dot", "dashdot", "longdash")
+#: Bar pattern per role in the per-role charts (the colour stays the stack's).
+ROLE_PATTERNS = {
+    "app": "",
+    "sidecar": "/",
+    "gateway": "\\",
+    "dpu-daemon": "x",
+    "dpa-daemon": ".",
+    "loadgen": "+",
+}
+FONT = "system-ui, -apple-system, 'Segoe UI', Roboto, 'DejaVu Sans', sans-serif"
+
+
+def colour(mesh: str) -> str:
+    """The stack's colour, the same in every chart of every report."""
+    if mesh in STACK_COLOURS:
+        return STACK_COLOURS[mesh]
+    return SPARE_COLOURS[sum(map(ord, mesh)) % len(SPARE_COLOURS)]
+
+
+def _figure(title: str, x_title: str, y_title: str, height: int = 460) -> go.Figure:
+    fig = go.Figure()
+    fig.update_layout(
+        title={"text": title, "x": 0.01, "xanchor": "left"},
+        font={"family": FONT, "size": 13},
+        height=height,
+        margin={"l": 70, "r": 20, "t": 60, "b": 60},
+        hovermode="closest",
+        legend={"title": {"text": "stack"}},
+        template="plotly_white",
+    )
+    fig.update_xaxes(title_text=x_title, showline=True, linecolor="#888", mirror=True)
+    fig.update_yaxes(title_text=y_title, showline=True, linecolor="#888", mirror=True)
+    return fig
+
+
+@dataclass(frozen=True)
+class CdfSeries:
+    """One curve of a CDF chart: a stack's merged histogram, optionally of one of several runs."""
+
+    mesh: str
+    hist: HdrHistogram
+    run_label: str = ""
+    run_index: int = 0
+
+
+def cdf_figure(series: Sequence[CdfSeries], title: str) -> go.Figure:
+    """Latency CDF per stack from merged histograms (log x in µs)."""
+    fig = _figure(title, "latency (µs, log scale)", "fraction of requests ≤ latency")
+    for s in series:
+        points = latency.cdf(s.hist)
+        name = escape(s.mesh + (f" ({s.run_label})" if s.run_label else ""))
+        fig.add_trace(
+            go.Scatter(
+                x=[v for v, _ in points],
+                y=[f for _, f in points],
+                mode="lines",
+                name=name,
+                line={
+                    "color": colour(s.mesh),
+                    "dash": RUN_DASHES[s.run_index % len(RUN_DASHES)],
+                    "shape": "hv",
+                },
+                hovertemplate=f"{name}<br>%{{y:.2%}} of requests ≤ %{{x:,}} µs<extra></extra>",
+            )
+        )
+    _log_scale(fig, "x")
+    fig.update_yaxes(range=[0, 1.02], tickformat=".0%")
+    return fig
+
+
+def percentile_figure(summary: RunSummary) -> go.Figure:
+    """p50/p90/p99/p99.9 per stack at the headline level, whiskers = 95 % bootstrap CI."""
+    fig = _figure(
+        f"Latency percentiles at {escape(summary.level)}: median over repetitions, 95% CI",
+        "percentile",
+        "latency (µs, log scale)",
+    )
+    labels = [m.label.replace(" latency", "") for m in PERCENTILES]
+    for mesh, stack in summary.stacks.items():
+        ests = [stack.values[m.key] for m in PERCENTILES]
+        whiskers = [_whiskers(e) for e in ests]
+        fig.add_trace(
+            go.Bar(
+                x=labels,
+                y=[e.value for e in ests],
+                name=escape(mesh),
+                marker_color=colour(mesh),
+                error_y={
+                    "type": "data",
+                    "symmetric": False,
+                    "array": [w[0] for w in whiskers],
+                    "arrayminus": [w[1] for w in whiskers],
+                    "color": "#333",
+                },
+                customdata=[[_ci_text(e)] for e in ests],
+                hovertemplate=f"{escape(mesh)} %{{x}}: %{{y:,.0f}} µs<br>%{{customdata[0]}}"
+                "<extra></extra>",
+            )
+        )
+    fig.update_layout(barmode="group")
+    _log_scale(fig, "y")
+    return fig
+
+
+def rate_latency_figure(summary: RunSummary) -> go.Figure:
+    """p50 and p99 against offered rate (open loop), SLO line and each stack's knee."""
+    slo = summary.run.slo_p99_ms
+    fig = _figure(
+        "Latency vs offered rate (open loop, median over repetitions): p99 solid, p50 dotted,"
+        " ★ = max clean throughput",
+        "offered rate (requests/s)",
+        "latency (ms, log scale)",
+    )
+    for mesh, stack in summary.stacks.items():
+        if not stack.curve:
+            continue
+        x = [p.offered_rps for p in stack.curve]
+        for field, dash in (("p99_us", "solid"), ("p50_us", "dot")):
+            label = escape(f"{mesh} {field[:3]}")
+            fig.add_trace(
+                go.Scatter(
+                    x=x,
+                    y=[getattr(p, field) / 1000 for p in stack.curve],
+                    mode="lines+markers",
+                    name=label,
+                    legendgroup=escape(mesh),
+                    line={"color": colour(mesh), "dash": dash},
+                    hovertemplate=f"{label}: %{{y:,.3f}} ms at %{{x:,}} req/s<extra></extra>",
+                )
+            )
+        if stack.knee is not None:
+            fig.add_trace(
+                go.Scatter(
+                    x=[stack.knee.offered_rps],
+                    y=[stack.knee.p99_us / 1000],
+                    mode="markers",
+                    name=escape(f"{mesh} knee"),
+                    legendgroup=escape(mesh),
+                    marker={
+                        "symbol": "star",
+                        "size": 18,
+                        "color": colour(mesh),
+                        "line": {"color": "#000", "width": 1},
+                    },
+                    hovertemplate=escape(mesh) + " max clean throughput: %{x:,} req/s"
+                    " (p99 %{y:,.3f} ms)<extra></extra>",
+                )
+            )
+    rates = [p.offered_rps for s in summary.stacks.values() for p in s.curve]
+    if slo is not None and rates:
+        fig.add_trace(
+            go.Scatter(
+                x=[min(rates), max(rates)],
+                y=[slo, slo],
+                mode="lines",
+                name=f"SLO: p99 ≤ {slo:g} ms",
+                line={"color": "#B00020", "dash": "dash"},
+                hovertemplate=f"SLO p99 {slo:g} ms<extra></extra>",
+            )
+        )
+    _log_scale(fig, "y")
+    return fig
+
+
+def throughput_figure(summary: RunSummary) -> go.Figure:
+    """Achieved against offered rate per stack (open loop) with the y = x line."""
+    fig = _figure(
+        "Achieved vs offered throughput (open loop, median over repetitions)",
+        "offered rate (requests/s)",
+        "achieved rate (requests/s)",
+    )
+    top = 0.0
+    for mesh, stack in summary.stacks.items():
+        if not stack.curve:
+            continue
+        top = max(top, *(p.offered_rps for p in stack.curve))
+        fig.add_trace(
+            go.Scatter(
+                x=[p.offered_rps for p in stack.curve],
+                y=[p.achieved_rps for p in stack.curve],
+                mode="lines+markers",
+                name=escape(mesh),
+                line={"color": colour(mesh)},
+                hovertemplate=f"{escape(mesh)}: %{{y:,.1f}} achieved at %{{x:,}} offered req/s"
+                "<extra></extra>",
+            )
+        )
+    if top:
+        fig.add_trace(
+            go.Scatter(
+                x=[0, top],
+                y=[0, top],
+                mode="lines",
+                name="achieved = offered",
+                line={"color": "#888", "dash": "dash"},
+                hoverinfo="skip",
+            )
+        )
+    return fig
+
+
+def roles_figure(summary: RunSummary, field: str, title: str, y_title: str) -> go.Figure:
+    """A roles.csv quantity per stack, split host / offload / loadgen, stacked by role.
+
+    Bars keep the stack's colour; roles are told apart by pattern and label.
+    Values are medians over repetitions at the headline level.
+    """
+    fig = _figure(title, "stack / side", y_title)
+    rows = [r for r in summary.run.roles if r.level == summary.level]
+    meshes = [m for m in summary.stacks if any(r.mesh == m for r in rows)]
+    order = {role: i for i, role in enumerate(ROLE_PATTERNS)}
+    roles = sorted({r.role for r in rows}, key=lambda r: (order.get(r, len(order)), r))
+    for role in roles:
+        xs: list[list[str]] = [[], []]
+        ys: list[float] = []
+        colours: list[str] = []
+        for mesh in meshes:
+            by_side: dict[str, list[float]] = {}
+            for r in rows:
+                value = getattr(r, field)
+                if r.mesh == mesh and r.role == role and value is not None:
+                    by_side.setdefault(r.side, []).append(value)
+            for side, values in sorted(by_side.items()):
+                xs[0].append(escape(mesh))
+                xs[1].append(escape(side))
+                ys.append(stats.median(values))
+                colours.append(colour(mesh))
+        if not ys:
+            continue
+        fig.add_trace(
+            go.Bar(
+                x=xs,
+                y=ys,
+                name=escape(role),
+                marker={
+                    "color": colours,
+                    "pattern": {
+                        "shape": ROLE_PATTERNS.get(role, "-"),
+                        "fgcolor": "#fff",
+                        "solidity": 0.35,
+                    },
+                    "line": {"color": "#fff", "width": 1},
+                },
+                text=[escape(role)] * len(ys),
+                textposition="inside",
+                insidetextanchor="middle",
+                hovertemplate=f"{escape(role)} (%{{x}}): %{{y:,.3f}} {escape(y_title)}"
+                "<extra></extra>",
+                showlegend=False,
+            )
+        )
+    fig.update_layout(barmode="stack", uniformtext={"minsize": 10, "mode": "hide"})
+    return fig
+
+
+def _log_scale(fig: go.Figure, axis: str) -> None:
+    """Make `axis` logarithmic with 1-2-5 ticks labelled in full over the plotted values.
+
+    (Plotly's own log ticks label minor steps "2", "5", which reads as 2 µs.)
+    """
+    values = [v for t in fig.data for v in getattr(t, axis) or () if v is not None and v > 0]
+    settings: dict[str, object] = {"type": "log"}
+    if values:
+        lo, hi = min(values), max(values)
+        ticks = [
+            m * 10.0**e
+            for e in range(math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 1)
+            for m in (1, 2, 5)
+        ]
+        ticks = [t for t in ticks if lo / 2.5 <= t <= hi * 2.5]
+        settings |= {"tickvals": ticks, "ticktext": [f"{t:,.6g}" for t in ticks]}
+    fig.update_xaxes(**settings) if axis == "x" else fig.update_yaxes(**settings)
+
+
+def _whiskers(e: stats.Estimate) -> tuple[float, float]:
+    """(above, below) error-bar lengths of an estimate's interval; zero when it has none."""
+    if e.value is None or e.low is None or e.high is None:
+        return 0.0, 0.0
+    return e.high - e.value, e.value - e.low
+
+
+def _ci_text(e: stats.Estimate) -> str:
+    if e.low is None or e.high is None:
+        return f"no CI (n={e.n})"
+    return f"95% CI {e.low:,.0f}–{e.high:,.0f} µs (n={e.n})"

@@ -1,0 +1,412 @@
+"""Assemble the HTML report of one results directory, or a comparison of several.
+
+`write_report([DIR])` writes ``DIR/report.html``; with several directories
+(e.g. before / after a change) the first one's ``report.html`` (or `out`)
+gets a cross-run comparison followed by every run's own sections. Problems
+in the data and failed self-checks are shown at the top, never hidden.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from html import escape
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from reports import charts, page, stats
+from reports.load import META_JSON, RESULTS_CSV, ROLES_CSV, Run, load_run
+from reports.summary import HEADLINE, THROUGHPUT, RunSummary, compare_runs, summarize
+
+REPORT_HTML = "report.html"
+
+METHODS = f"""
+<p class='note'>Every number is the <b>median over repetitions</b>; brackets give its 95%
+confidence interval, a percentile bootstrap over repetitions ({stats.RESAMPLES} resamples,
+fixed seed). With few repetitions the interval is close to the range of the repetitions and
+under-covers (n=2: it is that range); n=1 gives none. Ratios resample both sides independently.
+<b>Max clean throughput</b>: the highest open-loop offered rate whose achieved/offered ≥
+{stats.MIN_DELIVERY}, failures/requests ≤ {stats.MAX_ERROR_RATE:.1%} and p99 ≤ the SLO, on the
+per-rate medians over repetitions. CPU-ms per request equals vCPU per 1000 req/s.
+Host CPU = app, sidecar, gateway; offload CPU = dpu-daemon, dpa-daemon (DPU on real
+hardware); the load generator is apart. MB = MiB.</p>
+"""
+
+
+def write_report(dirs: Sequence[Path], out: Path | None = None, level: str | None = None) -> Path:
+    """Render the report of `dirs` and return its path.
+
+    `level` picks the load level of the headline (default: the closed-loop
+    level every stack ran; see `summary.headline_level`).
+    """
+    if not dirs:
+        raise ValueError("no results directory given")
+    out = Path(out) if out is not None else Path(dirs[0]) / REPORT_HTML
+    runs = _load_runs([Path(d) for d in dirs])
+    summaries = [summarize(run, level) for run in runs]
+    figures = page.Figures()
+    title = "DPUmesh bench: " + " vs ".join(r.label for r in runs)
+    body = [f"<h1>{escape(title)}</h1>", METHODS]
+    if len(summaries) > 1:
+        body.append(_comparison(summaries, figures))
+    for summary in summaries:
+        body.append(_run_section(summary, figures, out.parent, several=len(summaries) > 1))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(page.document(title, "\n".join(body)), encoding="utf-8")
+    tmp.replace(out)
+    return out
+
+
+def _load_runs(dirs: list[Path]) -> list[Run]:
+    """Load every directory; labels are the directory names, made unique."""
+    runs: list[Run] = []
+    for d in dirs:
+        label = d.resolve().name
+        if any(r.label == label for r in runs):
+            label = f"{label} #{len(runs) + 1}"
+        runs.append(load_run(d, label))
+    return runs
+
+
+# --- one run ----------------------------------------------------------------------
+
+
+def _run_section(summary: RunSummary, figures: page.Figures, out_dir: Path, several: bool) -> str:
+    run = summary.run
+    prefix = f"{run.label}: " if several else ""
+    n_reps = len({r.rep for r in run.rows})
+    chart_html = _charts(summary, figures, prefix)  # first: it finds missing histograms
+    parts = [
+        f"<section><h2>Results: {escape(run.label)}</h2>",
+        f"<p>Directory <code>{escape(str(run.path))}</code>; stacks "
+        f"{', '.join(escape(m) for m in run.meshes())}; {n_reps} repetition(s); "
+        f"levels {', '.join(escape(lv) for lv in run.levels())}.</p>",
+        _banners(run),
+        _headline(summary),
+        _overhead(summary),
+        chart_html,
+        f"<h3>{escape(prefix)}self-checks</h3>",
+        _checks_table(run),
+        f"<h3>{escape(prefix)}fairness checklist</h3>",
+        _fairness(run.meta.get("fairness")),
+        f"<h3>{escape(prefix)}run metadata</h3>",
+        _metadata(run.meta),
+        f"<h3>{escape(prefix)}files</h3>",
+        _links(run, out_dir),
+        "</section>",
+    ]
+    return "\n".join(parts)
+
+
+def _banners(run: Run) -> str:
+    """Data problems and the self-check tally, at the top of the run's section."""
+    out = [f"<div class='banner warn'>Data problem: {escape(p)}</div>" for p in run.problems]
+    checks = _checks(run)
+    failed = [c for c in checks if not c["ok"]]
+    if failed:
+        out.append(
+            f"<div class='banner fail'><b>{len(failed)} of {len(checks)} self-checks FAILED</b>"
+            " (listed under self-checks below); numbers from those runs are suspect.</div>"
+        )
+    elif checks:
+        out.append(f"<div class='banner ok'>All {len(checks)} self-checks passed.</div>")
+    else:
+        out.append("<div class='banner warn'>No self-check results were recorded.</div>")
+    return "\n".join(out)
+
+
+def _headline(summary: RunSummary) -> str:
+    run = summary.run
+    head = ["stack", "mode", *(f"{m.label} ({m.unit})" for m in HEADLINE)]
+    rows = []
+    for mesh, stack in summary.stacks.items():
+        cells = [page.swatch(charts.colour(mesh)) + escape(mesh), escape(stack.modes)]
+        for m in HEADLINE:
+            text = page.estimate(stack.values[m.key], zero_is_na=m is THROUGHPUT)
+            text += "".join(page.ratio(stack.vs[b][m.key], b) for b in stack.vs)
+            cells.append(text)
+        rows.append(cells)
+    n = max((s.values[HEADLINE[0].key].n for s in summary.stacks.values()), default=0)
+    slo = run.slo_p99_ms
+    slo_text = (
+        f"SLO p99 ≤ {slo:g} ms"
+        if slo is not None
+        else "<b>no slo_p99_ms in meta.json: the p99 criterion was not applied</b>"
+    )
+    return (
+        f"<h3>Headline at level <code>{escape(summary.level)}</code></h3>"
+        + page.table(head, rows, numeric_from=2)
+        + f"<p class='note'>Latency and CPU: level <code>{escape(summary.level)}</code>, median"
+        f" over up to {n} repetition(s). Max clean throughput: open-loop levels, {slo_text};"
+        " n/a = no open-loop level was clean. × = ratio to that baseline stack.</p>"
+    )
+
+
+def _overhead(summary: RunSummary) -> str:
+    if "nomesh" not in summary.stacks:
+        return "<p class='note'>Mesh overhead per downstream call: no nomesh stack in this run.</p>"
+    rows = []
+    for mesh, stack in summary.stacks.items():
+        if mesh == "nomesh":
+            continue
+        calls = (
+            f"{page.number(stack.calls_per_req)} ({escape(stack.calls_source)})"
+            if stack.calls_per_req
+            else "unknown (no downstream_calls_per_req in results.csv or meta.json config)"
+        )
+        value = page.estimate(stack.overhead_per_call, "µs") if stack.overhead_per_call else "n/a"
+        rows.append([page.swatch(charts.colour(mesh)) + escape(mesh), calls, value])
+    return (
+        "<h3>Mesh overhead per downstream call</h3>"
+        + page.table(["stack", "downstream calls per request", "(p50 − nomesh p50) / calls"], rows)
+        + f"<p class='note'>p50 at level <code>{escape(summary.level)}</code>; 95% CI by"
+        " bootstrap over both stacks' repetitions.</p>"
+    )
+
+
+def _charts(summary: RunSummary, figures: page.Figures, prefix: str) -> str:
+    run, level = summary.run, summary.level
+    series = []
+    for mesh in summary.stacks:
+        hist = run.merged_histogram(mesh, level)
+        if hist is not None:
+            series.append(charts.CdfSeries(mesh, hist))
+    out = [f"<h3>{escape(prefix)}charts</h3>"]
+    if series:
+        cdf = charts.cdf_figure(
+            series, f"Latency CDF at {escape(level)}: all repetitions' histograms merged"
+        )
+        out.append(figures.embed(cdf, "Exact merge of the HDR histograms (µs resolution)."))
+    else:
+        out.append("<p class='banner warn'>No latency histograms: CDF not drawn.</p>")
+    out.append(
+        figures.embed(
+            charts.percentile_figure(summary),
+            "Bars: median over repetitions of each percentile; whiskers: 95% bootstrap CI.",
+        )
+    )
+    if any(s.curve for s in summary.stacks.values()):
+        out.append(
+            figures.embed(
+                charts.rate_latency_figure(summary),
+                "Dashed red line: the p99 SLO. ★: the highest clean offered rate.",
+            )
+        )
+        out.append(
+            figures.embed(
+                charts.throughput_figure(summary),
+                "Points below the grey line: the stack could not keep up with the offered rate.",
+            )
+        )
+    else:
+        out.append("<p class='note'>No open-loop levels: rate charts not drawn.</p>")
+    if any(r.level == level for r in run.roles):
+        out.append(
+            figures.embed(
+                charts.roles_figure(
+                    summary,
+                    "cpu_ms_per_req",
+                    f"CPU per request by role at {escape(level)}: host vs offload",
+                    "CPU-ms per request",
+                ),
+                "Colour: stack; pattern and label: role. Hatched/patterned segments are "
+                "non-app roles. Hover for values.",
+            )
+        )
+        out.append(
+            figures.embed(
+                charts.roles_figure(
+                    summary,
+                    "rss_mean_mb",
+                    f"Memory by role at {escape(level)}: mean RSS, host vs offload",
+                    "RSS (MiB)",
+                ),
+                "Summed RSS of each role's processes, mean over the measurement window.",
+            )
+        )
+    else:
+        out.append(
+            "<p class='banner warn'>No roles.csv rows at this level: role charts not drawn.</p>"
+        )
+    return "\n".join(out)
+
+
+# --- self-checks, fairness, metadata, links --------------------------------------
+
+
+def _checks(run: Run) -> list[dict[str, Any]]:
+    """meta.json's checks plus results.csv's failed checks not already in them."""
+    checks: list[dict[str, Any]] = []
+    raw = run.meta.get("checks")
+    for c in raw if isinstance(raw, list) else []:
+        if isinstance(c, dict):
+            checks.append({**c, "ok": bool(c.get("ok")), "source": META_JSON})
+    known = {(c.get("mesh"), str(c.get("rep")), c.get("level"), c.get("name")) for c in checks}
+    for r in run.rows:
+        if r.checks_ok is not False:
+            continue
+        for name in r.failed_checks or ("(unnamed)",):
+            if (r.mesh, str(r.rep), r.level, name) not in known:
+                checks.append(
+                    {
+                        "mesh": r.mesh,
+                        "rep": r.rep,
+                        "level": r.level,
+                        "name": name,
+                        "ok": False,
+                        "detail": "checks_ok=false",
+                        "source": RESULTS_CSV,
+                    }
+                )
+    return checks
+
+
+def _checks_table(run: Run) -> str:
+    checks = _checks(run)
+    if not checks:
+        return "<p class='banner warn'>No self-check results were recorded for this run.</p>"
+    head = ["status", "stack", "rep", "level", "check", "detail", "from"]
+
+    def rows(selected: list[dict[str, Any]]) -> list[list[str]]:
+        return [
+            [
+                "ok" if c["ok"] else "FAIL",
+                *(escape(str(c.get(k, ""))) for k in ("mesh", "rep", "level", "name", "detail")),
+                escape(c["source"]),
+            ]
+            for c in selected
+        ]
+
+    failed = [c for c in checks if not c["ok"]]
+    passed = [c for c in checks if c["ok"]]
+    out = page.table(head, rows(failed), ["fail"] * len(failed)) if failed else ""
+    if passed:  # failures are always shown in full; passes fold away
+        out += (
+            f"<details><summary>{len(passed)} passed self-checks</summary>"
+            + page.table(head, rows(passed))
+            + "</details>"
+        )
+    return out
+
+
+def _fairness(fairness: Any) -> str:
+    """Render meta.json's fairness record: booleans (and {ok: ...}) as pass/fail rows."""
+    if not fairness:
+        return "<p class='banner warn'>No fairness record in meta.json.</p>"
+    if isinstance(fairness, dict):
+        items: Iterable[tuple[str, Any]] = fairness.items()
+    elif isinstance(fairness, list):
+        items = (
+            (str(f.get("name", i)) if isinstance(f, dict) else str(i), f)
+            for i, f in enumerate(fairness)
+        )
+    else:
+        return f"<pre>{escape(json.dumps(fairness, indent=2))}</pre>"
+    rows, classes = [], []
+    for name, value in items:
+        ok = value if isinstance(value, bool) else None
+        if isinstance(value, dict) and isinstance(value.get("ok"), bool):
+            ok = value["ok"]
+        detail = "" if isinstance(value, bool) else _plain(value)
+        rows.append(
+            [
+                {True: "✓ same", False: "✗ DIFFERS", None: "recorded"}[ok],
+                escape(name),
+                escape(detail),
+            ]
+        )
+        classes.append("fail" if ok is False else "")
+    return page.table(["status", "item", "value"], rows, classes)
+
+
+def _plain(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+
+
+def _flatten(obj: Any, prefix: str = "") -> list[tuple[str, str]]:
+    if isinstance(obj, dict) and obj:
+        return [kv for k, v in obj.items() for kv in _flatten(v, f"{prefix}{k}.")]
+    return [(prefix.rstrip("."), _plain(obj))]
+
+
+def _metadata(meta: dict[str, Any]) -> str:
+    if not meta:
+        return "<p class='banner warn'>meta.json is missing or empty.</p>"
+    shown = {k: v for k, v in meta.items() if k not in ("checks", "fairness", "mesh_configs")}
+    config = shown.pop("config", None)
+    rows = [[escape(k), f"<code>{escape(v)}</code>"] for k, v in _flatten(config or {}, "config.")]
+    rows += [[escape(k), f"<code>{escape(v)}</code>"] for k, v in _flatten(shown)]
+    return page.table(["key", "value"], rows)
+
+
+def _config_paths(obj: Any, label: str = "") -> list[tuple[str, str]]:
+    """(label, relative path) for every path in meta.json's mesh_configs, however nested."""
+    if isinstance(obj, str):
+        return [(label or obj, obj)]
+    if isinstance(obj, dict):
+        return [p for k, v in obj.items() for p in _config_paths(v, str(k))]
+    if isinstance(obj, list):
+        return [p for v in obj for p in _config_paths(v, label)]
+    return []
+
+
+def _links(run: Run, out_dir: Path) -> str:
+    files = [(name, name) for name in (RESULTS_CSV, ROLES_CSV, META_JSON)]
+    configs = _config_paths(run.meta.get("mesh_configs"))
+    files += [(f"{label}: {path}", path) for label, path in configs]
+    if not configs:
+        files.append(("(no generated mesh configs listed in meta.json)", ""))
+    items = []
+    for text, rel in files:
+        if not rel:
+            items.append(f"<li>{escape(text)}</li>")
+            continue
+        target = run.path / rel
+        href = quote(os.path.relpath(target, out_dir).replace(os.sep, "/"))
+        missing = "" if target.exists() else " <b>(missing)</b>"
+        items.append(f"<li><a href='{escape(href)}'>{escape(text)}</a>{missing}</li>")
+    return "<ul>" + "".join(items) + "</ul>"
+
+
+# --- several runs -------------------------------------------------------------------
+
+
+def _comparison(summaries: list[RunSummary], figures: page.Figures) -> str:
+    """Headline metrics of every run side by side, later runs as ratios to the first."""
+    base = summaries[0]
+    vs_base = [compare_runs(base, s) for s in summaries[1:]]
+    head = ["stack", "metric", *(f"{s.run.label} ({s.level})" for s in summaries)]
+    rows = []
+    meshes = list(dict.fromkeys(m for s in summaries for m in s.stacks))
+    for mesh in meshes:
+        for m in HEADLINE:
+            cells = [page.swatch(charts.colour(mesh)) + escape(mesh), f"{m.label} ({m.unit})"]
+            for i, s in enumerate(summaries):
+                if mesh not in s.stacks:
+                    cells.append("—")
+                    continue
+                text = page.estimate(s.stacks[mesh].values[m.key], zero_is_na=m is THROUGHPUT)
+                if i and mesh in vs_base[i - 1]:
+                    text += page.ratio(vs_base[i - 1][mesh][m.key], base.run.label)
+                cells.append(text)
+            rows.append(cells)
+    series = []
+    for i, s in enumerate(summaries):
+        for mesh in s.stacks:
+            hist = s.run.merged_histogram(mesh, s.level)
+            if hist is not None:
+                series.append(charts.CdfSeries(mesh, hist, s.run.label, i))
+    cdf = charts.cdf_figure(
+        series, "Latency CDF per stack and run (solid: first run, dashed/dotted: later runs)"
+    )
+    return (
+        "<section><h2>Comparison across runs</h2>"
+        + page.table(head, rows, numeric_from=2)
+        + f"<p class='note'>× = ratio to the first run ({escape(base.run.label)}), same stack;"
+        " both runs' repetitions resampled independently.</p>"
+        + figures.embed(cdf, "Each run at its own headline level (column headers).")
+        + "</section>"
+    )

@@ -1,0 +1,193 @@
+"""Statistics over repetitions: medians, bootstrap confidence intervals, clean throughput.
+
+Every headline number is the **median over repetitions** of a per-repetition
+value (e.g. each repetition's p99 at one load level). Its 95 % confidence
+interval is a **percentile bootstrap over repetitions**: draw the repetitions
+with replacement (as many as there are), recompute the statistic, repeat
+`RESAMPLES` times, and take the 2.5th and 97.5th percentiles of the results.
+Why bootstrap rather than a Student-t interval:
+
+* it needs no normality assumption about per-repetition latencies, and it is
+  an interval for the median (the reported value), not for the mean;
+* the same procedure gives intervals for ratios (stack / baseline, run B /
+  run A: the two sides are resampled independently), differences (mesh
+  overhead) and derived statistics such as the maximum clean throughput.
+
+The generator is seeded, so a report is reproducible byte for byte. With few
+repetitions the interval approaches the min..max of the repetitions and
+under-covers (with 2 it *is* that range); the report prints n next to every
+interval. One repetition gives no interval. When the statistic is undefined
+in any resample (e.g. a ratio to zero), no interval is given.
+
+Maximum clean throughput (DESIGN §5): the highest offered rate whose
+achieved/offered >= 0.98, failures/requests <= 0.001 and p99 <= the SLO,
+evaluated on the per-level medians over repetitions; that level point is the
+stack's *knee*.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+CONFIDENCE = 0.95
+RESAMPLES = 2000
+SEED = 20_240_601
+
+MIN_DELIVERY = 0.98  # achieved / offered
+MAX_ERROR_RATE = 0.001  # failures / requests
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A statistic over `n` repetitions with its 95 % interval (None when not estimable)."""
+
+    value: float | None
+    low: float | None = None
+    high: float | None = None
+    n: int = 0
+
+    @property
+    def has_ci(self) -> bool:
+        return self.low is not None and self.high is not None
+
+
+def median(values: Iterable[float]) -> float:
+    """The median (mean of the middle two for an even count); ValueError when empty."""
+    ordered = sorted(values)
+    if not ordered:
+        raise ValueError("median of no values")
+    mid = len(ordered) // 2
+    if len(ordered) % 2:
+        return ordered[mid]
+    return (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def quantile(ordered: Sequence[float], q: float) -> float:
+    """The `q` quantile of sorted `ordered`, linear interpolation between order statistics."""
+    if not ordered:
+        raise ValueError("quantile of no values")
+    pos = q * (len(ordered) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def bootstrap(
+    groups: Sequence[Sequence[T]],
+    stat: Callable[[Sequence[Sequence[T]]], float | None],
+    *,
+    resamples: int = RESAMPLES,
+    confidence: float = CONFIDENCE,
+    seed: int = SEED,
+) -> Estimate:
+    """`stat(groups)` with a percentile-bootstrap interval, each group resampled on its own.
+
+    A group is one stack's (or run's) per-repetition samples; `stat` gets the
+    resampled groups in the same order and may return None (undefined).
+    """
+    n = min((len(g) for g in groups), default=0)
+    value = stat(groups) if n else None
+    if value is None or n < 2:
+        return Estimate(value, n=n)
+    rng = random.Random(seed)
+    draws: list[float] = []
+    for _ in range(resamples):
+        drawn = stat([[g[rng.randrange(len(g))] for _ in g] for g in groups])
+        if drawn is None:
+            return Estimate(value, n=n)
+        draws.append(drawn)
+    draws.sort()
+    tail = (1 - confidence) / 2
+    return Estimate(value, quantile(draws, tail), quantile(draws, 1 - tail), n)
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    """a / b, undefined (None) when either side is missing or zero."""
+    if not a or not b:
+        return None
+    return a / b
+
+
+def median_estimate(values: Sequence[float]) -> Estimate:
+    """Median over repetitions with its bootstrap interval."""
+    return bootstrap([values], lambda g: median(g[0]))
+
+
+def ratio_estimate(
+    a: Sequence[T], b: Sequence[T], stat: Callable[[Sequence[T]], float | None]
+) -> Estimate:
+    """stat(a) / stat(b) with an interval (a and b resampled independently)."""
+    if not a or not b:
+        return Estimate(None)
+    return bootstrap([a, b], lambda g: ratio(stat(g[0]), stat(g[1])))
+
+
+def overhead_per_call(stack: Sequence[float], base: Sequence[float], calls: float) -> Estimate:
+    """(median(stack) - median(base)) / calls: mesh overhead per downstream call."""
+    if not stack or not base or calls <= 0:
+        return Estimate(None)
+    return bootstrap([stack, base], lambda g: (median(g[0]) - median(g[1])) / calls)
+
+
+# --- load levels and maximum clean throughput ---------------------------------------
+
+
+@dataclass(frozen=True)
+class LevelPoint:
+    """One open-loop load level: offered and achieved rate, error rate, latency (µs)."""
+
+    offered_rps: float
+    achieved_rps: float
+    error_rate: float
+    p50_us: float
+    p99_us: float
+
+
+def is_clean(point: LevelPoint, slo_p99_ms: float | None) -> bool:
+    """DESIGN §5's clean level; without an SLO the latency criterion is not applied."""
+    if point.offered_rps <= 0:
+        return False
+    return (
+        point.achieved_rps / point.offered_rps >= MIN_DELIVERY
+        and point.error_rate <= MAX_ERROR_RATE
+        and (slo_p99_ms is None or point.p99_us <= slo_p99_ms * 1000)
+    )
+
+
+def knee(points: Iterable[LevelPoint], slo_p99_ms: float | None) -> LevelPoint | None:
+    """The clean level with the highest offered rate, None when no level is clean."""
+    clean = [p for p in points if is_clean(p, slo_p99_ms)]
+    return max(clean, key=lambda p: p.offered_rps, default=None)
+
+
+def median_curve(reps: Sequence[Sequence[LevelPoint]]) -> list[LevelPoint]:
+    """Per offered rate, the median over repetitions of every field, by rate."""
+    by_rate: dict[float, list[LevelPoint]] = {}
+    for rep in reps:
+        for p in rep:
+            by_rate.setdefault(p.offered_rps, []).append(p)
+    return [
+        LevelPoint(
+            offered_rps=rate,
+            achieved_rps=median(p.achieved_rps for p in pts),
+            error_rate=median(p.error_rate for p in pts),
+            p50_us=median(p.p50_us for p in pts),
+            p99_us=median(p.p99_us for p in pts),
+        )
+        for rate, pts in sorted(by_rate.items())
+    ]
+
+
+def max_clean_throughput(reps: Sequence[Sequence[LevelPoint]], slo_p99_ms: float | None) -> float:
+    """Offered rate at the knee of the median curve; 0.0 when no level is clean.
+
+    Zero (rather than None) keeps the statistic defined in every bootstrap
+    resample; the report prints it as "n/a".
+    """
+    point = knee(median_curve(reps), slo_p99_ms)
+    return point.offered_rps if point else 0.0

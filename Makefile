@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv bench test lint format clean
+.PHONY: venv system-deps bench test lint format clean
 
 venv: $(STAMP)
 
@@ -15,10 +15,14 @@ $(STAMP): requirements.lock pyproject.toml
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+# Debian packages the tests need (Chromium for the report test); idempotent.
+system-deps:
+	bash scripts/install-system-deps.sh
+
 bench: $(STAMP)
 	$(PY) run_bench.py $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) system-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)

@@ -34,13 +34,14 @@ sidecar's app) and `to_<svc>` (a service's inbound listener), counted under
 from __future__ import annotations
 
 import http.client
+import ipaddress
 import json
 import re
 import shutil
 import subprocess
 import urllib.parse
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +99,14 @@ class MeshDescription:
     the app server's own keep-alive timeout (gunicorn's default is 2 s) can, so
     Envoy never reuses a connection the app is closing (a spurious 503 UC).
     Under load connections never idle that long, so reuse is unaffected.
+
+    The defaults put every Envoy on one machine's loopback. In containers
+    (`harness.compose`), `listen_address` ("0.0.0.0") is where the inbound
+    and gateway listeners and the admin endpoint listen, so other containers
+    and published ports reach them, and `service_hosts` names each service's
+    sidecar host for the callee clusters (a name is resolved by DNS). The
+    outbound listener and the sidecar's app stay on loopback: they share a
+    network namespace like a pod.
     """
 
     services: Mapping[str, ServicePorts]
@@ -106,6 +115,8 @@ class MeshDescription:
     concurrency: int = 2
     route_timeout_s: float = 30.0
     app_idle_timeout_s: float = 1.0
+    listen_address: str = _LOOPBACK
+    service_hosts: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         bad = [s for s in self.services if not _SERVICE_ID.fullmatch(s)]
@@ -148,12 +159,25 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.3f}s"
 
 
-def _address(port: int) -> dict[str, Any]:
-    return {"socket_address": {"address": _LOOPBACK, "port_value": port}}
+def _address(port: int, host: str = _LOOPBACK) -> dict[str, Any]:
+    return {"socket_address": {"address": host, "port_value": port}}
 
 
-def _cluster(name: str, port: int, idle_timeout_s: float | None = None) -> dict[str, Any]:
-    """A static loopback cluster: HTTP/1.1 with keep-alive, circuit breakers out of the way."""
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _cluster(
+    name: str, port: int, idle_timeout_s: float | None = None, host: str = _LOOPBACK
+) -> dict[str, Any]:
+    """A one-endpoint cluster: HTTP/1.1 with keep-alive, circuit breakers out of the way.
+
+    STATIC for an IP address; STRICT_DNS (IPv4) for a host name such as a container's.
+    """
     limits = {
         "max_connections": _UNLIMITED,
         "max_pending_requests": _UNLIMITED,
@@ -166,13 +190,16 @@ def _cluster(name: str, port: int, idle_timeout_s: float | None = None) -> dict[
     }
     if idle_timeout_s is not None:
         protocol["common_http_protocol_options"] = {"idle_timeout": _duration(idle_timeout_s)}
+    discovery: dict[str, str] = {"type": "STATIC"}
+    if not _is_ip(host):
+        discovery = {"type": "STRICT_DNS", "dns_lookup_family": "V4_ONLY"}
     return {
         "name": name,
-        "type": "STATIC",
+        **discovery,
         "connect_timeout": "5s",
         "load_assignment": {
             "cluster_name": name,
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address(port)}}]}],
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address(port, host)}}]}],
         },
         "circuit_breakers": {
             "thresholds": [{"priority": prio, **limits} for prio in ("DEFAULT", "HIGH")]
@@ -194,7 +221,9 @@ def _service_domains(service: str) -> list[str]:
     return [service, f"{service}:*", f"{service}.*"]
 
 
-def _listener(stat_prefix: str, port: int, virtual_hosts: list[dict[str, Any]]) -> dict[str, Any]:
+def _listener(
+    stat_prefix: str, port: int, virtual_hosts: list[dict[str, Any]], host: str = _LOOPBACK
+) -> dict[str, Any]:
     hcm = {
         "@type": _HCM,
         "stat_prefix": stat_prefix,
@@ -215,7 +244,7 @@ def _listener(stat_prefix: str, port: int, virtual_hosts: list[dict[str, Any]]) 
     return {
         "name": stat_prefix,
         "stat_prefix": stat_prefix,
-        "address": _address(port),
+        "address": _address(port, host),
         "filter_chains": [
             {
                 "filters": [
@@ -226,17 +255,22 @@ def _listener(stat_prefix: str, port: int, virtual_hosts: list[dict[str, Any]]) 
     }
 
 
-def _bootstrap(node: str, admin_port: int, listeners: list, clusters: list) -> dict[str, Any]:
+def _bootstrap(
+    desc: MeshDescription, node: str, admin_port: int, listeners: list, clusters: list
+) -> dict[str, Any]:
     return {
         "node": {"id": node, "cluster": node},
-        "admin": {"address": _address(admin_port)},
+        "admin": {"address": _address(admin_port, desc.listen_address)},
         "static_resources": {"listeners": listeners, "clusters": clusters},
     }
 
 
 def _callee_clusters(desc: MeshDescription) -> list[dict[str, Any]]:
     """One cluster per service, pointing at its sidecar's inbound listener."""
-    return [_cluster(f"to_{s}", p.inbound_port) for s, p in desc.services.items()]
+    return [
+        _cluster(f"to_{s}", p.inbound_port, host=desc.service_hosts.get(s, _LOOPBACK))
+        for s, p in desc.services.items()
+    ]
 
 
 def sidecar_config(desc: MeshDescription, service: str) -> dict[str, Any]:
@@ -252,6 +286,7 @@ def sidecar_config(desc: MeshDescription, service: str) -> dict[str, Any]:
                 "routes": [_route(desc, LOCAL_APP_CLUSTER, {"prefix": "/"})],
             }
         ],
+        desc.listen_address,
     )
     outbound = _listener(
         outbound_stat_prefix(service),
@@ -269,7 +304,7 @@ def sidecar_config(desc: MeshDescription, service: str) -> dict[str, Any]:
         _cluster(LOCAL_APP_CLUSTER, ports.app_port, desc.app_idle_timeout_s),
         *_callee_clusters(desc),
     ]
-    return _bootstrap(sidecar_name(service), ports.admin_port, [inbound, outbound], clusters)
+    return _bootstrap(desc, sidecar_name(service), ports.admin_port, [inbound, outbound], clusters)
 
 
 def gateway_config(desc: MeshDescription) -> dict[str, Any]:
@@ -287,8 +322,8 @@ def gateway_config(desc: MeshDescription) -> dict[str, Any]:
         }
         for s, domains in targets
     ]
-    listener = _listener(GATEWAY, desc.gateway.listen_port, virtual_hosts)
-    return _bootstrap(GATEWAY, desc.gateway.admin_port, [listener], _callee_clusters(desc))
+    listener = _listener(GATEWAY, desc.gateway.listen_port, virtual_hosts, desc.listen_address)
+    return _bootstrap(desc, GATEWAY, desc.gateway.admin_port, [listener], _callee_clusters(desc))
 
 
 def render(desc: MeshDescription) -> dict[str, dict[str, Any]]:

@@ -15,9 +15,11 @@ $(STAMP): requirements.lock pyproject.toml
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-# Debian packages the tests need (Chromium for the report test); idempotent.
+# What the tests need beyond Python: Chromium (report test) and a Docker engine
+# (compose tests; started if none answers). Idempotent.
 system-deps:
 	bash scripts/install-system-deps.sh
+	bash scripts/ci-docker.sh start
 
 bench: $(STAMP)
 	$(PY) run_bench.py $(ARGS)

@@ -20,7 +20,7 @@ from pathlib import Path
 DEFAULT_NS = "default"
 SHM_DIR = Path("/dev/shm")
 _NS_RE = re.compile(r"[A-Za-z0-9_]{1,24}")
-_BUFFER_RE = re.compile(r"/dpumesh\.([A-Za-z0-9_]{1,24})\.buf\.(\d{1,10})\.(\d{1,20})")
+_BUFFER_RE = re.compile(r"/dpumesh\.([A-Za-z0-9_]{1,24})\.buf\.([0-9a-f]{1,16})\.(\d{1,20})")
 _WORKER_RE = re.compile(r"/dpumesh\.[A-Za-z0-9_]{1,24}\.w(\d{1,5})g(\d{1,5})\.")
 _SEM_PREFIX = "sem."
 SHM = "shm"
@@ -107,9 +107,13 @@ def ring_space(ring_name: str) -> str:
     return ring_name + ".space"
 
 
-def buffer(ns: str, pid: int, seq: int) -> str:
-    """Out-of-line body segment, unique per (creating pid, sequence number)."""
-    return f"{prefix(ns)}buf.{pid}.{seq}"
+def buffer(ns: str, token: str, seq: int) -> str:
+    """Out-of-line body segment, unique per (creating process's token, sequence number).
+
+    The token is random per process rather than its pid: processes in
+    different PID namespaces (containers sharing only IPC) may share a pid.
+    """
+    return f"{prefix(ns)}buf.{token}.{seq}"
 
 
 def is_buffer(ns: str, name: str) -> bool:

@@ -55,8 +55,9 @@ ring and starts the entry at slot 0 (the consumer skips PAD entries).
 Payloads larger than ``max_inline`` go out of line (default limit: the
 smallest of 256 KiB, ``max_payload`` and a quarter of the ring, so an inline
 entry plus its worst-case padding always fits an empty ring): the producer
-writes them to a fresh segment ``/dpumesh.<ns>.buf.<pid>.<seq>`` (mode 0600)
-and the entry (flag BUFFER) holds the segment's name and the payload length;
+writes them to a fresh segment ``/dpumesh.<ns>.buf.<token>.<seq>`` (mode
+0600; the token is random per process) and the entry (flag BUFFER) holds
+the segment's name and the payload length;
 ``pop`` reads and unlinks it, ``pop_entry``/``push_entry`` forward the
 descriptor without copying. Payloads over ``max_payload`` raise
 ``PayloadTooLarge``.
@@ -104,6 +105,7 @@ import contextlib
 import itertools
 import mmap
 import os
+import secrets
 import struct
 import threading
 import time
@@ -147,6 +149,7 @@ INLINE_CAP = 256 * 1024
 _MAX_U32 = 0xFFFFFFFF
 _INIT_TIMEOUT = 1.0
 _buffer_seq = itertools.count()
+_BUFFER_TOKEN = secrets.token_hex(8)  # names this process's buffer segments
 
 
 class RingError(Exception):
@@ -722,7 +725,7 @@ class Ring:
             self._space.wait(remaining)
 
     def _write_buffer(self, payload: bytes | bytearray | memoryview) -> str:
-        name = naming.buffer(self._buf_ns, os.getpid(), next(_buffer_seq))
+        name = naming.buffer(self._buf_ns, _BUFFER_TOKEN, next(_buffer_seq))
         length = len(payload)
         shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=length)
         try:

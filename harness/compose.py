@@ -6,11 +6,10 @@ daemon flags and the same Envoy configs (`baselines.envoy.config`, with
 container addresses); each local process becomes one container:
 
 * `dpumesh`: `dpa-daemon` owns the IPC namespace (`ipc: shareable`, so one
-  /dev/shm, 1 GiB, holds the rings, registry and semaphores) and the PID
-  namespace; `dpu-daemon` (bridge published on `127.0.0.1:<port>`) and one
-  `app-<svc>` per service (`dpumesh.server`, PN workers) join both
-  (`ipc:`/`pid: service:dpa-daemon`). The PID namespace is shared because
-  large-body buffer segments are named after the creating pid. The workers
+  /dev/shm, 1 GiB, holds the rings, registry and semaphores); `dpu-daemon`
+  (bridge published on `127.0.0.1:<port>`) and one `app-<svc>` per service
+  (`dpumesh.server`, PN workers) join it
+  (`ipc: service:dpa-daemon`); each keeps its own PID namespace. The workers
   and the DMA manager have no network at all (`network_mode: none`): every
   request reaches them through the shared-memory queues, across containers.
 * `envoy`: per service a pod: `sidecar-<svc>` owns the network namespace and
@@ -486,12 +485,12 @@ def _generate_envoy(gen: _Generator) -> Deployment:
 
 
 def _generate_dpumesh(gen: _Generator) -> Deployment:
-    shared = {"ipc": "service:dpa-daemon", "pid": "service:dpa-daemon"}
+    shared = {"ipc": "service:dpa-daemon"}
     gen.add(
         "dpa-daemon",
         "dpa-daemon",
         ["python", "-m", "dpumesh.dpa_daemon", "--log-level", "WARNING"],
-        init=True,  # PID 1 of the shared PID namespace: reaps every container's orphans
+        init=True,  # a real PID 1 (signals, reaping)
         ipc="shareable",
         shm_size="1g",
         network_mode="none",

@@ -53,7 +53,7 @@ def test_naming() -> None:
     assert naming.worker_cq("n1", 3, 7) == "/dpumesh.n1.w3g7.worker_cq"
     assert naming.worker_bell("n1", 3, 7) == "/dpumesh.n1.w3g7.bell"
     assert naming.dpa_bell("n1") == "/dpumesh.n1.dpa.bell"
-    assert naming.buffer("n1", 42, 5) == "/dpumesh.n1.buf.42.5"
+    assert naming.buffer("n1", "a1b2", 5) == "/dpumesh.n1.buf.a1b2.5"
     assert naming.is_buffer("n1", "/dpumesh.n1.buf.42.5")
     assert not naming.is_buffer("n1", "/dpumesh.n12.buf.42.5")
     assert not naming.is_buffer("n1", "/dpumesh.n1.buf.42.5/../x")
@@ -166,8 +166,8 @@ def test_collect_stale_keeps_live_objects_and_fresh_buffers(ns: str) -> None:
         # an orphan of a generation that never held (or no longer holds) a slot
         orphan = ring.Doorbell.create(naming.worker_bell(ns, 7, 3))
         orphan.close()
-        old = posix_ipc.SharedMemory(naming.buffer(ns, 1, 1), posix_ipc.O_CREX, size=10)
-        fresh = posix_ipc.SharedMemory(naming.buffer(ns, 1, 2), posix_ipc.O_CREX, size=10)
+        old = posix_ipc.SharedMemory(naming.buffer(ns, "ab", 1), posix_ipc.O_CREX, size=10)
+        fresh = posix_ipc.SharedMemory(naming.buffer(ns, "ab", 2), posix_ipc.O_CREX, size=10)
         for shm in (old, fresh):
             shm.close_fd()
         stamp = time.time() - registry.BUFFER_MAX_AGE - 5

@@ -2,7 +2,8 @@
 """DPUmesh bench command line: argument parsing only; the work is in `harness`.
 
 Each subcommand is one `_add_<name>(subparsers)` function that registers its
-arguments and sets `handler`; `main` dispatches.
+arguments and sets `handler`; `main` dispatches. No subcommand means `run`
+with the defaults (bench.toml).
 """
 
 from __future__ import annotations
@@ -13,8 +14,11 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
+from harness import config as bench_config
+from harness import runner
 from harness.procs import StartError
 from harness.stacks import DEFAULT_PORT, DEFAULT_WORKMODEL, MESHES, serve
+from loadtests.options import REQUEST_MODES
 from mubench.workmodel import WorkmodelError
 
 
@@ -78,6 +82,86 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_serve)
 
 
+def _run(args: argparse.Namespace) -> int:
+    overrides = {key: getattr(args, key, None) for key in bench_config.KEYS}
+    if args.meshes is not None:
+        overrides["meshes"] = bench_config.parse_list(args.meshes, "meshes")
+    if args.rates is not None:
+        overrides["rates"] = bench_config.parse_list(args.rates, "rate")
+    config = bench_config.load(args.config, overrides)
+    _, checks_ok = runner.run(config, ["run_bench.py", *(args.argv or [])])
+    return 0 if checks_ok else 1
+
+
+def _add_run(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "run",
+        help="run the side-by-side comparison (the default command)",
+        description=(
+            "Start each stack in turn (repetitions interleaved across stacks), drive it with "
+            "Locust (a closed-loop level, then open-loop rates), measure µs latency "
+            "histograms and CPU/memory per role over the measurement window, check the run "
+            "against itself, and write results/<UTC timestamp>/ (results.csv, roles.csv, "
+            "meta.json, hist/, locust/, configs/) plus results/latest. Settings come from "
+            "--config (default bench.toml, which documents each), overridden by these "
+            "options. Exit status 1 when a self-check failed (the results are still written)."
+        ),
+    )
+    add = parser.add_argument
+    add("--config", type=Path, metavar="FILE", help="TOML settings (default: bench.toml)")
+    add("--workmodel", metavar="PATH", help="μBench workmodel.json")
+    add("--meshes", metavar="A,B", help=f"stacks to compare, in order ({','.join(MESHES)})")
+    add("--users", type=int, metavar="U", help="closed-loop users")
+    add("--rate", dest="rates", metavar="R1,R2", help="open-loop rates in req/s ('' = none)")
+    add("--duration", type=int, metavar="S", help="measured seconds per level")
+    add("--warmup", type=int, metavar="S", help="warm-up seconds after each stack start")
+    add("--settle", type=int, metavar="S", help="excluded seconds at the start of other levels")
+    add("--repeat", type=int, metavar="N", help="repetitions per stack (interleaved)")
+    add("--seed", type=int, metavar="S", help="μBench random seed")
+    add("--out", metavar="DIR", help="results root (a timestamped directory goes inside)")
+    add("--slo-p99-ms", type=float, metavar="MS", help="p99 objective for max clean throughput")
+    add(
+        "--find-max",
+        action="store_true",
+        default=None,  # absent: the config file decides
+        help="also search each stack's max clean throughput (rows 'max-<rate>')",
+    )
+    add("--processes", type=int, metavar="N", help="Locust processes (N > 1: master + N workers)")
+    add("--request-mode", choices=REQUEST_MODES, help="get: stochastic; trace: trace-driven POST")
+    add("--mode", choices=bench_config.MODES, help="local processes or Docker Compose")
+    add("--port", type=int, metavar="N", help="public port of each stack (0 = any free port)")
+    parser.set_defaults(handler=_run)
+
+
+def _report(args: argparse.Namespace) -> int:
+    try:
+        from reports.render import write_report
+    except ModuleNotFoundError as exc:
+        print(f"error: the report renderer is not available ({exc})", file=sys.stderr)
+        return 1
+    missing = [str(d) for d in args.dirs if not d.is_dir()]
+    if missing:
+        print(f"error: not a results directory: {', '.join(missing)}", file=sys.stderr)
+        return 1
+    try:
+        print(write_report(args.dirs))
+    except ValueError as exc:  # reports.load.ResultsError: unusable results.csv
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_report(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "report",
+        help="render the HTML report of one or more results directories",
+        description="Write DIR/report.html; with several directories, a comparison in the "
+        "first one's report.html.",
+    )
+    parser.add_argument("dirs", nargs="+", type=Path, metavar="DIR", help="results directory")
+    parser.set_defaults(handler=_report)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="run_bench.py",
@@ -87,15 +171,22 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    _add_run(subparsers)
+    _add_report(subparsers)
     _add_serve(subparsers)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse the command line and run the chosen command; exit status as an int."""
-    args = _parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv or ["run"])
+    args.argv = argv
     try:
         return args.handler(args)
+    except bench_config.ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except (WorkmodelError, StartError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -1,0 +1,237 @@
+"""The settings of one `run_bench.py run`: defaults, `bench.toml`, command-line overrides.
+
+Precedence: command line > config file > the defaults below (`BenchConfig`'s
+field defaults, which the checked-in `bench.toml` repeats and documents; a
+test keeps the two equal). Every value is validated once, here, so a bad
+setting stops the run before any process starts, with one line naming the
+source and the key (`ConfigError`).
+
+Paths in a config file are relative to the file's directory; paths given on
+the command line are relative to the current directory.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from harness.stacks import DEFAULT_WORKMODEL, MESHES, REPO
+from loadtests.options import REQUEST_MODES
+
+DEFAULT_CONFIG_FILE = REPO / "bench.toml"
+MODES = ("local", "compose")
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used; `str()` is one line naming where it came from."""
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Everything a run needs to know; written to meta.json as `config`."""
+
+    workmodel: Path = DEFAULT_WORKMODEL
+    meshes: tuple[str, ...] = MESHES
+    users: int = 8
+    rates: tuple[float, ...] = (50.0, 100.0)
+    duration: int = 8
+    warmup: int = 4
+    settle: int = 1
+    repeat: int = 3
+    seed: int = 0
+    out: Path = REPO / "results"
+    slo_p99_ms: float = 100.0
+    find_max: bool = False
+    find_max_start: float = 50.0
+    find_max_steps: int = 6
+    processes: int = 1
+    request_mode: str = "get"
+    mode: str = "local"
+    port: int = 0
+    scale: float = 1.0
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready (paths as strings, tuples as lists)."""
+        out = asdict(self)
+        for key, value in out.items():
+            if isinstance(value, Path):
+                out[key] = str(value)
+            elif isinstance(value, tuple):
+                out[key] = list(value)
+        return out
+
+
+KEYS = tuple(f.name for f in fields(BenchConfig))
+
+
+def load_file(path: Path) -> dict[str, Any]:
+    """The settings of a TOML config file, paths made absolute; unknown keys are errors."""
+    try:
+        with path.open("rb") as fh:
+            raw = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    unknown = sorted(set(raw) - set(KEYS))
+    if unknown:
+        raise ConfigError(f"{path}: unknown key {unknown[0]!r} (known: {', '.join(KEYS)})")
+    for key in ("workmodel", "out"):
+        if isinstance(raw.get(key), str):
+            raw[key] = (path.parent / raw[key]).resolve()
+    return raw
+
+
+def parse_list(text: str, key: str) -> list[str]:
+    """A comma-separated command-line list; empty text is an empty list."""
+    items = [item.strip() for item in text.split(",")]
+    if items == [""]:
+        return []
+    if "" in items:
+        raise ConfigError(f"--{key}: empty item in {text!r}")
+    return items
+
+
+def build(
+    file_values: Mapping[str, Any] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    source: str = "config",
+) -> BenchConfig:
+    """Defaults, then `file_values`, then `overrides` (None values ignored), validated."""
+    merged: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    for values, where in ((file_values or {}), source), ((overrides or {}), "command line"):
+        for key, value in values.items():
+            if value is None:
+                continue
+            if key not in KEYS:
+                raise ConfigError(f"{where}: unknown setting {key!r}")
+            merged[key] = value
+            origin[key] = where
+    checked = {}
+    for key, value in merged.items():
+        try:
+            checked[key] = _VALIDATORS[key](value)
+        except ConfigError as exc:
+            raise ConfigError(f"{origin[key]}: {key}: {exc}") from None
+    return BenchConfig(**checked)
+
+
+def load(config_path: Path | None, overrides: Mapping[str, Any] | None = None) -> BenchConfig:
+    """The effective config: `config_path` (default `bench.toml` if present) plus overrides."""
+    path = config_path
+    if path is None and DEFAULT_CONFIG_FILE.is_file():
+        path = DEFAULT_CONFIG_FILE
+    values = load_file(Path(path)) if path is not None else {}
+    return build(values, overrides, source=str(path) if path is not None else "config")
+
+
+# --- validators: value -> normalised value, or ConfigError (message without the key) ---------
+
+
+def _int(low: int, high: int | None = None) -> Any:
+    def check(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise ConfigError(f"must be a whole number, not {value!r}")
+        try:
+            number = int(value)
+        except ValueError:
+            raise ConfigError(f"must be a whole number, not {value!r}") from None
+        if number < low or (high is not None and number > high):
+            bounds = f">= {low}" if high is None else f"between {low} and {high}"
+            raise ConfigError(f"must be {bounds}, not {number}")
+        return number
+
+    return check
+
+
+def _positive_float(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ConfigError(f"must be a number, not {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"must be a number, not {value!r}") from None
+    if not math.isfinite(number) or number <= 0:
+        raise ConfigError(f"must be a positive number, not {value!r}")
+    return number
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"must be true or false, not {value!r}")
+    return value
+
+
+def _choice(choices: tuple[str, ...]) -> Any:
+    def check(value: Any) -> str:
+        if value not in choices:
+            raise ConfigError(f"must be one of {', '.join(choices)}, not {value!r}")
+        return str(value)
+
+    return check
+
+
+def _items(value: Any) -> list[Any]:
+    if isinstance(value, str):
+        return parse_list(value, "list")
+    if isinstance(value, list | tuple):
+        return list(value)
+    raise ConfigError(f"must be a list, not {value!r}")
+
+
+def _meshes(value: Any) -> tuple[str, ...]:
+    meshes = tuple(_choice(MESHES)(m) for m in _items(value))
+    if not meshes:
+        raise ConfigError("needs at least one mesh")
+    if len(set(meshes)) != len(meshes):
+        raise ConfigError(f"lists a mesh twice: {', '.join(meshes)}")
+    return meshes
+
+
+def _rates(value: Any) -> tuple[float, ...]:
+    rates = [_positive_float(r) for r in _items(value)]
+    if len(set(rates)) != len(rates):
+        raise ConfigError(f"lists a rate twice: {rates}")
+    return tuple(sorted(rates))
+
+
+def _path(value: Any) -> Path:
+    if not isinstance(value, str | Path) or not str(value):
+        raise ConfigError(f"must be a path, not {value!r}")
+    return Path(value).resolve()
+
+
+def _existing_file(value: Any) -> Path:
+    path = _path(value)
+    if not path.is_file():
+        raise ConfigError(f"no such file: {path}")
+    return path
+
+
+_VALIDATORS: dict[str, Any] = {
+    "workmodel": _existing_file,
+    "meshes": _meshes,
+    "users": _int(1),
+    "rates": _rates,
+    "duration": _int(1),
+    "warmup": _int(0),
+    "settle": _int(0),
+    "repeat": _int(1),
+    "seed": _int(0),
+    "out": _path,
+    "slo_p99_ms": _positive_float,
+    "find_max": _bool,
+    "find_max_start": _positive_float,
+    "find_max_steps": _int(1, 20),
+    "processes": _int(1, 64),
+    "request_mode": _choice(REQUEST_MODES),
+    "mode": _choice(MODES),
+    "port": _int(0, 65535),
+    "scale": _positive_float,
+}

@@ -1,0 +1,272 @@
+"""One results directory (DESIGN §6): what goes where, and the row formats.
+
+Layout of ``<out>/<UTC timestamp>/`` (``<out>/latest`` links to the newest)::
+
+    results.csv                      one row per stack x repetition x load level
+    roles.csv                        ... x role: CPU and memory of each role
+    meta.json                        versions, git, machine, config, checks, fairness
+    hist/<mesh>-rep<r>-<level>.hdr   merged µs histogram of the level (+ .hdr.json sidecar)
+    hist/parts/                      per-process histograms of distributed Locust runs
+    locust/<mesh>-rep<r>-<level>*    Locust's own CSV stats (full history) and its log
+    configs/<mesh>/                  generated mesh configs and stack.json of the first start
+    stacks/<mesh>-rep<r>/            every stack start's process logs and stack.json
+
+Rows are appended as each level finishes, so an interrupted run keeps what
+it measured. Empty cells mean "not applicable" (offered_rps in closed loop)
+or "not measurable" (CPU per request of a level with no request).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from hdrh.histogram import HdrHistogram
+
+from harness import latency
+
+RESULTS_CSV = "results.csv"
+ROLES_CSV = "roles.csv"
+META_JSON = "meta.json"
+LATEST = "latest"
+
+RESULT_COLUMNS = (
+    "mesh",
+    "mode",
+    "workmodel",
+    "rep",
+    "level",
+    "users",
+    "offered_rps",
+    "achieved_rps",
+    "requests",
+    "failures",
+    "duration_s",
+    "mean_us",
+    "p50_us",
+    "p90_us",
+    "p99_us",
+    "p999_us",
+    "max_us",
+    "cpu_host_ms_per_req",
+    "cpu_offload_ms_per_req",
+    "cpu_loadgen_ms_per_req",
+    "cpu_window_s",
+    "cpu_window_requests",
+    "rss_host_mb",
+    "rss_offload_mb",
+    "downstream_calls_per_req",
+    "checks_ok",
+    "checks",
+)
+ROLE_COLUMNS = (
+    "mesh",
+    "rep",
+    "level",
+    "role",
+    "side",
+    "cpu_s",
+    "cpu_ms_per_req",
+    "rss_mean_mb",
+    "rss_max_mb",
+    "pss_mean_mb",
+    "processes",
+    "window_s",
+    "notes",
+)
+
+
+def new_run_dir(out: Path, now: datetime | None = None) -> Path:
+    """A fresh ``<out>/<UTC timestamp>`` (suffixed if that second is taken)."""
+    stamp = f"{now or datetime.now(UTC):%Y%m%dT%H%M%SZ}"
+    out.mkdir(parents=True, exist_ok=True)
+    for n in range(100):
+        path = out / (stamp if n == 0 else f"{stamp}-{n}")
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return path
+    raise RuntimeError(f"cannot create a run directory under {out}")
+
+
+def link_latest(run_dir: Path) -> Path:
+    """Point ``<out>/latest`` at `run_dir` (relative symlink, replaced atomically)."""
+    link = run_dir.parent / LATEST
+    tmp = run_dir.parent / f".{LATEST}.{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(run_dir.name)
+    tmp.replace(link)
+    return link
+
+
+def _cell(value: Any) -> Any:
+    """CSV text of one value: None -> empty, floats rounded to what they can mean."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:.6g}" if abs(value) < 1e6 else f"{value:.0f}"
+    return value
+
+
+class ResultsDir:
+    """Writes one run's files; paths for the runner's Locust runs and stacks."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        for sub in ("hist", "locust", "configs", "stacks"):
+            (path / sub).mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def name(mesh: str, rep: int, level: str) -> str:
+        return f"{mesh}-rep{rep}-{level}"
+
+    def hist_path(self, mesh: str, rep: int, level: str) -> Path:
+        return self.path / "hist" / f"{self.name(mesh, rep, level)}.hdr"
+
+    def locust_prefix(self, mesh: str, rep: int, level: str) -> Path:
+        return self.path / "locust" / self.name(mesh, rep, level)
+
+    def stack_dir(self, mesh: str, rep: int) -> Path:
+        return self.path / "stacks" / f"{mesh}-rep{rep}"
+
+    def append_result(self, row: Mapping[str, Any]) -> None:
+        self._append(RESULTS_CSV, RESULT_COLUMNS, [row])
+
+    def append_roles(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        self._append(ROLES_CSV, ROLE_COLUMNS, rows)
+
+    def _append(self, name: str, columns: tuple[str, ...], rows: Iterable[Mapping[str, Any]]):
+        path = self.path / name
+        new = not path.exists()
+        with path.open("a", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, columns, extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            for row in rows:
+                writer.writerow({c: _cell(row.get(c)) for c in columns})
+
+    def write_meta(self, meta: Mapping[str, Any]) -> Path:
+        path = self.path / META_JSON
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(meta, indent=2, sort_keys=False, default=str) + "\n")
+        tmp.replace(path)
+        return path
+
+    def copy_configs(self, mesh: str, files: Mapping[str, Path]) -> dict[str, str]:
+        """Copy a stack's generated configs (and stack.json) to configs/<mesh>/; relative paths."""
+        dest = self.path / "configs" / mesh
+        dest.mkdir(parents=True, exist_ok=True)
+        copied = {}
+        for name, src in files.items():
+            target = dest / Path(src).name
+            shutil.copyfile(src, target)
+            copied[name] = str(target.relative_to(self.path))
+        return copied
+
+
+def merge_histograms(hist_path: Path) -> tuple[HdrHistogram, dict[str, Any]]:
+    """The level's merged histogram and sidecar, written at `hist_path`.
+
+    A single Locust process wrote `hist_path` itself. Distributed workers
+    wrote ``<stem>.w<N>.hdr``: they are merged exactly into `hist_path` and
+    moved, with their sidecars, to ``parts/`` next to it (so readers that
+    also glob worker files never count a request twice).
+    """
+    hist, side = latency.load_run(hist_path)
+    parts = [Path(f) for f in side["files"] if Path(f) != hist_path]
+    if parts:
+        latency.dump_histogram(hist, hist_path)
+        parts_dir = hist_path.parent / "parts"
+        parts_dir.mkdir(exist_ok=True)
+        for part in parts:
+            for f in (part, latency.sidecar_path(part)):
+                if f.exists():
+                    f.replace(parts_dir / f.name)
+        side["files"] = [f"parts/{p.name}" for p in parts]
+        sidecar = latency.sidecar_path(hist_path)
+        sidecar.write_text(json.dumps(side, indent=1, sort_keys=True) + "\n")
+    return hist, side
+
+
+def result_row(
+    *,
+    mesh: str,
+    mode: str,
+    workmodel: str,
+    rep: int,
+    level: str,
+    users: int,
+    offered_rps: float | None,
+    summary: latency.LatencySummary,
+    sidecar: Mapping[str, Any],
+    usage: Mapping[str, Any] | None,
+    downstream_calls_per_req: float | None,
+    checks_ok: bool,
+    failed_checks: list[str],
+) -> dict[str, Any]:
+    """One results.csv row; `usage` is `WindowUsage.derive(...)` (None: not measured)."""
+    usage = usage or {}
+    return {
+        "mesh": mesh,
+        "mode": mode,
+        "workmodel": workmodel,
+        "rep": rep,
+        "level": level,
+        "users": users,
+        "offered_rps": offered_rps,
+        "achieved_rps": sidecar.get("achieved_rps"),
+        "requests": sidecar.get("requests", 0),
+        "failures": sidecar.get("failures", 0),
+        "duration_s": sidecar.get("window_s"),
+        "mean_us": summary.mean_us if summary.count else None,
+        "p50_us": summary.p50_us if summary.count else None,
+        "p90_us": summary.p90_us if summary.count else None,
+        "p99_us": summary.p99_us if summary.count else None,
+        "p999_us": summary.p999_us if summary.count else None,
+        "max_us": summary.max_us if summary.count else None,
+        "cpu_host_ms_per_req": usage.get("cpu_host_ms_per_req"),
+        "cpu_offload_ms_per_req": usage.get("cpu_offload_ms_per_req"),
+        "cpu_loadgen_ms_per_req": usage.get("cpu_loadgen_ms_per_req"),
+        "cpu_window_s": usage.get("window_s"),
+        "cpu_window_requests": usage.get("requests"),
+        "rss_host_mb": usage.get("rss_host_mb"),
+        "rss_offload_mb": usage.get("rss_offload_mb"),
+        "downstream_calls_per_req": downstream_calls_per_req,
+        "checks_ok": checks_ok,
+        "checks": ";".join(failed_checks),
+    }
+
+
+def role_rows(mesh: str, rep: int, level: str, usage: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """roles.csv rows of one level from `WindowUsage.derive(...)`: roles with processes only."""
+    rows = []
+    for role, u in usage["roles"].items():
+        if not u["processes"]:
+            continue
+        rows.append(
+            {
+                "mesh": mesh,
+                "rep": rep,
+                "level": level,
+                "role": role,
+                "side": u["role_class"],
+                "cpu_s": u["cpu_s"],
+                "cpu_ms_per_req": u["cpu_ms_per_req"],
+                "rss_mean_mb": u["rss_mean_mb"],
+                "rss_max_mb": u["rss_max_mb"],
+                "pss_mean_mb": u["pss_mean_mb"],
+                "processes": u["processes"],
+                "window_s": usage["window_s"],
+                "notes": "; ".join(u["notes"]),
+            }
+        )
+    return rows

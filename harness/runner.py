@@ -1,0 +1,581 @@
+"""`run_bench.py run`: the side-by-side comparison, measured honestly (DESIGN §5, §6).
+
+The plan (`harness.plan`): per repetition, per stack (interleaved A B C A B
+C ...), start the stack once, then run its load levels one Locust process
+each: the closed-loop level (which carries the warm-up), the open-loop rate
+sweep, and the optional maximum-clean-throughput search (`harness.findmax`);
+then stop the stack.
+
+One level (`measure_level`):
+
+1. read the stack's own request counters (`stack.traffic()`);
+2. start Locust with ``-t`` = excluded + measured seconds; its histogram
+   (`--warmup-s`) drops requests whose send time falls in the excluded
+   seconds after its first request;
+3. poll the stack's counters every 20 ms until the first request arrives,
+   then wait the excluded seconds;
+4. open the CPU window: read the counters, start the per-role sampler on
+   the stack's processes plus the Locust process tree (role ``loadgen``);
+5. close it when Locust logs that ``-t`` expired (polled every 50 ms), and
+   read the counters again; CPU-ms per request = the window's CPU over the
+   entry requests the *stack* counted inside the window, so the window's
+   exact alignment with Locust's does not bias the ratio. Locust's start-up
+   and shutdown are outside the window; its CPU while sending is inside;
+6. when Locust has exited, read the counters a last time, merge the
+   histograms and run the self-checks (`harness.checks`) with Locust's
+   totals against the stack's count over the whole level.
+
+The stack starter is `harness.stacks.start_stack` for ``--mode local`` and
+`harness.compose.start_stack` (same signature) for ``--mode compose``. A
+stack object needs ``url``, ``entry``, ``traffic()``, ``stop()``,
+``configs``, ``manifest``, and either ``roles()`` (processes per role, for
+`RoleSampler`) or ``sampler(extra_roles=...)`` returning a sampler with the
+same ``start()``/``stop() -> WindowUsage``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import importlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from hdrh.histogram import HdrHistogram
+from rich.console import Console
+from rich.table import Table
+
+from harness import checks as chk
+from harness import latency, plan, summary
+from harness.accounting import Traffic, since
+from harness.callgraph import CycleError, expected_calls
+from harness.config import BenchConfig, ConfigError
+from harness.findmax import MaxSearch, is_clean
+from harness.loadgen import Live, LocustRun, LocustSpec
+from harness.metrics import RoleSampler, WindowUsage, machine_metadata
+from harness.plan import Level, Segment
+from harness.ports import free_ports, release_ports
+from harness.procs import StartError
+from harness.progress import RunProgress
+from harness.results import (
+    ResultsDir,
+    link_latest,
+    merge_histograms,
+    new_run_dir,
+    result_row,
+    role_rows,
+)
+from harness.stacks import REPO, start_stack
+from loadtests.options import DEFAULT_TRACE
+from mubench.workmodel import load_workmodel
+
+FIRST_REQUEST_TIMEOUT_S = 60.0
+EXIT_TIMEOUT_S = 60.0
+POLL_S = 0.05
+COUNTER_POLL_S = 0.02
+
+WINDOW_METHOD = (
+    "CPU window: opens the excluded seconds (warm-up or settle) after the stack counted the "
+    "level's first request (counters polled every 20 ms) and closes when Locust logs that its "
+    "run time expired (polled every 50 ms); Locust start-up and shutdown are outside it. "
+    "CPU-ms per request = role CPU in the window / entry requests the stack counted in the "
+    "window. Latency: Locust's µs histograms, requests sent in the excluded seconds dropped; "
+    "open loop measured from each request's intended send time."
+)
+
+
+@dataclass
+class Measurement:
+    """What one level produced, before judging it."""
+
+    returncode: int | None
+    hist: HdrHistogram | None
+    sidecar: dict[str, Any]
+    usage: WindowUsage | None
+    window_requests: int
+    level_traffic: Traffic  # counted by the stack over the whole Locust run
+
+
+def stack_starter(mode: str) -> Callable[..., Any]:
+    """`start_stack` of the deployment mode (compose: only once `harness.compose` provides it)."""
+    if mode == "local":
+        return start_stack
+    try:
+        module = importlib.import_module(f"harness.{mode}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"harness.{mode}":
+            raise
+        module = None
+    starter = getattr(module, "start_stack", None)
+    if starter is None:
+        raise ConfigError(
+            f"--mode {mode} is not available yet: harness.{mode} does not provide start_stack()"
+        )
+    return starter
+
+
+def window_sampler(stack: Any, loadgen: Any) -> Any:
+    """A CPU/memory sampler over the stack's roles plus the load generator's process tree."""
+    if hasattr(stack, "roles"):
+        return RoleSampler({**stack.roles(), "loadgen": [loadgen]})
+    return stack.sampler(extra_roles={"loadgen": [loadgen]})
+
+
+def _traffic(stack: Any) -> Traffic:
+    """The stack's counters, retried briefly (a stats endpoint can be slow under load)."""
+    for _ in range(2):
+        try:
+            return stack.traffic()
+        except (OSError, RuntimeError, ValueError, http.client.HTTPException):
+            time.sleep(0.2)
+    return stack.traffic()
+
+
+def _wait_first_request(stack: Any, before: Traffic, run: LocustRun, tick: Callable) -> bool:
+    """Poll the stack's entry counter until Locust's first request arrives (False: it never did)."""
+    deadline = time.monotonic() + FIRST_REQUEST_TIMEOUT_S
+    while time.monotonic() < deadline and not run.exited():
+        if _traffic(stack)["entry_requests"] > before["entry_requests"]:
+            return True
+        tick()
+        time.sleep(COUNTER_POLL_S)
+    return False
+
+
+def _sleep(seconds: float, tick: Callable, run: LocustRun) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end and not run.exited():
+        tick()
+        time.sleep(min(POLL_S, max(0.0, end - time.monotonic())))
+
+
+def measure_level(
+    stack: Any, spec: LocustSpec, on_live: Callable[[Live | None], None] = lambda _: None
+) -> Measurement:
+    """Run one Locust level against `stack` and measure it (see the module docstring)."""
+    start = _traffic(stack)
+    usage: WindowUsage | None = None
+    window_requests = 0
+    with LocustRun(spec) as run:
+        last_tick = [0.0]
+
+        def tick() -> None:
+            if time.monotonic() - last_tick[0] >= 0.5:
+                last_tick[0] = time.monotonic()
+                on_live(run.live())
+
+        if _wait_first_request(stack, start, run, tick):
+            _sleep(spec.excluded_s, tick, run)
+            before = _traffic(stack)
+            sampler = window_sampler(stack, run.process)
+            sampler.start()
+            try:
+                deadline = time.monotonic() + spec.measured_s + 30
+                while not run.time_limit_reached() and time.monotonic() < deadline:
+                    tick()
+                    time.sleep(POLL_S)
+            finally:
+                usage = sampler.stop()
+            window_requests = _traffic(stack)["entry_requests"] - before["entry_requests"]
+        returncode = run.wait(spec.run_s + EXIT_TIMEOUT_S)
+        on_live(run.live())
+    level_traffic = since(_traffic(stack), start)
+    hist: HdrHistogram | None = None
+    sidecar: dict[str, Any] = {}
+    if latency.histogram_files(spec.hdr_out):
+        hist, sidecar = merge_histograms(spec.hdr_out)
+    return Measurement(returncode, hist, sidecar, usage, window_requests, level_traffic)
+
+
+def downstream_per_request(traffic: Traffic, entry: str) -> float | None:
+    """Calls between services per entry request, as the stack counted them."""
+    entries = traffic["entry_requests"]
+    if entries <= 0:
+        return None
+    return sum(chk.observed_calls(traffic, entry).values()) / entries
+
+
+def _sha256(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+class Runner:
+    """One run: a results directory, the plan, and everything measured so far."""
+
+    def __init__(self, config: BenchConfig, console: Console, argv: list[str]) -> None:
+        self.config = config
+        self.console = console
+        self.argv = argv
+        self.start_stack = stack_starter(config.mode)
+        self.workmodel = load_workmodel(str(config.workmodel))
+        self.results = ResultsDir(new_run_dir(config.out))
+        self.rows: list[dict[str, Any]] = []
+        self.checks: list[dict[str, Any]] = []
+        self.mesh_configs: dict[str, dict[str, str]] = {}
+        self.manifests: dict[str, list[dict[str, Any]]] = {}
+        self.find_max: dict[str, dict[int, dict[str, Any]]] = {}
+        self.expected: dict[str, float] | None = None
+        self.expected_error: str | None = None
+        self.started_utc = datetime.now(UTC)
+        self.t0 = time.monotonic()
+        self.machine = machine_metadata(REPO)  # at the start: load average, free memory
+        self.progress: RunProgress | None = None
+
+    # -- the run -----------------------------------------------------------------------------
+
+    def run(self) -> Path:
+        """Measure every segment, write everything, print the summary; the run directory."""
+        self._print_config()
+        self._write_meta(interrupted=True)  # a killed run still says what it was
+        interrupted = True
+        try:
+            with RunProgress(
+                self.console, plan.estimate_s(self.config), self.config.repeat
+            ) as self.progress:
+                for seg in plan.segments(self.config):
+                    self._segment(seg)
+            interrupted = False
+        finally:
+            self._write_meta(interrupted=interrupted)
+            link_latest(self.results.path)
+        self._print_summary()
+        self._render_report()
+        return self.results.path
+
+    @property
+    def checks_ok(self) -> bool:
+        return all(c["ok"] or c["info"] for c in self.checks)
+
+    def _segment(self, seg: Segment) -> None:
+        cfg = self.config
+        assert self.progress is not None
+        self.progress.step("starting stack", seg.mesh, seg.rep, plan.stack_start_s(seg.mesh))
+        port = cfg.port or free_ports(1)[0]
+        try:
+            stack = self.start_stack(
+                seg.mesh,
+                cfg.workmodel,
+                run_dir=self.results.stack_dir(seg.mesh, seg.rep),
+                port=port,
+                seed=cfg.seed,
+                scale=cfg.scale,
+            )
+        except StartError as exc:
+            self._record(seg, "-", [chk.Check("stack_start", False, str(exc).splitlines()[0])])
+            self.progress.print(f"[red]{seg.mesh} rep {seg.rep}: stack did not start:[/] {exc}")
+            return
+        try:
+            self._note_stack(seg.mesh, stack)
+            first = True
+            for level in plan.sweep(cfg):
+                self._level(stack, seg, level, first)
+                first = False
+            if cfg.find_max:
+                self._search_max(stack, seg, first)
+            self.progress.step("stopping stack", seg.mesh, seg.rep, plan.STACK_STOP_S)
+        except (OSError, RuntimeError, ValueError, http.client.HTTPException) as exc:
+            # The stack broke mid-segment (a process died, counters unreadable): record it,
+            # keep what was measured, and go on with the next segment.
+            why = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            self._record(seg, "-", [chk.Check("segment_error", False, why)])
+            self.progress.print(f"[red]{seg.mesh} rep {seg.rep}: segment aborted:[/] {why}")
+        finally:
+            try:
+                stack.stop()
+            except RuntimeError as exc:  # e.g. a port still bound after teardown
+                self._record(seg, "-", [chk.Check("stack_stop", False, str(exc))])
+            if not cfg.port:
+                release_ports([port])
+        self._write_meta(interrupted=True)
+
+    def _level(self, stack: Any, seg: Segment, level: Level, first: bool) -> dict[str, Any]:
+        """Measure one level, judge it, append its rows; the results row."""
+        cfg = self.config
+        assert self.progress is not None
+        excluded = plan.excluded_s(cfg, first)
+        phase = f"{level.name}" + (f" (incl. {excluded} s warm-up)" if first else "")
+        self.progress.step(phase, seg.mesh, seg.rep, plan.level_s(cfg, first))
+        spec = LocustSpec(
+            host=stack.url,
+            users=level.users,
+            rate=level.rate,
+            excluded_s=excluded,
+            measured_s=cfg.duration,
+            hdr_out=self.results.hist_path(seg.mesh, seg.rep, level.name),
+            csv_prefix=self.results.locust_prefix(seg.mesh, seg.rep, level.name),
+            request_id_prefix=plan.request_id_prefix(seg.rep, level),
+            request_mode=cfg.request_mode,
+            processes=cfg.processes,
+        )
+        m = measure_level(stack, spec, self.progress.live)
+        summ = latency.summarize(m.hist if m.hist is not None else latency.new_histogram())
+        derived = m.usage.derive(requests=m.window_requests) if m.usage is not None else None
+        checks = self._judge(stack, level, m, derived)
+        ok, failed = chk.verdict(checks)
+        row = result_row(
+            mesh=seg.mesh,
+            mode=cfg.mode,
+            workmodel=cfg.workmodel.name,
+            rep=seg.rep,
+            level=level.name,
+            users=level.users,
+            offered_rps=level.rate,
+            summary=summ,
+            sidecar=m.sidecar,
+            usage=derived,
+            downstream_calls_per_req=downstream_per_request(m.level_traffic, stack.entry),
+            checks_ok=ok,
+            failed_checks=failed,
+        )
+        self.rows.append(row)
+        self.results.append_result(row)
+        if derived is not None:
+            self.results.append_roles(role_rows(seg.mesh, seg.rep, level.name, derived))
+        self._record(seg, level.name, checks)
+        self._print_level(seg, row, checks)
+        return row
+
+    def _judge(
+        self, stack: Any, level: Level, m: Measurement, derived: dict[str, Any] | None
+    ) -> list[chk.Check]:
+        checks = [chk.loadgen_ran(m.returncode, int(m.sidecar.get("processes", 0)))]
+        if m.hist is None:
+            return checks
+        requests, failures = int(m.sidecar["requests"]), int(m.sidecar["failures"])
+        probe = level.name.startswith("max-")
+        checks.append(chk.counts_match(m.sidecar, m.level_traffic["entry_requests"]))
+        checks.append(chk.error_rate(requests, failures, info=probe))
+        if m.usage is not None and derived is not None:
+            loadgen = derived["roles"]["loadgen"]["cpu_s"]
+            checks.append(chk.loadgen_cpu(loadgen, m.usage.window_s, self.config.processes))
+        else:
+            checks.append(chk.Check("cpu_window", False, "no request arrived: nothing measured"))
+        expected = self._expected(stack.entry)
+        if expected is not None:
+            checks.append(chk.mesh_crossed(m.level_traffic, stack.entry, expected))
+        if level.rate is not None:
+            checks.append(chk.open_loop_delivery(level.rate, float(m.sidecar["achieved_rps"])))
+        return checks
+
+    def _search_max(self, stack: Any, seg: Segment, first: bool) -> None:
+        cfg = self.config
+        search = MaxSearch(cfg.find_max_start, cfg.find_max_steps)
+        while (rate := search.next_rate()) is not None:
+            row = self._level(stack, seg, plan.open_level(rate, cfg.processes, "max"), first)
+            first = False
+            clean = row["checks_ok"] and is_clean(
+                rate,
+                row["achieved_rps"] or 0.0,
+                row["requests"],
+                row["failures"],
+                row["p99_us"] if row["p99_us"] is not None else float("inf"),
+                cfg.slo_p99_ms,
+            )
+            search.record(rate, clean)
+        self.find_max.setdefault(seg.mesh, {})[seg.rep] = {
+            "max_clean_rps": search.best,
+            "probes": [{"rate": r, "clean": c} for r, c in search.probes],
+        }
+        self.progress.print(  # type: ignore[union-attr]
+            f"{seg.mesh} rep {seg.rep}: max clean throughput "
+            f"{'none found' if search.best is None else f'{search.best:g} req/s'}"
+        )
+
+    def _expected(self, entry: str) -> dict[str, float] | None:
+        """Expected calls per service per entry request (None if the workmodel has a cycle)."""
+        if self.expected is None and self.expected_error is None:
+            try:
+                self.expected = expected_calls(
+                    self.workmodel, entry, self.config.request_mode, DEFAULT_TRACE
+                )
+            except CycleError as exc:
+                self.expected_error = str(exc)
+        return self.expected
+
+    def _record(self, seg: Segment, level: str, checks: list[chk.Check]) -> None:
+        self.checks += [c.record(seg.mesh, seg.rep, level) for c in checks]
+
+    def _note_stack(self, mesh: str, stack: Any) -> None:
+        """Keep the stack's manifest; publish the first start's configs under configs/<mesh>/."""
+        files = {name: Path(path) for name, path in stack.configs.items()}
+        manifest = Path(stack.manifest)
+        if manifest.is_file():  # a compose stack writes it only at teardown
+            self.manifests.setdefault(mesh, []).append(json.loads(manifest.read_text()))
+            files["stack"] = manifest
+        if mesh not in self.mesh_configs:
+            self.mesh_configs[mesh] = self.results.copy_configs(mesh, files)
+
+    # -- meta.json -------------------------------------------------------------------------
+
+    def _write_meta(self, interrupted: bool) -> None:
+        cfg = self.config
+        machine = dict(self.machine)
+        calls = sum(self.expected.values()) if self.expected is not None else None
+        meta = {
+            "started_utc": self.started_utc.isoformat(),
+            "written_utc": datetime.now(UTC).isoformat(),
+            "wall_s": round(time.monotonic() - self.t0, 1),
+            "interrupted": interrupted,
+            "command": self.argv,
+            "config": {**cfg.as_dict(), "downstream_calls_per_req": calls},
+            "plan": {
+                "levels": [lv.name for lv in plan.sweep(cfg)],
+                "order": [f"rep{s.rep}:{s.mesh}" for s in plan.segments(cfg)],
+                "estimate_s": round(plan.estimate_s(cfg)),
+                "request_ids": "r<rep>-<level>-<n>: the same in every stack",
+            },
+            "versions": machine.pop("packages"),
+            "git": machine.pop("git", None),
+            "machine": machine,
+            "method": {
+                "cpu_window": WINDOW_METHOD,
+                "histograms": "hist/<mesh>-rep<r>-<level>.hdr: merged over Locust processes; "
+                "per-process files of distributed runs moved to hist/parts/",
+                "cpu_classes": "host = app, sidecar, gateway; offload = dpu-daemon, dpa-daemon; "
+                "loadgen apart; MB = MiB",
+            },
+            "downstream_calls_per_req": calls,
+            "expected_calls_per_service": self.expected,
+            "expected_calls_error": self.expected_error,
+            "mesh_configs": self.mesh_configs,
+            "fairness": self._fairness(),
+            "checks_ok": self.checks_ok,
+            "checks": self.checks,
+        }
+        if cfg.find_max:
+            meta["find_max"] = {"slo_p99_ms": cfg.slo_p99_ms, "stacks": self.find_max}
+        self.results.write_meta(meta)
+
+    def _fairness(self) -> dict[str, Any]:
+        """What every stack had in common, checked from the stacks' own manifests."""
+        first = {mesh: ms[0] for mesh, ms in self.manifests.items()}
+        every = [m for ms in self.manifests.values() for m in ms]
+        interpreters = {
+            p["argv"][0] for m in every for p in m.get("processes", []) if p["role"] == "app"
+        }
+        plans = {mesh: m.get("plan") for mesh, m in first.items()}
+        seeds = {m.get("seed") for m in every}
+        workmodels = {m.get("workmodel") for m in every}
+        fairness: dict[str, Any] = {
+            "same_app_code": {
+                "ok": len(interpreters) <= 1,
+                "interpreters": sorted(interpreters),
+                "mubench_sha256": _sha256(sorted((REPO / "mubench").glob("*.py"))),
+            },
+            "workmodel": {
+                "ok": workmodels <= {str(self.config.workmodel)},
+                "path": str(self.config.workmodel),
+                "sha256": _sha256([self.config.workmodel]),
+            },
+            "seed": {"ok": seeds <= {self.config.seed}, "value": self.config.seed},
+            "worker_counts": {
+                "ok": len({json.dumps(p, sort_keys=True) for p in plans.values()}) <= 1,
+                "per_stack": plans,
+            },
+            "same_load": {
+                "ok": True,
+                "detail": "same locustfile, users, rates, durations and request ids per level",
+            },
+        }
+        envoys = [
+            p["argv"] for p in first.get("envoy", {}).get("processes", []) if p["role"] == "gateway"
+        ]
+        if envoys:
+            argv = envoys[0]
+            config_at = argv.index("-c") if "-c" in argv else len(argv)
+            fairness["envoy_tuning"] = {
+                "flags": argv[1:config_at] + argv[config_at + 2 :],
+                "config": "no access log or tracing, circuit breakers at 1e9, no retries, "
+                "upstream keep-alive (baselines/envoy/config.py)",
+            }
+        return fairness
+
+    # -- output ----------------------------------------------------------------------------
+
+    def _print_config(self) -> None:
+        cfg = self.config
+        table = Table.grid(padding=(0, 2))
+        for key, value in cfg.as_dict().items():
+            table.add_row(key, str(value))
+        self.console.print(f"[bold]DPUmesh bench[/] → {self.results.path}")
+        self.console.print(table)
+        levels = ", ".join(lv.name for lv in plan.sweep(cfg))
+        self.console.print(
+            f"plan: {len(plan.segments(cfg))} stack starts ({cfg.repeat} reps x "
+            f"{', '.join(cfg.meshes)}, interleaved); levels {levels}"
+            + (", then a max-throughput search" if cfg.find_max else "")
+            + f"; about {plan.estimate_s(cfg) / 60:.1f} min",
+            highlight=False,
+        )
+
+    def _print_level(self, seg: Segment, row: dict[str, Any], checks: list[chk.Check]) -> None:
+        assert self.progress is not None
+        p50, p99 = row["p50_us"], row["p99_us"]
+        latencies = f"p50 {p50 / 1000:.2f} ms, p99 {p99 / 1000:.2f} ms" if p50 else "no latency"
+        failed = [c for c in checks if not c.ok]
+        verdict = (
+            "checks ok"
+            if not failed
+            else "; ".join(
+                f"{'[yellow]' if c.info else '[red]'}{c.name}[/]: {c.detail}" for c in failed
+            )
+        )
+        self.progress.print(
+            f"{seg.mesh} rep {seg.rep} {row['level']}: {row['achieved_rps'] or 0:.1f} req/s, "
+            f"{latencies}, {row['failures']} failures; {verdict}"
+        )
+
+    def _print_summary(self) -> None:
+        wall = time.monotonic() - self.t0
+        self.console.print(
+            summary.table(self.rows, f"Results (median over reps): {self.results.path}")
+        )
+        text = summary.ratio_text(self.rows)
+        if text:
+            self.console.print(text, highlight=False)
+        for mesh, reps in self.find_max.items():
+            best = [r["max_clean_rps"] for r in reps.values()]
+            self.console.print(f"{mesh}: max clean throughput per rep: {best}", highlight=False)
+        failed = [c for c in self.checks if not c["ok"] and not c["info"]]
+        if failed:
+            self.console.print(f"[red bold]self-checks FAILED ({len(failed)}):[/]")
+            for c in failed[:20]:
+                self.console.print(
+                    f"  {c['mesh']} rep {c['rep']} {c['level']} {c['name']}: {c['detail']}",
+                    highlight=False,
+                )
+        else:
+            self.console.print(f"[green]self-checks: all {len(self.checks)} passed[/]")
+        self.console.print(f"wall time {wall / 60:.1f} min ({wall:.0f} s)", highlight=False)
+
+    def _render_report(self) -> None:
+        try:
+            render = importlib.import_module("reports.render")
+        except ModuleNotFoundError:
+            self.console.print("report: reports.render is not available; skipped")
+            return
+        try:
+            path = render.write_report([self.results.path])
+        except Exception as exc:  # the results are written; a report bug must not lose them
+            self.console.print(f"[red]report not rendered:[/] {type(exc).__name__}: {exc}")
+            return
+        self.console.print(f"report: {path}")
+
+
+def run(config: BenchConfig, argv: list[str], console: Console | None = None) -> tuple[Path, bool]:
+    """Run the comparison; (results directory, whether every self-check passed)."""
+    if console is None:
+        console = Console()
+        if not console.is_terminal:  # logs and pipes: no wrapping of the summary table
+            console = Console(width=200)
+    runner = Runner(config, console, argv)
+    path = runner.run()
+    return path, runner.checks_ok

@@ -1,0 +1,492 @@
+"""The runner's parts without processes: config, plan, call graph, checks, search, results."""
+
+from __future__ import annotations
+
+import csv
+import json
+import types
+
+import pytest
+
+import run_bench
+from harness import callgraph, checks, config, latency, plan, results, runner, summary
+from harness.findmax import MaxSearch, is_clean
+from harness.loadgen import LocustSpec, locust_argv, parse_history
+from harness.stacks import REPO, start_stack
+from mubench.workmodel import load_workmodel, parse_workmodel
+
+DEFAULT_WM = REPO / "workmodels" / "default.json"
+
+
+# --- config -----------------------------------------------------------------------------------
+
+
+def test_bench_toml_documents_exactly_the_defaults():
+    from_file = config.build(config.load_file(config.DEFAULT_CONFIG_FILE))
+    assert from_file == config.BenchConfig()
+    text = config.DEFAULT_CONFIG_FILE.read_text()
+    for key in config.KEYS:
+        assert f"\n{key} = " in text, f"bench.toml does not document {key}"
+
+
+def test_cli_overrides_file_overrides_defaults(tmp_path):
+    (tmp_path / "wm.json").write_text(DEFAULT_WM.read_text())
+    cfg_file = tmp_path / "b.toml"
+    cfg_file.write_text('users = 3\nrepeat = 2\nworkmodel = "wm.json"\nrates = [30, 10]\n')
+    cfg = config.load(cfg_file, {"users": 5, "meshes": ["envoy"], "seed": None})
+    assert cfg.users == 5  # command line wins
+    assert cfg.repeat == 2  # file wins over the default
+    assert cfg.duration == config.BenchConfig().duration  # default
+    assert cfg.workmodel == tmp_path / "wm.json"  # relative to the file
+    assert cfg.rates == (10.0, 30.0)  # sorted, lowest first
+    assert cfg.meshes == ("envoy",)
+    assert cfg.seed == 0
+
+
+def test_cli_lists_and_empty_rate():
+    assert config.parse_list("", "rate") == []
+    assert config.build(overrides={"rates": config.parse_list("", "rate")}).rates == ()
+    assert config.build(overrides={"rates": "20, 40"}).rates == (20.0, 40.0)
+    assert config.build(overrides={"meshes": "nomesh,dpumesh"}).meshes == ("nomesh", "dpumesh")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        ({"users": 0}, "users: must be >= 1"),
+        ({"duration": "ten"}, "duration: must be a whole number"),
+        ({"duration": 2.5}, "duration: must be a whole number"),
+        ({"meshes": ["envoy", "istio"]}, "meshes: must be one of"),
+        ({"meshes": ["envoy", "envoy"]}, "lists a mesh twice"),
+        ({"meshes": []}, "needs at least one mesh"),
+        ({"rates": [50, -1]}, "rates: must be a positive number"),
+        ({"rates": "50,,100"}, "empty item"),
+        ({"mode": "k8s"}, "mode: must be one of local, compose"),
+        ({"request_mode": "post"}, "request_mode: must be one of get, trace"),
+        ({"find_max": "yes"}, "find_max: must be true or false"),
+        ({"workmodel": "/nonexistent/wm.json"}, "no such file"),
+        ({"slo_p99_ms": 0}, "slo_p99_ms: must be a positive number"),
+        ({"bogus": 1}, "unknown setting 'bogus'"),
+    ],
+)
+def test_bad_settings_are_one_line_errors(overrides, fragment):
+    with pytest.raises(config.ConfigError) as err:
+        config.build(overrides=overrides)
+    message = str(err.value)
+    assert fragment in message and "\n" not in message
+    assert message.startswith("command line")
+
+
+def test_bad_config_file(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("users = 4\ncolour = 'red'\n")
+    with pytest.raises(config.ConfigError, match=r"bad.toml: unknown key 'colour'"):
+        config.load(bad)
+    bad.write_text("users = [\n")
+    with pytest.raises(config.ConfigError, match="invalid TOML"):
+        config.load(bad)
+    bad.write_text("users = 'many'\n")
+    with pytest.raises(config.ConfigError, match=r"bad.toml: users: must be a whole number"):
+        config.load(bad)
+
+
+def test_cli_errors_exit_2(capsys):
+    assert run_bench.main(["run", "--users", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: command line: users: must be >= 1")
+
+
+def test_compose_mode_hook(monkeypatch):
+    assert runner.stack_starter("local") is start_stack
+    fake = types.ModuleType("harness.compose")
+    monkeypatch.setitem(__import__("sys").modules, "harness.compose", fake)
+    with pytest.raises(config.ConfigError, match="--mode compose is not available yet"):
+        runner.stack_starter("compose")
+    fake.start_stack = lambda *a, **k: None  # type: ignore[attr-defined]
+    assert runner.stack_starter("compose") is fake.start_stack
+
+
+# --- plan ---------------------------------------------------------------------------------------
+
+
+def test_repetitions_interleave_across_stacks():
+    cfg = config.build(overrides={"repeat": 3, "meshes": ["dpumesh", "envoy", "nomesh"]})
+    order = [(s.rep, s.mesh) for s in plan.segments(cfg)]
+    assert order == [(r, m) for r in (1, 2, 3) for m in ("dpumesh", "envoy", "nomesh")]
+
+
+def test_levels_and_request_ids():
+    cfg = config.build(overrides={"users": 8, "rates": [100, 50], "processes": 1})
+    levels = plan.sweep(cfg)
+    assert [lv.name for lv in levels] == ["closed-8", "open-50", "open-100"]
+    assert [lv.rate for lv in levels] == [None, 50.0, 100.0]
+    assert plan.open_level(1000, 1).users == 50  # enough users for 50 ms at 1000 req/s
+    assert plan.open_level(20, 12).users == 12  # at least one per Locust process
+    # Same ids for every stack at one rep and level; different across reps and levels.
+    prefixes = {plan.request_id_prefix(s.rep, levels[1]) for s in plan.segments(cfg)}
+    assert prefixes == {f"r{r}-open-50-" for r in range(1, cfg.repeat + 1)}
+
+
+def test_excluded_seconds_and_estimate():
+    cfg = config.build(overrides={"warmup": 4, "settle": 1, "duration": 8, "repeat": 1})
+    assert plan.excluded_s(cfg, first=True) == 4
+    assert plan.excluded_s(cfg, first=False) == 1
+    assert plan.excluded_s(config.build(overrides={"warmup": 0}), first=True) == 1
+    assert plan.estimate_s(cfg) == pytest.approx(sum(plan.segment_s(cfg, m) for m in cfg.meshes))
+    # The default run fits its budget of 6 minutes (by the plan's own estimate).
+    assert plan.estimate_s(config.BenchConfig()) <= 6 * 60
+
+
+# --- call graph ---------------------------------------------------------------------------------
+
+
+def _cell(groups):
+    return {
+        "external_services": groups,
+        "internal_service": {"loader": {"sleep_stress": {"run": False}}},
+    }
+
+
+def test_expected_calls_default_workmodel():
+    wm = load_workmodel(str(DEFAULT_WM))
+    calls = callgraph.stochastic_calls(wm, "s0")
+    assert calls == {"s0": 0.0, "s1": 1.0, "s2": 1.0}
+    assert sum(callgraph.expected_calls(wm, "s0", "trace", {"s0": [{"s1": {}}]}).values()) == 1
+
+
+def test_expected_calls_sampling_probabilities_and_depth():
+    wm = parse_workmodel(
+        {
+            "s0": _cell(
+                [
+                    {"seq_len": 1, "services": ["a", "b"]},
+                    {"seq_len": 5, "services": ["c"], "probabilities": {"c": 0.5}},
+                ]
+            ),
+            "a": _cell([{"seq_len": 1, "services": ["d"]}]),
+            "b": _cell([]),
+            "c": _cell([{"seq_len": 1, "services": ["d"]}]),
+            "d": _cell([]),
+        }
+    )
+    calls = callgraph.stochastic_calls(wm, "s0")
+    assert calls == pytest.approx({"s0": 0, "a": 0.5, "b": 0.5, "c": 0.5, "d": 1.0})
+
+
+def test_trace_calls_and_cycles():
+    trace = {"s0": [{"s1": [{"s2": {}}], "s2__x": {}}, {"s3": []}]}
+    assert callgraph.trace_calls(trace) == {"s1": 1, "s2": 2, "s3": 1}
+    wm = parse_workmodel(
+        {
+            "s0": _cell([{"seq_len": 1, "services": ["s1"]}]),
+            "s1": _cell([{"seq_len": 1, "services": ["s0"]}]),
+        }
+    )
+    with pytest.raises(callgraph.CycleError, match="s0 -> s1 -> s0"):
+        callgraph.stochastic_calls(wm, "s0")
+
+
+# --- checks -------------------------------------------------------------------------------------
+
+
+def test_counts_match_allows_requests_in_flight_only():
+    side = {"started_total": 1000, "completed_total": 995, "failures_connection": 0}
+    assert checks.counts_match(side, 995).ok
+    assert checks.counts_match(side, 1000).ok
+    assert checks.counts_match(side, 1000 + checks.COUNT_SLACK).ok
+    assert not checks.counts_match(side, 1010).ok  # the stack saw traffic Locust did not send
+    assert not checks.counts_match(side, 900).ok  # completed requests the stack never counted
+    # requests that never reached the stack (connection failures) may be missing
+    assert checks.counts_match({**side, "failures_connection": 50}, 946).ok
+
+
+def test_error_rate_loadgen_cpu_and_delivery():
+    assert checks.error_rate(10_000, 10).ok
+    assert not checks.error_rate(10_000, 11).ok
+    assert not checks.error_rate(0, 0).ok
+    assert checks.error_rate(100, 50, info=True).info
+    assert checks.loadgen_cpu(3.9, 5.0, 1).ok
+    assert not checks.loadgen_cpu(4.0, 5.0, 1).ok
+    assert checks.loadgen_cpu(6.0, 5.0, 2).ok  # 60 % of a core per process
+    short = checks.open_loop_delivery(100, 97.9)
+    assert not short.ok and short.info
+    assert checks.open_loop_delivery(100, 98.0).ok
+    ok, failed = checks.verdict([short, checks.error_rate(1, 1), checks.loadgen_cpu(0, 1, 1)])
+    assert not ok and failed == ["error_rate"]  # info checks never fail a row
+    assert checks.verdict([short]) == (True, [])
+
+
+def test_mesh_crossed_uses_the_mesh_counters():
+    expected = {"s0": 0.0, "s1": 1.0, "s2": 1.0}
+    traffic = {"entry_requests": 100, "per_service": {"s0": 100, "s1": 100, "s2": 100}}
+    assert checks.mesh_crossed(traffic, "s0", expected).ok
+    broken = {"entry_requests": 100, "per_service": {"s0": 100, "s1": 100, "s2": 0}}
+    check = checks.mesh_crossed(broken, "s0", expected)
+    assert not check.ok and "no calls reached s2" in check.detail
+    # too few entry requests to be sure a 1 % callee gets a call: not required
+    rare = {"entry_requests": 100, "per_service": {"s0": 100, "s1": 0, "s2": 0}}
+    assert checks.mesh_crossed(rare, "s0", {"s1": 0.01, "s2": 0.01}).ok
+
+
+def test_check_records_carry_their_place():
+    rec = checks.error_rate(10, 0).record("envoy", 2, "open-50")
+    assert rec == {
+        "mesh": "envoy",
+        "rep": 2,
+        "level": "open-50",
+        "name": "error_rate",
+        "ok": True,
+        "detail": rec["detail"],
+        "info": False,
+    }
+
+
+# --- max clean throughput -----------------------------------------------------------------------
+
+
+def _search(capacity: float | None, start: float = 50, steps: int = 8) -> MaxSearch:
+    search = MaxSearch(start, steps)
+    while (rate := search.next_rate()) is not None:
+        search.record(rate, capacity is not None and rate <= capacity)
+    return search
+
+
+def test_max_search_doubles_then_bisects():
+    search = _search(capacity=330)
+    rates = [r for r, _ in search.probes]
+    assert rates[:4] == [50, 100, 200, 400]  # doubling until unclean
+    assert rates[4:6] == [300, 350]  # then bisection
+    assert len(rates) <= 8
+    assert search.best is not None and 300 <= search.best <= 330
+    assert search.worst is not None and search.worst > 330
+
+
+def test_max_search_halves_when_start_is_too_high_and_is_bounded():
+    search = _search(capacity=30, start=200, steps=20)
+    assert [r for r, _ in search.probes][:3] == [200, 100, 50]
+    assert search.best is not None and search.best <= 30
+    assert search.worst is not None and search.worst - search.best <= max(1, 0.05 * search.best)
+    assert len(_search(capacity=1e9, steps=3).probes) == 3  # never more than max_steps
+    nothing = _search(capacity=None, start=4, steps=20)
+    assert nothing.best is None and [r for r, _ in nothing.probes] == [4, 2, 1]
+
+
+def test_is_clean():
+    assert is_clean(100, 98, 1000, 1, 50_000, 100)
+    assert not is_clean(100, 97, 1000, 0, 50_000, 100)  # not sustained
+    assert not is_clean(100, 100, 1000, 2, 50_000, 100)  # errors
+    assert not is_clean(100, 100, 1000, 0, 100_001, 100)  # p99 over the SLO
+    assert not is_clean(100, 100, 0, 0, 0, 100)  # nothing measured
+
+
+# --- results ------------------------------------------------------------------------------------
+
+
+def _row(**over):
+    summ = latency.LatencySummary(10, 1500.5, 1000, 2000, 3000, 4000, 5000, 900)
+    base = dict(
+        mesh="envoy",
+        mode="local",
+        workmodel="default.json",
+        rep=1,
+        level="closed-8",
+        users=8,
+        offered_rps=None,
+        summary=summ,
+        sidecar={"achieved_rps": 123.456789, "requests": 10, "failures": 0, "window_s": 8.0},
+        usage={
+            "cpu_host_ms_per_req": 1.5,
+            "cpu_offload_ms_per_req": 0.0,
+            "cpu_loadgen_ms_per_req": 0.25,
+            "window_s": 7.9,
+            "requests": 9,
+            "rss_host_mb": 100.0,
+            "rss_offload_mb": 0.0,
+        },
+        downstream_calls_per_req=2.0,
+        checks_ok=True,
+        failed_checks=[],
+    )
+    return results.result_row(**{**base, **over})
+
+
+def test_results_csv_has_the_contract_columns(tmp_path):
+    out = results.ResultsDir(tmp_path)
+    out.append_result(_row())
+    out.append_result(
+        _row(level="open-50", offered_rps=50.0, checks_ok=False, failed_checks=["a", "b"])
+    )
+    with (tmp_path / results.RESULTS_CSV).open() as fh:
+        rows = list(csv.DictReader(fh))
+    from reports.load import REQUIRED_RESULT_COLUMNS  # the report's reader agrees
+
+    assert set(REQUIRED_RESULT_COLUMNS) <= set(rows[0])
+    for col in ("level", "checks_ok", "checks", "downstream_calls_per_req"):
+        assert col in rows[0]
+    assert rows[0]["offered_rps"] == ""  # closed loop
+    assert rows[1]["offered_rps"] == "50"
+    assert rows[0]["achieved_rps"] == "123.457"
+    assert rows[0]["p50_us"] == "1000" and rows[0]["cpu_offload_ms_per_req"] == "0"
+    assert rows[0]["checks_ok"] == "true" and rows[0]["checks"] == ""
+    assert rows[1]["checks_ok"] == "false" and rows[1]["checks"] == "a;b"
+    assert (tmp_path / "hist").is_dir() and (tmp_path / "locust").is_dir()
+
+
+def test_empty_histogram_and_unmeasured_cpu_leave_cells_empty():
+    empty = latency.summarize(latency.new_histogram())
+    row = _row(summary=empty, usage=None)
+    assert row["p50_us"] is None and row["cpu_host_ms_per_req"] is None
+
+
+def test_roles_csv_rows(tmp_path):
+    usage = {
+        "window_s": 5.0,
+        "roles": {
+            "app": {
+                "role_class": "host",
+                "cpu_s": 1.0,
+                "cpu_ms_per_req": 2.0,
+                "rss_mean_mb": 10.0,
+                "rss_max_mb": 11.0,
+                "pss_mean_mb": 8.0,
+                "processes": 3,
+                "notes": ["x"],
+            },
+            "sidecar": {"processes": 0},
+        },
+    }
+    rows = results.role_rows("nomesh", 2, "closed-8", usage)
+    assert [r["role"] for r in rows] == ["app"]  # roles without processes are left out
+    out = results.ResultsDir(tmp_path)
+    out.append_roles(rows)
+    with (tmp_path / results.ROLES_CSV).open() as fh:
+        (rec,) = list(csv.DictReader(fh))
+    assert rec["side"] == "host" and rec["cpu_ms_per_req"] == "2" and rec["rep"] == "2"
+
+
+def _write_part(path, values, requests):
+    hist = latency.new_histogram()
+    for v in values:
+        hist.record_value(v)
+    latency.dump_histogram(hist, path)
+    side = {"requests": requests, "failures": 0, "achieved_rps": 10.0, "window_s": 1.0}
+    latency.sidecar_path(path).write_text(json.dumps(side))
+
+
+def test_distributed_histograms_merge_exactly_and_parts_move_aside(tmp_path):
+    out = results.ResultsDir(tmp_path)
+    target = out.hist_path("dpumesh", 1, "open-50")
+    _write_part(latency.worker_path(target, 0), [100, 200], 2)
+    _write_part(latency.worker_path(target, 1), [300], 1)
+    hist, side = results.merge_histograms(target)
+    assert hist.get_total_count() == 3 and side["requests"] == 3
+    assert side["achieved_rps"] == 20.0  # per-process rates add up
+    assert latency.histogram_files(target) == [target]  # no worker file left next to it
+    assert latency.load_histogram(target).get_total_count() == 3
+    assert sorted(p.name for p in (target.parent / "parts").iterdir()) == [
+        "dpumesh-rep1-open-50.w0.hdr",
+        "dpumesh-rep1-open-50.w0.hdr.json",
+        "dpumesh-rep1-open-50.w1.hdr",
+        "dpumesh-rep1-open-50.w1.hdr.json",
+    ]
+    assert latency.load_sidecar(target)["requests"] == 3
+
+
+def test_run_dirs_and_latest_link(tmp_path):
+    from datetime import UTC, datetime
+
+    now = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    first = results.new_run_dir(tmp_path, now)
+    second = results.new_run_dir(tmp_path, now)
+    assert first.name == "20260102T030405Z" and second.name == "20260102T030405Z-1"
+    results.link_latest(first)
+    results.link_latest(second)
+    assert (tmp_path / "latest").resolve() == second.resolve()
+
+
+# --- summary ------------------------------------------------------------------------------------
+
+
+def _sum_row(mesh, rep, level, p50, rps, host, offered=None, failed=""):
+    return {
+        "mesh": mesh,
+        "rep": rep,
+        "level": level,
+        "offered_rps": offered,
+        "achieved_rps": rps,
+        "p50_us": p50,
+        "p99_us": 2 * p50,
+        "cpu_host_ms_per_req": host,
+        "cpu_offload_ms_per_req": 0.0,
+        "cpu_loadgen_ms_per_req": 0.1,
+        "checks": failed,
+    }
+
+
+def test_summary_medians_and_ratios():
+    rows = [
+        *(
+            _sum_row("dpumesh", r, "closed-8", p, 400, 1.0)
+            for r, p in ((1, 900), (2, 1000), (3, 5000))
+        ),
+        *(_sum_row("envoy", r, "closed-8", 2000, 200, 4.0) for r in (1, 2, 3)),
+        _sum_row("envoy", 1, "open-50", 1500, 50, 3.0, offered=50.0, failed="error_rate"),
+    ]
+    lines = {(ln.mesh, ln.level): ln for ln in summary.lines(rows)}
+    assert lines["dpumesh", "closed-8"].values["p50_us"] == 1000  # median, not mean
+    assert lines["envoy", "open-50"].failed == ("error_rate",)
+    assert summary.closed_level(rows) == "closed-8"
+    r = summary.ratios(rows)
+    assert r == pytest.approx({"p50": 0.5, "p99": 0.5, "host CPU/req": 0.25, "throughput": 2.0})
+    assert summary.ratios([row for row in rows if row["mesh"] == "envoy"]) == {}
+    assert "dpumesh/envoy at closed-8" in (summary.ratio_text(rows) or "")
+
+
+# --- load generator -----------------------------------------------------------------------------
+
+
+def test_locust_command_line(tmp_path):
+    spec = LocustSpec(
+        host="http://127.0.0.1:5005",
+        users=8,
+        rate=50.0,
+        excluded_s=4,
+        measured_s=8,
+        hdr_out=tmp_path / "h.hdr",
+        csv_prefix=tmp_path / "x",
+        request_id_prefix="r1-open-50-",
+        processes=2,
+    )
+    argv = locust_argv(spec)
+    joined = " ".join(argv)
+    for part in (
+        "--headless",
+        "-u 8 -r 8 -t 12s",
+        "--warmup-s 4",
+        "--open-loop-rate 50",
+        "--request-id-prefix r1-open-50-",
+        "--csv-full-history",
+        "--processes 2",
+    ):
+        assert part in joined
+    assert argv[-1] == "HttpMeshUser"
+    closed = locust_argv(LocustSpec(**{**spec.__dict__, "rate": None, "processes": 1}))
+    assert "--open-loop-rate 0" in " ".join(closed) and "--processes" not in closed
+
+
+def test_live_numbers_from_the_stats_history():
+    head = (
+        "Timestamp,User Count,Type,Name,Requests/s,Failures/s,"
+        "Total Request Count,Total Failure Count\n"
+    )
+    assert parse_history(head) is None
+    text = head + (
+        "100,8,,Aggregated,0,0,N/A,N/A\n"
+        "101,8,GET,/,0,0,40,0\n"
+        "101,8,,Aggregated,0,0,40,0\n"
+        "102,8,,Aggregated,0,0,240,1\n"
+        "102,8,,Aggregated,0,0,250,1\n"  # Locust repeats a second sometimes
+    )
+    live = parse_history(text)
+    assert live is not None
+    assert (live.rps, live.requests, live.failures) == (210.0, 250, 1)

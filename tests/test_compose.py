@@ -9,10 +9,13 @@ stack publishes on a port of its own, so nothing collides with local stacks.
 
 from __future__ import annotations
 
+import csv
 import http.client
 import os
 import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import docker
@@ -231,3 +234,36 @@ def test_a_crashing_container_fails_the_start_with_its_log_and_leaves_nothing(
             "nomesh", run_dir=tmp_path / "run", port=free_ports(1)[0], functions_dir=functions
         )
     assert _leftovers(engine, _our_projects("nomesh")) == []
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_short_compose_run_writes_results_with_container_cpu(
+    engine: docker.DockerClient, image: str, tmp_path: Path
+) -> None:
+    """`run_bench.py run --mode compose`: the same results contract, CPU per container role."""
+    out = tmp_path / "results"
+    args = ["--mode", "compose", "--duration", "4", "--warmup", "2", "--repeat", "1"]
+    args += ["--users", "4", "--rate", "", "--meshes", "dpumesh,envoy", "--out", str(out)]
+    proc = subprocess.Popen(
+        [sys.executable, "run_bench.py", "run", *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output[-4000:]
+    (run_dir,) = [p for p in out.iterdir() if p.is_dir() and not p.is_symlink()]
+    with (run_dir / "results.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["mesh"], r["mode"]) for r in rows} == {("dpumesh", "compose"), ("envoy", "compose")}
+    for row in rows:
+        assert float(row["achieved_rps"]) > 0 and float(row["cpu_host_ms_per_req"]) > 0
+        assert (float(row["cpu_offload_ms_per_req"]) > 0) == (row["mesh"] == "dpumesh")
+    with (run_dir / "roles.csv").open() as f:
+        roles = {(r["mesh"], r["role"]) for r in csv.DictReader(f) if float(r["cpu_s"]) > 0}
+    assert {("dpumesh", "app"), ("dpumesh", "dpu-daemon"), ("dpumesh", "dpa-daemon")} <= roles
+    assert {("envoy", "app"), ("envoy", "sidecar"), ("envoy", "gateway")} <= roles
+    for mesh in ("dpumesh", "envoy"):  # compose projects are named after the runner's pid
+        assert _leftovers(engine, f"dpumesh-{mesh}-{proc.pid}-") == []

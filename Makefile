@@ -15,17 +15,19 @@ $(STAMP): requirements.lock pyproject.toml
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-# What the tests need beyond Python: Chromium (report test) and a Docker engine
-# (compose tests; started if none answers). Idempotent.
+# Debian packages the tests need beyond Python (Chromium for the report test; the Docker
+# packages come with `scripts/ci-docker.sh start`). Idempotent.
 system-deps:
 	bash scripts/install-system-deps.sh
-	bash scripts/ci-docker.sh start
 
 bench: $(STAMP)
 	$(PY) run_bench.py $(ARGS)
 
+# A Docker engine for the compose tests is started if none answers, and stopped again
+# afterwards (only the one started here), so `make test` leaves no daemon behind.
 test: $(STAMP) system-deps
-	$(PY) -m pytest $(PYTEST_ARGS)
+	bash scripts/ci-docker.sh start
+	trap 'bash scripts/ci-docker.sh stop' EXIT; $(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

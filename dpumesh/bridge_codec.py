@@ -10,6 +10,7 @@ standard library. Everything that can go wrong with client input becomes a
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
@@ -31,6 +32,27 @@ HOP_BY_HOP = frozenset(
 _JSON_FIELDS = frozenset(
     {"method", "path", "headers", "body", "query_string", "target_service", "url"}
 )
+# What may appear in an HTTP/1.1 request line and header block (RFC 9110/9112). JSON input
+# is checked against these before it can be written into a request to a peer: a CR/LF
+# smuggled into a path or a header would otherwise start a second request.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_TARGET = re.compile(r"[\x21-\x7e]*")  # visible ASCII, no spaces (percent-encode the rest)
+_FIELD_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")  # no CR, LF, NUL or other controls
+
+
+def is_token(text: str) -> bool:
+    """True if `text` is an HTTP token (a method or a header name)."""
+    return _TOKEN.fullmatch(text) is not None
+
+
+def is_target(text: str) -> bool:
+    """True if `text` can stand in a request line (path or query) as it is."""
+    return _TARGET.fullmatch(text) is not None
+
+
+def is_field_value(text: str) -> bool:
+    """True if `text` can be sent as a header value (latin-1, no control characters)."""
+    return _FIELD_VALUE.fullmatch(text) is not None
 
 
 class BadRequest(Exception):
@@ -263,10 +285,16 @@ def _json_request(obj: object) -> BridgeRequest:
             raise BadRequest(400, f"JSON field {name!r} must be a string")
     if not method.isascii() or not method.isalpha():
         raise BadRequest(400, "JSON field 'method' must be an HTTP method")
+    for name, value in (("path", path), ("query_string", query)):
+        if not is_target(value):
+            raise BadRequest(400, f"JSON field {name!r} must be visible ASCII (percent-encode)")
     if not isinstance(headers, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
     ):
         raise BadRequest(400, "JSON field 'headers' must map strings to strings")
+    for key, value in headers.items():
+        if not is_token(key) or not is_field_value(value):
+            raise BadRequest(400, f"JSON header {key[:64]!r}: invalid name or value")
     if body is None:
         body = ""
     if not isinstance(body, str):

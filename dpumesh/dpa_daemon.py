@@ -118,7 +118,7 @@ class DmaManager:
         collect_stale(self.ns, self.registry)
         self.sidecar = SidecarRings(self.ns)
         self.bell = self.sidecar.dpa_bell
-        self.membership = Membership(self.registry, DAEMON_PREFIX + "dpa-daemon")
+        self.membership = Membership(self.registry, DAEMON_PREFIX + "dpa-daemon", rejoin=True)
         self.workers: dict[int, _Worker] = {}  # by route (key as u32)
         self._pending: set[WorkerKey] = set()  # live but rings not openable yet
         self._sidecar_backlog: deque[tuple[ring.Entry, int, int]] = deque()
@@ -226,8 +226,12 @@ class DmaManager:
     def _deliver(self, dst: ring.Ring, entry: ring.Entry, route: int, flags: int) -> bool:
         """Copy one entry into `dst`; False (space wake-up armed) if it is full."""
         try:
-            if not dst.offer_entry(entry, route=route, flags=flags):
-                return False
+            if not dst.room_for(entry):
+                return False  # the destination's space bell wakes us for a retry
+            if self.cost.enabled:
+                # The transfer takes its time before the entry shows at the destination.
+                self.cost.charge(entry.length)
+            dst.push_entry(entry, route=route, flags=flags, timeout=0.0)
         except ring.PayloadTooLarge as exc:  # destination has a smaller limit
             log.warning("cannot deliver %d bytes to %s: %s", entry.length, dst.name, exc)
             if flags & ring.BOUNCED:
@@ -235,8 +239,6 @@ class DmaManager:
                 return True
             self._bounce(entry)
             return True
-        if self.cost.enabled:
-            self.cost.charge(entry.length)
         self.moved += 1
         return True
 

@@ -44,6 +44,10 @@ log = logging.getLogger("dpumesh.dpu_daemon")
 
 LIVENESS_PERIOD_S = 0.25
 LINGER_S = 2.0
+# Clients choose service names (target_service, Host, URL): counters are kept for at most
+# this many names, the rest are counted together under OTHER_SERVICES.
+MAX_COUNTED_SERVICES = 256
+OTHER_SERVICES = "(other)"
 STATS_PATH = "/_dpumesh/stats"
 HEALTH_PATH = "/_dpumesh/health"
 JSON_HEADERS = [("content-type", "application/json")]
@@ -107,7 +111,7 @@ class Sidecar:
         self.table = WorkerTable(cfg.services)
         self.pending: dict[int, _Pending] = {}
         self.by_worker: dict[int, set[int]] = defaultdict(set)
-        self.stats: dict[str, _ServiceStats] = defaultdict(_ServiceStats)
+        self.stats: dict[str, _ServiceStats] = {}
         self.bridge_errors: dict[int, int] = defaultdict(int)
         self.corrupt_entries = 0
         self.bridge_requests = 0
@@ -115,10 +119,14 @@ class Sidecar:
         self.fallback = FallbackClient(max_body=cfg.max_body)
         self._next_id = 1
         self._stopping = threading.Event()
+        self.failure: str | None = None  # why the sidecar cannot go on (then it exits)
+        self.on_failure: Callable[[], None] = lambda: None
         self.registry = registry.Registry.open_or_create(cfg.namespace)
         registry.collect_stale(cfg.namespace, self.registry)
         self.rings = registry.SidecarRings(cfg.namespace)
-        self.membership = registry.Membership(self.registry, registry.DAEMON_PREFIX + "dpu-daemon")
+        self.membership = registry.Membership(
+            self.registry, registry.DAEMON_PREFIX + "dpu-daemon", rejoin=True
+        )
         self._reader = threading.Thread(target=self._read_loop, name="sidecar-sq", daemon=True)
 
     # ---- lifecycle -------------------------------------------------------
@@ -133,7 +141,8 @@ class Sidecar:
         """Answer everything in flight with 503 and release the queues."""
         self._stopping.set()
         self.rings.bell.ring()
-        self._reader.join(timeout=2)
+        if self._reader.ident is not None:  # started
+            self._reader.join(timeout=2)
         for sid in list(self.pending):
             self._complete(sid, (503, JSON_HEADERS, error_body(503, "sidecar shutting down")))
         self.fallback.close()
@@ -144,17 +153,45 @@ class Sidecar:
     # ---- queue reader (its own thread) -------------------------------------
 
     def _read_loop(self) -> None:
-        """Sleep on the doorbell, drain sidecar_sq, hand each batch to the event loop."""
+        """Sleep on the doorbell, drain sidecar_sq, hand each batch to the event loop.
+
+        An entry whose out-of-line body is gone is dropped and counted (its request
+        then ends by its deadline); a corrupt ring ends the sidecar, which exits non-zero
+        rather than serve 504s behind a healthy-looking port.
+        """
         rings = self.rings
+        pop = rings.sq.pop
         while not self._stopping.is_set():
             rings.bell.wait(timeout=1.0)
-            pop = rings.sq.pop
             batch = []
-            while (entry := pop()) is not None:
+            taken = 0
+            while True:
+                try:
+                    entry = pop()
+                except ring.BadEntry as exc:
+                    taken += 1
+                    self.loop.call_soon_threadsafe(self._note_bad_entry, exc)
+                    continue
+                except ring.RingCorrupt as exc:
+                    self.loop.call_soon_threadsafe(self._fail, f"sidecar_sq corrupt: {exc}")
+                    return
+                if entry is None:
+                    break
                 batch.append(entry)
+                taken += 1
+            if taken:
+                rings.bell.absorb(taken - 1)
             if batch:
-                rings.bell.absorb(len(batch) - 1)
                 self.loop.call_soon_threadsafe(self._on_entries, batch)
+
+    def _note_bad_entry(self, exc: Exception) -> None:
+        self.corrupt_entries += 1
+        log.warning("dropped an entry of sidecar_sq: %s", exc)
+
+    def _fail(self, why: str) -> None:
+        log.error("%s; stopping", why)
+        self.failure = why
+        self.on_failure()
 
     # ---- liveness ------------------------------------------------------------
 
@@ -203,22 +240,41 @@ class Sidecar:
             answer = wire.Message(
                 kind=wire.RESPONSE, req_id=msg.req_id, status=status, headers=headers, body=body
             )
-            try:
-                self.rings.cq.push(wire.encode(answer), route=origin, timeout=1.0)
-            except (ring.RingFull, ring.PayloadTooLarge) as exc:
-                log.warning("cannot answer worker %#x: %s", origin, exc)
+            self._answer_worker(origin, wire.encode(answer), deadline_ns)
 
+        deadline_ns = msg.deadline_ns or time.monotonic_ns() + int(self.cfg.deadline_s * 1e9)
         self._follow_registry()
         target = egress_target(msg.target, self.table.known)
         if target is None:
             reply((400, JSON_HEADERS, error_body(400, f"egress URL without host: {msg.target}")))
             return
-        stats = self.stats[target.service]
-        stats.egress += 1
-        deadline_ns = msg.deadline_ns or time.monotonic_ns() + int(self.cfg.deadline_s * 1e9)
+        self._stats_for(target.service).egress += 1
         headers = [(k, v) for k, v in msg.headers if k.lower() != "host"]
         headers.append(("host", target.host))
         self._route(target.service, msg.method, target.path, headers, msg.body, deadline_ns, reply)
+
+    def _answer_worker(
+        self, route: int, payload: bytes, deadline_ns: int, delay: float = 0.0
+    ) -> None:
+        """Push a reply to a worker without blocking the loop; retry while sidecar_cq is full.
+
+        The DMA manager drains sidecar_cq continuously, so a full queue is a brief
+        overload: back off (1 ms doubling to 50 ms) until the request's own deadline,
+        after which the worker has answered its caller with 504 and needs no reply.
+        """
+        try:
+            self.rings.cq.push(payload, route=route, timeout=0)
+            return
+        except ring.PayloadTooLarge as exc:
+            log.warning("cannot answer worker %#x: %s", route, exc)
+            return
+        except ring.RingFull:
+            pass
+        if time.monotonic_ns() >= deadline_ns or self._stopping.is_set():
+            log.warning("sidecar_cq full: dropped a reply to worker %#x", route)
+            return
+        delay = min(0.05, max(0.001, delay * 2))
+        self.loop.call_later(delay, self._answer_worker, route, payload, deadline_ns, delay)
 
     # ---- routing ----------------------------------------------------------------
 
@@ -233,7 +289,7 @@ class Sidecar:
         deliver: Callable[[Reply], None],
     ) -> None:
         """Send a request to a local worker of `service`, a fallback peer, or answer an error."""
-        stats = self.stats[service]
+        stats = self._stats_for(service)
         stats.requests += 1
 
         def counted(result: Reply) -> None:
@@ -293,6 +349,9 @@ class Sidecar:
             result = (504, JSON_HEADERS, error_body(504, "deadline passed at the fallback peer"))
         except FallbackError as exc:
             result = (502, JSON_HEADERS, error_body(502, f"fallback failed: {exc}"))
+        except Exception as exc:  # a bug must still answer the client, never strand it
+            log.exception("fallback to %s:%d failed", peer.host, peer.port)
+            result = (502, JSON_HEADERS, error_body(502, f"fallback failed: {exc!r}"))
         deliver(result)
 
     def _expire(self, sid: int) -> None:
@@ -320,11 +379,14 @@ class Sidecar:
             fut.set_result((200, JSON_HEADERS, body))
             return req_id, fut
         if req.path == HEALTH_PATH:
-            fut.set_result((200, JSON_HEADERS, b'{"status": "ok"}'))
+            if self.failure is None:
+                fut.set_result((200, JSON_HEADERS, b'{"status": "ok"}'))
+            else:
+                fut.set_result((503, JSON_HEADERS, error_body(503, self.failure)))
             return req_id, fut
         self._follow_registry()
         service, path = self._resolve(req)
-        self.stats[service].ingress += 1
+        self._stats_for(service).ingress += 1
         target = path + ("?" + req.query if req.query else "")
         deadline_ns = time.monotonic_ns() + int(self.cfg.deadline_s * 1e9)
 
@@ -348,6 +410,14 @@ class Sidecar:
             return service, path
         service = host_service(req.header("host"), known)
         return service or self.cfg.entry_service, req.path
+
+    def _stats_for(self, service: str) -> _ServiceStats:
+        stats = self.stats.get(service)
+        if stats is None:
+            if len(self.stats) >= MAX_COUNTED_SERVICES and service not in self.table.known:
+                service = OTHER_SERVICES
+            stats = self.stats.setdefault(service, _ServiceStats())
+        return stats
 
     def note_bridge_error(self, status: int) -> None:
         """Count a request refused at the bridge (400, 408, 413, 431)."""
@@ -511,7 +581,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     )
     p.add_argument(
         "--ns",
-        default=naming.namespace_from_env(),
+        default=None,
         help="instance namespace (default: $DPUMESH_NS or 'default')",
     )
     p.add_argument("--host", default="127.0.0.1", help="bridge listen address (default 127.0.0.1)")
@@ -568,11 +638,11 @@ def parse_args(argv: list[str] | None = None) -> Config:
             p.error(str(exc))
     try:
         peer = Peer.parse(args.peer) if args.peer else None
-        naming.validate_namespace(args.ns)
+        ns = naming.namespace_from_env() if args.ns is None else naming.validate_namespace(args.ns)
     except ValueError as exc:
         p.error(str(exc))
     return Config(
-        namespace=args.ns,
+        namespace=ns,
         host=args.host,
         port=args.port,
         entry_service=args.entry,
@@ -594,6 +664,7 @@ async def serve(cfg: Config, ready: Callable[[], None] | None = None) -> None:
         lambda: BridgeConnection(sidecar), cfg.host, cfg.port, reuse_address=True, backlog=1024
     )
     stop = asyncio.Event()
+    sidecar.on_failure = stop.set
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     log.info("dpu-daemon ns=%s listening on %s:%d", cfg.namespace, cfg.host, cfg.port)
@@ -605,6 +676,8 @@ async def serve(cfg: Config, ready: Callable[[], None] | None = None) -> None:
         server.close()
         sidecar.stop()
         await server.wait_closed()
+    if sidecar.failure is not None:
+        raise SystemExit(f"dpu-daemon: {sidecar.failure}")
 
 
 def main(argv: list[str] | None = None) -> None:

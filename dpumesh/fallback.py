@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 import httptools
 
-from dpumesh.bridge_codec import HOP_BY_HOP
+from dpumesh.bridge_codec import HOP_BY_HOP, is_field_value, is_target, is_token
 
 
 class FallbackError(Exception):
@@ -44,12 +44,16 @@ class _Response:
     body: list[bytes] = field(default_factory=list)
     complete: bool = False
     headers_done: bool = False
+    keep_alive: bool = False
+    parser: httptools.HttpResponseParser | None = None
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name.decode("latin-1"), value.decode("latin-1")))
 
     def on_headers_complete(self) -> None:
         self.headers_done = True
+        # Ask now: llhttp resets its flags once the message is complete.
+        self.keep_alive = self.parser.should_keep_alive()
 
     def on_body(self, chunk: bytes) -> None:
         self.body.append(chunk)
@@ -82,11 +86,12 @@ class FallbackClient:
             raise FallbackError(f"{peer.host}:{peer.port}: {exc}") from None
 
     async def _request(self, peer, method, path, headers, body):
+        request = _render_request(method, path, headers, body, peer)
         # A pooled connection may have been closed by the peer since; retry once on a fresh one.
         for attempt in range(2):
             reader, writer, reused = await self._connect(peer)
             try:
-                writer.write(_render_request(method, path, headers, body, peer))
+                writer.write(request)
                 result, keep = await self._read_response(reader)
             except (OSError, asyncio.IncompleteReadError, FallbackError):
                 writer.close()
@@ -119,7 +124,7 @@ class FallbackClient:
 
     async def _read_response(self, reader: asyncio.StreamReader):
         resp = _Response()
-        parser = httptools.HttpResponseParser(resp)
+        parser = resp.parser = httptools.HttpResponseParser(resp)
         size = 0
         while not resp.complete:
             chunk = await reader.read(65536)
@@ -132,7 +137,7 @@ class FallbackClient:
                 raise FallbackError("response exceeds the maximum body size")
             parser.feed_data(chunk)
         status = parser.get_status_code()
-        keep = resp.complete and parser.should_keep_alive()
+        keep = resp.complete and resp.keep_alive
         headers = [(k, v) for k, v in resp.headers if k.lower() not in HOP_BY_HOP]
         return (status, headers, b"".join(resp.body)), keep
 
@@ -152,12 +157,18 @@ def _has_length(headers: list[tuple[str, str]]) -> bool:
 def _render_request(
     method: str, path: str, headers: list[tuple[str, str]], body: bytes, peer: Peer
 ) -> bytes:
+    # Workers' egress requests reach here unchecked by any HTTP parser: never write
+    # something that would change the framing of the request (or start another one).
+    if not is_token(method) or not is_target(path):
+        raise FallbackError(f"refusing to send request line {method[:16]!r} {path[:64]!r}")
     lines = [f"{method} {path} HTTP/1.1"]
     has_host = False
     for key, value in headers:
         lower = key.lower()
         if lower in HOP_BY_HOP:
             continue
+        if not is_token(key) or not is_field_value(value):
+            raise FallbackError(f"refusing to send header {key[:64]!r}")
         has_host = has_host or lower == "host"
         lines.append(f"{key}: {value}")
     if not has_host:

@@ -53,7 +53,7 @@ import secrets
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -525,15 +525,28 @@ class Membership:
 
     Workers claim under their service name, daemons under DAEMON_PREFIX
     names. `close()` releases the slot and, if it was the last one, removes the
-    namespace's shared objects. `lost` turns True if the slot was taken away
-    (heartbeats stalled past DEAD_AFTER and someone reaped it).
+    namespace's shared objects. If heartbeats stall past DEAD_AFTER (a stopped or
+    starved process) someone may reap the slot: `lost` turns True and `on_lost`
+    runs on the heartbeat thread. A daemon (`rejoin=True`) then claims a new slot
+    and goes on, since nothing is named after its slot; a worker's queues are
+    named after it, so a worker must leave and be restarted (`on_lost`).
     """
 
-    def __init__(self, registry: Registry, name: str) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        name: str,
+        *,
+        rejoin: bool = False,
+        on_lost: Callable[[], None] | None = None,
+    ) -> None:
         """Claim a slot called `name` and start heartbeating it."""
         self.registry = registry
+        self.name = name
         self.key = registry.claim(name, os.getpid())
         self.lost = False
+        self._rejoin = rejoin
+        self._on_lost = on_lost
         self._stop = threading.Event()
         self._thread = threading.Thread(
             target=self._beat, name=f"dpumesh-heartbeat-{self.key.slot}", daemon=True
@@ -542,10 +555,21 @@ class Membership:
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_INTERVAL):
-            if not self.registry.heartbeat(self.key):
+            if self.registry.heartbeat(self.key):
+                continue
+            if self._rejoin:
+                log.warning("slot %d gen %d was reaped; claiming a new one", *self.key)
+                try:
+                    self.key = self.registry.claim(self.name, os.getpid())
+                    continue
+                except RegistryError as exc:
+                    log.error("cannot rejoin the registry: %s", exc)
+            else:
                 log.error("slot %d gen %d was reaped: this process is lost", *self.key)
-                self.lost = True
-                return
+            self.lost = True
+            if self._on_lost is not None:
+                self._on_lost()
+            return
 
     def close(self) -> None:
         """Stop heartbeats, release the slot, clean the namespace if we were last."""
@@ -576,15 +600,16 @@ class WorkerEndpoint:
         slots: int = ring.DEFAULT_SLOTS,
         slot_size: int = ring.DEFAULT_SLOT_SIZE,
         max_payload: int = ring.DEFAULT_MAX_PAYLOAD,
+        on_lost: Callable[[], None] | None = None,
     ) -> None:
-        """Join the mesh of namespace `ns` as `service`."""
+        """Join the mesh of namespace `ns` as `service` (`on_lost`: see Membership)."""
         if service.startswith(DAEMON_PREFIX):
             raise ValueError(f"service names may not start with {DAEMON_PREFIX!r}")
         self.ns = naming.validate_namespace(ns)
         self.service = service
         self.registry = Registry.open_or_create(self.ns)
         try:
-            self.membership = Membership(self.registry, service)
+            self.membership = Membership(self.registry, service, on_lost=on_lost)
         except BaseException:
             self.registry.close()
             raise

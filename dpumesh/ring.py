@@ -25,7 +25,7 @@ messages. Consumers must tolerate waking to find nothing.
     ring.push(payload, *, route=0, flags=0, timeout=0.0)   # RingFull / PayloadTooLarge
     ring.pop() -> (route, flags, payload) | None           # non-blocking
     ring.pop_entry() -> Entry | None ; ring.push_entry(entry, *, route, flags, timeout)
-    ring.offer_entry(entry, *, route, flags) -> bool       # non-blocking, arms space wake-up
+    ring.room_for(entry) -> bool                           # non-blocking, arms space wake-up
     len(ring) (unread entries) ; ring.free_slots ; ring.closed
     ring.close() ; ring.unlink()
 ``timeout``: 0 fails at once with ``RingFull``, None waits forever, > 0 waits
@@ -73,7 +73,7 @@ bell once. The two fences close the store->load race (Dekker), so a wake-up is
 never lost; spurious wake-ups are re-checked. By default the space bell is a
 dedicated semaphore ``<ring>.space`` owned by the ring. A producer that
 multiplexes many rings (the dpa daemon) instead passes its own doorbell as
-``space_bell`` and uses ``offer_entry``, so "space freed" simply wakes its main
+``space_bell`` and uses ``room_for``, so "space freed" simply wakes its main
 loop; such rings refuse blocking ``push`` (it would steal doorbell tokens).
 
 Memory ordering
@@ -636,25 +636,18 @@ class Ring:
             raise PayloadTooLarge(f"{entry.length} bytes > max_payload {self.max_payload}")
         self._publish(route, flags | BUFFER, entry.length, _buffer_field(entry.buffer), timeout)
 
-    def offer_entry(self, entry: Entry, *, route: int, flags: int) -> bool:
-        """Non-blocking `push_entry`; if full, arm the space wake-up and return False.
+    def room_for(self, entry: Entry) -> bool:
+        """True if `entry` fits now; else arm the space wake-up and return False.
 
-        For a producer that multiplexes many rings: the consumer posts this
-        ring's space bell once the entry fits, so the caller can retry then.
+        For a producer that multiplexes many rings: the consumer posts this ring's
+        space bell once the entry fits, so the caller can retry then. Room cannot
+        shrink before the (single) producer pushes, so a True stays true.
         """
-        try:
-            self.push_entry(entry, route=route, flags=flags, timeout=0.0)
-            return True
-        except RingFull:
-            pass
         inline = entry.buffer is None and entry.length <= self.max_inline
-        if self._arm(self._need(self._span(entry.length if inline else -1))):
-            try:  # space appeared while arming
-                self.push_entry(entry, route=route, flags=flags, timeout=0.0)
-                return True
-            except RingFull:
-                pass
-        return False
+        need = self._need(self._span(entry.length if inline else -1))
+        if self.slots - (self._tail - self._q[_HEAD]) >= need:
+            return True
+        return self._arm(need)  # True if space appeared while arming
 
     def _span(self, length: int) -> int:
         """Slots used by an inline payload of `length` bytes (-1: buffer descriptor)."""
@@ -716,7 +709,7 @@ class Ring:
         if timeout is not None and timeout <= 0:
             raise RingFull(f"{self.name}: full ({self.free_slots} of {need} slots free)")
         if not self.own_space:
-            raise ValueError(f"{self.name}: shared space bell, use offer_entry/timeout=0")
+            raise ValueError(f"{self.name}: shared space bell, use room_for/timeout=0")
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self._arm(need):
             remaining = None if deadline is None else deadline - time.monotonic()

@@ -90,10 +90,6 @@ class WorkerTable:
         """Live worker keys of `service` (possibly empty)."""
         return self._by_service.get(service, [])
 
-    def service_of(self, key: int) -> str | None:
-        """The service a live worker key belongs to."""
-        return self._service_of.get(key)
-
     def pick(self, service: str) -> int | None:
         """The live worker of `service` with the fewest outstanding requests (ties rotate)."""
         keys = self._by_service.get(service)

@@ -29,6 +29,7 @@ import time
 from dpumesh import naming
 from dpumesh.context import ExecutionContext, get_context, get_current_context
 from dpumesh.graph import EgressStep, InternalStep, StepResult, order, pipe
+from dpumesh.wsgi import WsgiApp
 
 __all__ = [
     "EgressStep",
@@ -47,7 +48,7 @@ RESTART_BACKOFF_S = 0.5
 STOP_GRACE_S = 5.0
 
 
-def load_app(spec: str):
+def load_app(spec: str) -> WsgiApp:
     """Import `module:attribute` (attribute defaults to `app`)."""
     module_name, _, attr = spec.partition(":")
     module = importlib.import_module(module_name)
@@ -103,6 +104,8 @@ def run_child(spec: str, index: int) -> None:
         signal.signal(sig, lambda *_: runtime.stop())
     log.info("worker %s[%d] pid %d serving", service, index, os.getpid())
     runtime.run_forever()
+    if runtime.failure is not None:
+        raise SystemExit(f"dpumesh.server: worker {service}[{index}]: {runtime.failure}")
 
 
 _SUPERVISOR_SIGNALS = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT}
@@ -154,7 +157,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("app", help="the WSGI app as module:attribute, e.g. mubench.dpumesh_app:app")
     p.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--log-level", default=os.environ.get("DPUMESH_LOG_LEVEL", "INFO"))
+    p.add_argument(
+        "--log-level",
+        default=os.environ.get("DPUMESH_LOG_LEVEL", "INFO"),
+        help="logging level (default $DPUMESH_LOG_LEVEL or INFO)",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(name)s[%(process)d] %(message)s"

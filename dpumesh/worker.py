@@ -101,7 +101,8 @@ class WorkerRuntime:
         self.app = app
         self.service = service
         self.deadline_ns = int(deadline_s * 1e9)
-        self.endpoint = registry.WorkerEndpoint(namespace, service)
+        self.failure: str | None = None  # why this worker left on its own (then it exits 1)
+        self.endpoint = registry.WorkerEndpoint(namespace, service, on_lost=self._on_lost)
         self.bell = self.endpoint.bell
         self.sq = self.endpoint.worker_sq
         self.cq = self.endpoint.worker_cq
@@ -127,6 +128,12 @@ class WorkerRuntime:
         self._stopping.set()
         self.bell.ring()
 
+    def _on_lost(self) -> None:
+        # Our slot was reaped while we stalled: the daemons have dropped our queues, so
+        # leave; the supervisor (dpumesh.server) starts a fresh worker in our place.
+        self.failure = "registry slot reaped after a stall"
+        self.stop()
+
     def on_loop_thread(self) -> bool:
         """True when called from the event loop itself."""
         return threading.current_thread() is self._loop_thread
@@ -147,9 +154,23 @@ class WorkerRuntime:
                 while completions:
                     completions.popleft()()
                     handled += 1
-                while (entry := pop()) is not None:
+                while True:
+                    try:
+                        entry = pop()
+                    except ring.BadEntry as exc:  # one entry lost (its buffer vanished)
+                        log.warning("dropping an entry of worker_sq: %s", exc)
+                        handled += 1
+                        continue
+                    except ring.RingCorrupt as exc:
+                        self.failure = f"worker_sq corrupt: {exc}"
+                        break
+                    if entry is None:
+                        break
                     self._on_entry(*entry)
                     handled += 1
+                if self.failure is not None:
+                    log.error("%s; leaving", self.failure)
+                    break
                 if handled > 1:
                     # One token per event was posted; we used one to wake. Skip the
                     # wake-ups the others would cause (the count never drops below

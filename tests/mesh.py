@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
+
+import posix_ipc
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -25,6 +29,14 @@ def shm_objects(namespace: str) -> list[str]:
     """This namespace's POSIX shared memory and semaphores still in /dev/shm."""
     marker = f"dpumesh.{namespace}."
     return sorted(n for n in os.listdir("/dev/shm") if marker in n)
+
+
+def corrupt(name: str, offset: int, fmt: str, value: int | bytes) -> None:
+    """Overwrite bytes of the shared-memory segment `name` (fault injection)."""
+    shm = posix_ipc.SharedMemory(name)
+    with mmap.mmap(shm.fd, shm.size) as mm:
+        struct.pack_into(fmt, mm, offset, value)
+    shm.close_fd()
 
 
 class Mesh:

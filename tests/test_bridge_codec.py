@@ -112,6 +112,13 @@ def test_json_target_service_and_url():
         {"body": {"nested": True}},
         {"unexpected": 1},
         {"method": "G T"},
+        # Nothing that could change the framing of a request forwarded to a peer:
+        {"path": "/x HTTP/1.1\r\nX-Injected: 1\r\n\r\nGET /y"},
+        {"path": "/caf\u00e9"},
+        {"query_string": "a b"},
+        {"headers": {"x": "a\r\nX-Injected: 1"}},
+        {"headers": {"bad name": "v"}},
+        {"headers": {"x": "\u20ac"}},
     ],
 )
 def test_invalid_json_fields(obj):

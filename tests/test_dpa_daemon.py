@@ -28,9 +28,9 @@ time.sleep(60)
 """
 
 
-def stop(proc: subprocess.Popen) -> int:
+def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> int:
     if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
     try:
         return proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
@@ -40,12 +40,21 @@ def stop(proc: subprocess.Popen) -> int:
 
 
 @pytest.fixture
-def start_daemon(ns: str) -> Iterator[Callable[[], subprocess.Popen]]:
+def start_daemon(ns: str) -> Iterator[Callable[..., subprocess.Popen]]:
     procs: list[subprocess.Popen] = []
 
-    def start() -> subprocess.Popen:
+    def start(*extra: str) -> subprocess.Popen:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "dpumesh.dpa_daemon", "--ns", ns, "--log-level", "WARNING"]
+            [
+                sys.executable,
+                "-m",
+                "dpumesh.dpa_daemon",
+                "--ns",
+                ns,
+                "--log-level",
+                "WARNING",
+                *extra,
+            ]
         )
         procs.append(proc)
         # ready once it has mapped sidecar_cq (its signal handlers are installed by then)
@@ -213,6 +222,27 @@ def test_idle_daemon_uses_no_cpu_and_sigterm_cleans_up(ns: str, start_daemon: Ca
     worker.close()
     sidecar.close()
     assert stop(daemon) == 0
+    assert naming.list_objects(ns) == []
+
+
+def test_dma_cost_model_delays_each_transfer(ns: str, start_daemon: Callable) -> None:
+    daemon = start_daemon("--dma-latency-us", "50000", "--dma-gbps", "1")
+    sidecar = SidecarRings(ns)
+    worker = WorkerEndpoint(ns, "costly")
+    try:
+        sent = time.monotonic()
+        sidecar.send(b"small", route=worker.key.route)
+        assert recv_until(worker.recv, 1)
+        assert time.monotonic() - sent >= 0.05  # the per-transfer latency
+        payload = bytes(4 << 20)  # 4 MiB at 1 Gbit/s: 33.6 ms on top of the latency
+        sent = time.monotonic()
+        sidecar.send(payload, route=worker.key.route)
+        assert recv_until(worker.recv, 1)[0][2] == payload
+        assert time.monotonic() - sent >= 0.05 + len(payload) * 8 / 1e9
+    finally:
+        worker.close()
+        sidecar.close()
+    assert stop(daemon, signal.SIGINT) == 0  # SIGINT shuts down as cleanly as SIGTERM
     assert naming.list_objects(ns) == []
 
 

@@ -157,7 +157,32 @@ def test_kill_worker_while_requests_flow(seed_mesh):
     assert late and all(s == 200 for s in late), "traffic did not move to the live worker"
     # The supervisor restarts the killed process and it rejoins without restarting daemons.
     seed_mesh.wait_workers({"s1": 2}, timeout=10)
-    assert victim.pid not in seed_mesh.stats()["workers"]["s1"]
+    workers = seed_mesh.stats()["workers"]["s1"]
+    assert victim.pid not in workers
+    served_by = {get(seed_mesh.port, "/s1/api/v1")[1] for _ in range(20)}
+    assert {f"s1:{pid}".encode() for pid in workers} == served_by  # both take traffic
+
+
+def test_a_stalled_worker_is_replaced_and_the_new_one_serves(mesh):
+    mesh.start_dpa()
+    mesh.start_dpu()
+    mesh.start_service("s1", processes=1)
+    mesh.wait_workers({"s1": 1})
+    (pid,) = mesh.stats()["workers"]["s1"]
+    stalled = psutil.Process(pid)
+    stalled.suspend()  # heartbeats stop: the daemons reap its slot and drop its queues
+    try:
+        mesh.wait_workers({"s1": 0}, timeout=5)
+        assert get(mesh.port, "/s1/api/v1")[0] == 503
+    finally:
+        stalled.resume()
+    # Its slot is gone, so it leaves; its supervisor starts a fresh worker in its place.
+    psutil.wait_procs([stalled], timeout=10)
+    assert not stalled.is_running()
+    mesh.wait_workers({"s1": 1}, timeout=10)
+    (new_pid,) = mesh.stats()["workers"]["s1"]
+    assert new_pid != pid
+    assert get(mesh.port, "/s1/api/v1") == (200, f"s1:{new_pid}".encode())
 
 
 def test_workers_started_before_daemons(mesh):
@@ -209,6 +234,7 @@ def _raw_exchange(port: int, data: bytes, *, wait: float = 5.0) -> bytes:
     [
         (os.urandom(64).replace(b"{", b"x").replace(b"G", b"x"), b"400"),
         (b'{"method": "GET", "path": "/ap', b'"status": 400'),
+        (b'{"target_service": "s1", "path": "/x\\r\\nX-Injected: 1"}', b'"status": 400'),
         (b"GET / HTTP/1.1\r\nHost: a\r\nBad Header\r\n\r\n", b"400"),
         (b"POST / HTTP/1.1\r\nContent-Length: 100000000\r\n\r\n", b"413"),
         # An unknown prefix is a path of the entry service s0, whose app has no such route.

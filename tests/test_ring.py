@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import random
 import stat
-import struct
 import subprocess
 import sys
 import time
@@ -19,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dpumesh import naming, ring
+from tests.mesh import corrupt
 
 # Child producer: opens the ring by name, pushes payload(i, size) for every size.
 PRODUCER = """
@@ -235,15 +234,16 @@ def test_forwarding_moves_buffer_descriptors_and_copies_inline(
         r.close()
 
 
-def test_offer_entry_arms_space_wakeup(ns: str, bell: ring.Doorbell) -> None:
+def test_room_for_arms_space_wakeup(ns: str, bell: ring.Doorbell) -> None:
     producer_bell = ring.Doorbell.create(naming.dpa_bell(ns))
     r = ring.Ring.create(
         naming.sidecar_sq(ns), doorbell=bell, space_bell=producer_bell, slots=4, slot_size=128
     )
     entry = ring.Entry(route=1, flags=0, length=50, payload=bytes(50))
     for _ in range(4):
-        assert r.offer_entry(entry, route=1, flags=0)
-    assert not r.offer_entry(entry, route=1, flags=0)
+        assert r.room_for(entry)
+        r.push_entry(entry)
+    assert not r.room_for(entry)
     with pytest.raises(ValueError):  # shared space bell: blocking push would steal its tokens
         r.push(b"x", timeout=1.0)
     assert producer_bell.value == 0
@@ -251,7 +251,7 @@ def test_offer_entry_arms_space_wakeup(ns: str, bell: ring.Doorbell) -> None:
     assert producer_bell.value == 1  # consumer posted "space freed" exactly once
     r.pop()
     assert producer_bell.value == 1
-    assert r.offer_entry(entry, route=1, flags=0)
+    assert r.room_for(entry)
     r.unlink()
     r.close()
     producer_bell.unlink()
@@ -313,13 +313,6 @@ def test_property_concurrent_producer_process(
         proc.wait()
         r.unlink()
         r.close()
-
-
-def corrupt(name: str, offset: int, fmt: str, value: int | bytes) -> None:
-    shm = posix_ipc.SharedMemory(name)
-    with mmap.mmap(shm.fd, shm.size) as mm:
-        struct.pack_into(fmt, mm, offset, value)
-    shm.close_fd()
 
 
 def test_corrupt_header_raises_ring_corrupt(ns: str, bell: ring.Doorbell) -> None:

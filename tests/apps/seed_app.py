@@ -58,10 +58,3 @@ def fail():
 def blocking():
     reply = mesh_requests.get("http://s1/api/v1")
     return f"via-requests[{reply.status_code}:{reply.text.split(':')[0]}]"
-
-
-@app.route("/remote")
-def remote():
-    """Calls a service that is not local to this sidecar (HTTP fallback test)."""
-    get_context().call("GET", "http://s9/api/v1")
-    return ""

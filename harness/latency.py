@@ -213,24 +213,6 @@ def cdf(hist: HdrHistogram, max_points: int | None = 2000) -> list[tuple[int, fl
     return points
 
 
-def percentile_spectrum(
-    hist: HdrHistogram, ticks_per_half_distance: int = 5
-) -> list[tuple[float, int]]:
-    """``(percentile, value_us)`` pairs, denser towards 100 (HdrHistogram's classic plot).
-
-    Plot with x = 1 / (1 - percentile/100) on a log axis to show the tail.
-    """
-    if hist.get_total_count() == 0:
-        return []
-    out = []
-    for item in hist.get_percentile_iterator(ticks_per_half_distance):
-        pct = float(item.percentile_level_iterated_to)
-        out.append((pct, int(hist.get_highest_equivalent_value(item.value_iterated_to))))
-        if pct >= 100.0:
-            break
-    return out
-
-
 # --- sidecars (counts and time window written next to each histogram) ---------
 
 

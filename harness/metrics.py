@@ -57,7 +57,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -215,18 +215,6 @@ class WindowUsage:
             "rss_offload_mb": groups["offload"]["rss_mean_mb"],
             "notes": list(self.notes),
         }
-
-    def role_rows(self, requests: int | None = None) -> list[dict[str, Any]]:
-        """One flat dict per role (for roles.csv)."""
-        rows = []
-        for u in self.roles.values():
-            row = asdict(u)
-            row["notes"] = "; ".join(u.notes)
-            row["window_s"] = self.window_s
-            if requests:
-                row["cpu_ms_per_req"] = u.cpu_s * 1000 / requests
-            rows.append(row)
-        return rows
 
 
 class RoleSampler:
@@ -440,16 +428,6 @@ class RoleSampler:
         return WindowUsage(
             window_s=window_s, started_wall=self._t0_wall, roles=roles, notes=list(self._notes)
         )
-
-
-def measure(
-    roles: Mapping[str, Iterable[psutil.Process]], seconds: float, interval_s: float = 0.5
-) -> WindowUsage:
-    """Sample `roles` over a window of `seconds` (blocking)."""
-    sampler = RoleSampler(roles, interval_s=interval_s, max_window_s=seconds + 60)
-    sampler.start()
-    time.sleep(seconds)
-    return sampler.stop()
 
 
 # --- machine metadata -----------------------------------------------------------

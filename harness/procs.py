@@ -31,7 +31,6 @@ import http.client
 import os
 import re
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -71,19 +70,6 @@ def http_ok(url: str, timeout_s: float = 1.0) -> ReadyCheck:
             return False
         finally:
             conn.close()
-
-    return check
-
-
-def tcp_open(port: int, host: str = "127.0.0.1") -> ReadyCheck:
-    """Ready when a TCP connect to `host:port` succeeds."""
-
-    def check() -> bool:
-        try:
-            socket.create_connection((host, port), timeout=1.0).close()
-        except OSError:
-            return False
-        return True
 
     return check
 

@@ -34,6 +34,7 @@ from harness import latency
 RESULTS_CSV = "results.csv"
 ROLES_CSV = "roles.csv"
 META_JSON = "meta.json"
+HIST_DIR = "hist"
 LATEST = "latest"
 
 RESULT_COLUMNS = (
@@ -57,6 +58,10 @@ RESULT_COLUMNS = (
     "cpu_host_ms_per_req",
     "cpu_offload_ms_per_req",
     "cpu_loadgen_ms_per_req",
+    "cpu_total_ms_per_req",
+    "vcpu_host_per_1000rps",
+    "vcpu_offload_per_1000rps",
+    "vcpu_total_per_1000rps",
     "cpu_window_s",
     "cpu_window_requests",
     "rss_host_mb",
@@ -73,6 +78,7 @@ ROLE_COLUMNS = (
     "side",
     "cpu_s",
     "cpu_ms_per_req",
+    "vcpu_per_1000rps",
     "rss_mean_mb",
     "rss_max_mb",
     "pss_mean_mb",
@@ -122,7 +128,7 @@ class ResultsDir:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        for sub in ("hist", "locust", "configs", "stacks"):
+        for sub in (HIST_DIR, "locust", "configs", "stacks"):
             (path / sub).mkdir(parents=True, exist_ok=True)
 
     @staticmethod
@@ -130,7 +136,7 @@ class ResultsDir:
         return f"{mesh}-rep{rep}-{level}"
 
     def hist_path(self, mesh: str, rep: int, level: str) -> Path:
-        return self.path / "hist" / f"{self.name(mesh, rep, level)}.hdr"
+        return self.path / HIST_DIR / f"{self.name(mesh, rep, level)}.hdr"
 
     def locust_prefix(self, mesh: str, rep: int, level: str) -> Path:
         return self.path / "locust" / self.name(mesh, rep, level)
@@ -236,6 +242,10 @@ def result_row(
         "cpu_host_ms_per_req": usage.get("cpu_host_ms_per_req"),
         "cpu_offload_ms_per_req": usage.get("cpu_offload_ms_per_req"),
         "cpu_loadgen_ms_per_req": usage.get("cpu_loadgen_ms_per_req"),
+        "cpu_total_ms_per_req": usage.get("cpu_total_ms_per_req"),
+        "vcpu_host_per_1000rps": usage.get("vcpu_host_per_1000rps"),
+        "vcpu_offload_per_1000rps": usage.get("vcpu_offload_per_1000rps"),
+        "vcpu_total_per_1000rps": usage.get("vcpu_total_per_1000rps"),
         "cpu_window_s": usage.get("window_s"),
         "cpu_window_requests": usage.get("requests"),
         "rss_host_mb": usage.get("rss_host_mb"),
@@ -261,6 +271,7 @@ def role_rows(mesh: str, rep: int, level: str, usage: Mapping[str, Any]) -> list
                 "side": u["role_class"],
                 "cpu_s": u["cpu_s"],
                 "cpu_ms_per_req": u["cpu_ms_per_req"],
+                "vcpu_per_1000rps": u["vcpu_per_1000rps"],
                 "rss_mean_mb": u["rss_mean_mb"],
                 "rss_max_mb": u["rss_max_mb"],
                 "pss_mean_mb": u["pss_mean_mb"],

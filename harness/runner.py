@@ -102,21 +102,14 @@ class Measurement:
 
 
 def stack_starter(mode: str) -> Callable[..., Any]:
-    """`start_stack` of the deployment mode (compose: only once `harness.compose` provides it)."""
+    """`start_stack` of the deployment mode: local processes or Docker Compose containers."""
     if mode == "local":
         return start_stack
-    try:
-        module = importlib.import_module(f"harness.{mode}")
-    except ModuleNotFoundError as exc:
-        if exc.name != f"harness.{mode}":
-            raise
-        module = None
-    starter = getattr(module, "start_stack", None)
-    if starter is None:
-        raise ConfigError(
-            f"--mode {mode} is not available yet: harness.{mode} does not provide start_stack()"
-        )
-    return starter
+    if mode == "compose":
+        from harness import compose  # the Docker SDK is imported only when asked for
+
+        return compose.start_stack
+    raise ConfigError(f"unknown mode {mode!r} (local or compose)")
 
 
 def window_sampler(stack: Any, loadgen: Any) -> Any:
@@ -407,7 +400,7 @@ class Runner:
         """Keep the stack's manifest; publish the first start's configs under configs/<mesh>/."""
         files = {name: Path(path) for name, path in stack.configs.items()}
         manifest = Path(stack.manifest)
-        if manifest.is_file():  # a compose stack writes it only at teardown
+        if manifest.is_file():
             self.manifests.setdefault(mesh, []).append(json.loads(manifest.read_text()))
             files["stack"] = manifest
         if mesh not in self.mesh_configs:

@@ -20,11 +20,7 @@ from typing import Any
 from hdrh.histogram import HdrHistogram
 
 from harness import latency
-
-RESULTS_CSV = "results.csv"
-ROLES_CSV = "roles.csv"
-META_JSON = "meta.json"
-HIST_DIR = "hist"
+from harness.results import HIST_DIR, META_JSON, RESULTS_CSV, ROLES_CSV
 
 REQUIRED_RESULT_COLUMNS = (
     "mesh",

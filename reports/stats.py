@@ -113,20 +113,6 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
-def median_estimate(values: Sequence[float]) -> Estimate:
-    """Median over repetitions with its bootstrap interval."""
-    return bootstrap([values], lambda g: median(g[0]))
-
-
-def ratio_estimate(
-    a: Sequence[T], b: Sequence[T], stat: Callable[[Sequence[T]], float | None]
-) -> Estimate:
-    """stat(a) / stat(b) with an interval (a and b resampled independently)."""
-    if not a or not b:
-        return Estimate(None)
-    return bootstrap([a, b], lambda g: ratio(stat(g[0]), stat(g[1])))
-
-
 def overhead_per_call(stack: Sequence[float], base: Sequence[float], calls: float) -> Estimate:
     """(median(stack) - median(base)) / calls: mesh overhead per downstream call."""
     if not stack or not base or calls <= 0:

@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from harness import metrics
+from harness import latency, metrics, results
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -162,6 +162,7 @@ def _usage(window_s: float, cpu: dict[str, float], rss: dict[str, float]) -> met
             cpu_s=c,
             rss_mean_mb=rss.get(r, 0.0),
             rss_max_mb=2 * rss.get(r, 0.0),
+            processes=1,
         )
         for r, c in cpu.items()
     }
@@ -202,9 +203,29 @@ def test_derived_numbers():
     assert d2["cpu_host_ms_per_req"] == pytest.approx(3.0)
     d0 = usage.derive(requests=0)
     assert d0["cpu_host_ms_per_req"] is None and d0["vcpu_host_per_1000rps"] is None
-    rows = usage.role_rows(requests=1000)
+    rows = results.role_rows("dpumesh", 1, "closed-8", d)  # roles with processes only
     assert {r["role"] for r in rows} == set(usage.roles)
-    assert next(r for r in rows if r["role"] == "app")["cpu_ms_per_req"] == pytest.approx(2.0)
+    app = next(r for r in rows if r["role"] == "app")
+    assert app["cpu_ms_per_req"] == pytest.approx(2.0)
+    assert app["vcpu_per_1000rps"] == pytest.approx(2.0)
+    row = results.result_row(
+        mesh="dpumesh",
+        mode="local",
+        workmodel="w",
+        rep=1,
+        level="closed-8",
+        users=8,
+        offered_rps=None,
+        summary=latency.summarize(latency.new_histogram()),
+        sidecar={},
+        usage=d2,
+        downstream_calls_per_req=None,
+        checks_ok=True,
+        failed_checks=[],
+    )
+    assert row["vcpu_host_per_1000rps"] == pytest.approx(6.0)
+    assert row["vcpu_offload_per_1000rps"] == pytest.approx(1.0)
+    assert row["cpu_total_ms_per_req"] == pytest.approx(4.2)
 
 
 def test_role_classes():

@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from harness.ports import free_ports, port_is_free, release_ports, wait_port_free
-from harness.procs import StartError, Supervisor, http_ok, tcp_open
+from harness.procs import StartError, Supervisor, http_ok
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -94,7 +94,7 @@ def test_failed_readiness_reports_log_tail_and_leaves_nothing(tmp_path):
             "crasher",
             [sys.executable, "-c", "import sys; print('boom: bad flag', flush=True); sys.exit(3)"],
             role="sidecar",
-            ready=tcp_open(port),
+            ready=http_ok(f"http://127.0.0.1:{port}/"),
         )
         with pytest.raises(StartError) as err:
             sup.wait_ready(timeout_s=20)

@@ -41,6 +41,8 @@ CONTRACT = [
     "cpu_host_ms_per_req",
     "cpu_offload_ms_per_req",
     "cpu_loadgen_ms_per_req",
+    "vcpu_host_per_1000rps",
+    "vcpu_offload_per_1000rps",
     "rss_host_mb",
     "rss_offload_mb",
     "level",

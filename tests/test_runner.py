@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import types
 
 import pytest
 
@@ -96,14 +95,13 @@ def test_cli_errors_exit_2(capsys):
     assert err.startswith("error: command line: users: must be >= 1")
 
 
-def test_compose_mode_hook(monkeypatch):
+def test_stack_starter_per_mode():
+    from harness import compose
+
     assert runner.stack_starter("local") is start_stack
-    fake = types.ModuleType("harness.compose")
-    monkeypatch.setitem(__import__("sys").modules, "harness.compose", fake)
-    with pytest.raises(config.ConfigError, match="--mode compose is not available yet"):
-        runner.stack_starter("compose")
-    fake.start_stack = lambda *a, **k: None  # type: ignore[attr-defined]
-    assert runner.stack_starter("compose") is fake.start_stack
+    assert runner.stack_starter("compose") is compose.start_stack
+    with pytest.raises(config.ConfigError, match="unknown mode"):
+        runner.stack_starter("k8s")
 
 
 # --- plan ---------------------------------------------------------------------------------------
@@ -346,6 +344,7 @@ def test_roles_csv_rows(tmp_path):
                 "role_class": "host",
                 "cpu_s": 1.0,
                 "cpu_ms_per_req": 2.0,
+                "vcpu_per_1000rps": 2.0,
                 "rss_mean_mb": 10.0,
                 "rss_max_mb": 11.0,
                 "pss_mean_mb": 8.0,
@@ -362,6 +361,7 @@ def test_roles_csv_rows(tmp_path):
     with (tmp_path / results.ROLES_CSV).open() as fh:
         (rec,) = list(csv.DictReader(fh))
     assert rec["side"] == "host" and rec["cpu_ms_per_req"] == "2" and rec["rep"] == "2"
+    assert rec["vcpu_per_1000rps"] == "2"
 
 
 def _write_part(path, values, requests):

@@ -38,6 +38,7 @@ doorbell, sidecar rings) are removed with it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import signal
 import threading
@@ -285,26 +286,22 @@ class DmaManager:
                 self._pending.add(info.key)
 
     def _attach(self, key: WorkerKey) -> bool:
+        """Open a worker's doorbell and rings; False if they are not (all) there yet."""
         slot, gen = key
-        try:
-            bell = ring.Doorbell.open(naming.worker_bell(self.ns, slot, gen))
-        except posix_ipc.ExistentialError:
-            return False
-        try:
-            sq = ring.Ring.open(
-                naming.worker_sq(self.ns, slot, gen), space_bell=self.bell, init_timeout=0.05
-            )
-        except (posix_ipc.ExistentialError, ring.RingCorrupt):
-            bell.close()
-            return False
-        try:
-            cq = ring.Ring.open(
-                naming.worker_cq(self.ns, slot, gen), doorbell=self.bell, init_timeout=0.05
-            )
-        except (posix_ipc.ExistentialError, ring.RingCorrupt):
-            sq.close()
-            bell.close()
-            return False
+        with contextlib.ExitStack() as opened:
+            try:
+                bell = ring.Doorbell.open(naming.worker_bell(self.ns, slot, gen))
+                opened.callback(bell.close)
+                sq = ring.Ring.open(
+                    naming.worker_sq(self.ns, slot, gen), space_bell=self.bell, init_timeout=0.05
+                )
+                opened.callback(sq.close)
+                cq = ring.Ring.open(
+                    naming.worker_cq(self.ns, slot, gen), doorbell=self.bell, init_timeout=0.05
+                )
+            except (posix_ipc.ExistentialError, ring.RingCorrupt):
+                return False  # what was opened is closed on the way out
+            opened.pop_all()
         self.workers[key.route] = _Worker(key, bell, sq, cq)
         log.info("worker %d/%d attached", slot, gen)
         return True

@@ -315,6 +315,61 @@ def test_property_concurrent_producer_process(
         r.close()
 
 
+@settings(
+    max_examples=400,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    ops=st.lists(
+        st.one_of(
+            st.just(-1),  # pop
+            st.integers(0, 450),  # push a message of this many bytes (one or several slots)
+            st.integers(600, 900),  # over max_inline: a buffer segment
+        ),
+        max_size=120,
+    )
+)
+def test_property_ring_behaves_like_a_bounded_queue(
+    ns: str, bell: ring.Doorbell, ops: list[int]
+) -> None:
+    """Any interleaving of pushes and pops: FIFO, nothing lost or overwritten, full refuses."""
+    r = make_ring(ns, bell, slots=16, slot_size=128, max_payload=4096)
+    assert r.max_inline < 600
+    model: list[tuple[int, int, bytes]] = []
+    try:
+        for i, op in enumerate(ops):
+            if op < 0:
+                got = r.pop()
+                if model:
+                    assert got == model.pop(0)
+                else:
+                    assert got is None
+                continue
+            data = payload(i, op)
+            free = r.free_slots
+            try:
+                r.push(data, route=i % 7, timeout=0)
+            except ring.RingFull:
+                assert r.free_slots == free  # a refused push changes nothing
+                continue
+            model.append((i % 7, 0, data))
+            assert len(r) == len(model)
+        while model:
+            assert r.pop() == model.pop(0)
+        assert r.pop() is None
+    finally:
+        while True:  # drain (unlinks buffers) whatever the assertion left behind
+            try:
+                if r.pop() is None:
+                    break
+            except ring.RingCorrupt:
+                break
+        r.unlink()
+        r.close()
+    assert not [o for o in naming.list_objects(ns) if naming.is_buffer(ns, o.name)]
+
+
 def test_corrupt_header_raises_ring_corrupt(ns: str, bell: ring.Doorbell) -> None:
     r = make_ring(ns, bell)
     corrupt(r.name, 0, "=I", 0xDEADBEEF)

@@ -162,6 +162,18 @@ def _assert_dpumesh_crosses_containers(stack: compose.ComposeStack) -> None:
     assert len(rings) == sum(len(pids) for pids in live.values()), listing
 
 
+def _assert_envoy_apps_live_in_their_sidecars_network(stack: compose.ComposeStack) -> None:
+    """Each app shares its sidecar's network namespace, as a pod would (DESIGN §7)."""
+    containers = stack.containers()
+    sidecars = {c.labels["com.docker.compose.service"]: c for c in containers["sidecar"]}
+    apps = containers["app"]
+    assert len(apps) == len(sidecars) == len(stack.deployment.services)
+    for app in apps:
+        service = app.labels["com.docker.compose.service"].removeprefix("app-")
+        sidecar = sidecars[f"sidecar-{service}"]
+        assert app.attrs["HostConfig"]["NetworkMode"] == f"container:{sidecar.id}", app.name
+
+
 @pytest.mark.docker
 @pytest.mark.slow
 @pytest.mark.parametrize("mesh", MESHES)
@@ -194,6 +206,8 @@ def test_stack_answers_from_containers(
         assert usage.roles["loadgen"].cpu_s > 0
         if mesh == "dpumesh":
             _assert_dpumesh_crosses_containers(stack)
+        if mesh == "envoy":
+            _assert_envoy_apps_live_in_their_sidecars_network(stack)
         for role, containers in stack.containers().items():
             for container in containers:
                 wanted = ""

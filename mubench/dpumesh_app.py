@@ -17,14 +17,17 @@ by the URL host.
 
 Configuration comes from the environment, read when `app` is first used:
 `APP` (service id), `MUBENCH_WORKMODEL` (path, required), `MUBENCH_SEED`
-(default 0), `MUBENCH_SCALE` (default 1), `MUBENCH_FUNCTIONS_DIR` (optional).
+(integer, default 0), `MUBENCH_SCALE` (finite number >= 0, default 1),
+`MUBENCH_FUNCTIONS_DIR` (optional); an empty variable counts as unset. A bad
+value ends the process with one line naming it (`SystemExit`), not a traceback
+from every worker.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 from flask import Flask, jsonify
 
@@ -32,11 +35,23 @@ from dpumesh import EgressStep, InternalStep, StepResult, get_context, order, pi
 from dpumesh.graph import Node
 from mubench.cell import Cell, Plan, TraceError
 from mubench.flask_glue import add_cell_routes, incoming_request
-from mubench.internal import InternalFunction, check_functions, load_functions
-from mubench.workmodel import Workmodel, load_workmodel
+from mubench.internal import (
+    FunctionsError,
+    InternalFunction,
+    check_functions,
+    check_scale,
+    custom_names,
+    load_functions,
+)
+from mubench.workmodel import Workmodel, WorkmodelError, load_workmodel
 
 INTERNAL_STEP = "internal"
 RESPONSE_STEP = "response"
+_T = TypeVar("_T")
+
+
+class ConfigError(ValueError):
+    """A missing or bad environment variable; `str()` is one line naming it."""
 
 
 def build_graph(plan: Plan, function: InternalFunction, scale: float = 1.0) -> Node:
@@ -104,15 +119,30 @@ def app_from_env(environ: Mapping[str, str] = os.environ) -> Flask:
     """Build the app from `APP`, `MUBENCH_WORKMODEL`, `MUBENCH_SEED`, `MUBENCH_SCALE`, ..."""
     missing = [name for name in ("APP", "MUBENCH_WORKMODEL") if not environ.get(name)]
     if missing:
-        raise RuntimeError(f"mubench.dpumesh_app needs {' and '.join(missing)} in the environment")
-    workmodel_path = environ["MUBENCH_WORKMODEL"]
-    return create_app(
-        load_workmodel(workmodel_path),
-        environ["APP"],
-        seed=int(environ.get("MUBENCH_SEED", "0")),
-        scale=float(environ.get("MUBENCH_SCALE", "1")),
-        functions=load_functions(environ.get("MUBENCH_FUNCTIONS_DIR") or None),
+        raise ConfigError(f"{' and '.join(missing)} must be set in the environment")
+    seed = _env(environ, "MUBENCH_SEED", "0", int, "an integer")
+    scale = _env(
+        environ, "MUBENCH_SCALE", "1", lambda t: check_scale(float(t)), "a finite number >= 0"
     )
+    functions = load_functions(environ.get("MUBENCH_FUNCTIONS_DIR") or None)
+    path, service = environ["MUBENCH_WORKMODEL"], environ["APP"]
+    workmodel = load_workmodel(path, custom=custom_names(functions))
+    if service not in workmodel:
+        have = ", ".join(workmodel)
+        raise ConfigError(f"APP {service!r} is not a service of {path} (have: {have})")
+    check_functions(workmodel[service], functions, path)  # an error naming the real file
+    return create_app(workmodel, service, seed=seed, scale=scale, functions=functions)
+
+
+def _env(
+    environ: Mapping[str, str], name: str, default: str, parse: Callable[[str], _T], expected: str
+) -> _T:
+    """`parse` of variable `name` (`default` when unset or empty), or a ConfigError naming it."""
+    raw = environ.get(name) or default
+    try:
+        return parse(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be {expected}, got {raw!r}") from None
 
 
 _app: Flask | None = None
@@ -124,5 +154,9 @@ def __getattr__(name: str) -> Flask:
     if name != "app":
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     if _app is None:
-        _app = app_from_env()
+        try:
+            _app = app_from_env()
+        except (ConfigError, WorkmodelError, FunctionsError) as e:
+            # Raised while dpumesh.server imports the app: one line and exit 1.
+            raise SystemExit(f"mubench.dpumesh_app: {e}") from None
     return _app

@@ -38,7 +38,14 @@ from gunicorn.app.base import BaseApplication
 
 from mubench.cell import Call, Cell, TraceError
 from mubench.flask_glue import add_cell_routes, incoming_request
-from mubench.internal import FunctionsError, InternalFunction, check_functions, load_functions
+from mubench.internal import (
+    FunctionsError,
+    InternalFunction,
+    check_functions,
+    check_scale,
+    custom_names,
+    load_functions,
+)
 from mubench.workmodel import (
     DEFAULT_PER_SERVICE_CAP,
     DEFAULT_THREADS,
@@ -357,7 +364,7 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=1.0,
         metavar="F",
-        help="multiply pi computations and sleep times by F (default 1; <1 for smoke tests)",
+        help="multiply pi computations and sleep times by F >= 0 (default 1; <1 for smoke tests)",
     )
     parser.add_argument(
         "--functions-dir",
@@ -375,11 +382,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     def fail(message: str) -> NoReturn:
         parser.exit(2, f"error: {message}\n")
 
-    if args.scale < 0:
-        fail("--scale must be >= 0")
     try:
-        workmodel = load_workmodel(args.workmodel)
+        check_scale(args.scale)
+    except ValueError as e:
+        fail(f"--scale {e}")
+    try:
         functions = load_functions(args.functions_dir)
+        workmodel = load_workmodel(args.workmodel, custom=custom_names(functions))
         if args.service not in workmodel:
             fail(f"{args.workmodel}: no service '{args.service}' (have: {', '.join(workmodel)})")
         check_functions(workmodel[args.service], functions, args.workmodel)

@@ -24,7 +24,11 @@ all randomness comes from the `random.Random` handed in so runs reproduce.
 pi computations (`trials` per job; the single computation of `compute_pi`),
 stochastically rounded so the expected CPU work is exactly proportional (digits
 are left alone: spigot cost is superlinear in D), and every sleep time.
-Memory and disk stress are not scaled.
+Memory and disk stress are not scaled. A scale must be finite and >= 0
+(`check_scale`).
+
+The workmodel loader checks the parameters these built-ins read
+(`mubench.workmodel._BUILTIN_PARAMS`), so the functions here can trust them.
 
 Custom functions follow μBench's convention: every `*.py` file in the
 functions directory not starting with `_` is imported and each public function
@@ -37,6 +41,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import inspect
+import math
 import os
 import random
 import tempfile
@@ -120,6 +125,13 @@ def scaled_count(count: float, scale: float, rng: random.Random) -> int:
     return whole + (rng.random() < exact - whole)
 
 
+def check_scale(scale: float) -> float:
+    """`scale` itself when usable; a negative or non-finite one would break every sleep."""
+    if not math.isfinite(scale) or scale < 0:
+        raise ValueError(f"must be a finite number >= 0, got {scale!r}")
+    return scale
+
+
 def compute_pi(params: Mapping[str, Any], rng: random.Random, scale: float = 1.0) -> str:
     """CPU work: pi to D digits, D uniform in `range_complexity`; then the dummy payload."""
     p = _merged(_COMPUTE_PI_DEFAULTS, params)
@@ -174,6 +186,11 @@ def load_functions(functions_dir: str | None = None) -> dict[str, InternalFuncti
             origin[name] = path
             functions[name] = _adapt_custom(func)
     return functions
+
+
+def custom_names(functions: Mapping[str, InternalFunction]) -> frozenset[str]:
+    """Names served by a custom function: the workmodel loader leaves their parameters free-form."""
+    return frozenset(name for name, func in functions.items() if BUILTINS.get(name) is not func)
 
 
 def check_functions(

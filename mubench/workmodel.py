@@ -5,12 +5,17 @@ many keys this project does not use (`image`, `namespace`, `cpu-requests`,
 `teastore_ref`, `function_id`, ...): those are ignored, so upstream files load
 unchanged. Everything the cell relies on is checked here, once, so a bad file
 fails at start-up with one line naming the file, the service and the key
-instead of failing every request.
+instead of failing every request. That includes the parameters of the built-in
+internal functions (`mubench/internal.py`): `_BUILTIN_PARAMS` lists every key
+they read and what each accepts.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +29,10 @@ DEFAULT_THREADS = 16
 # multi-process where it matters and the whole topology under ~1 GiB RSS.
 DEFAULT_PER_SERVICE_CAP = 2
 DEFAULT_TOTAL_CAP = 24
+# A service id is a URL path segment (`/<id>/...` on the sidecar), a Host name and
+# part of Envoy cluster, listener and stat names: no dots, colons or slashes.
+# The one definition of a valid id, for the Envoy config (baselines/envoy) too.
+SERVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
 
 
 class WorkmodelError(ValueError):
@@ -72,8 +81,12 @@ class Service:
 Workmodel = dict[str, Service]
 
 
-def load_workmodel(path: str) -> Workmodel:
-    """Read, validate and normalise the workmodel at `path`."""
+def load_workmodel(path: str, custom: Collection[str] = ()) -> Workmodel:
+    """Read, validate and normalise the workmodel at `path`.
+
+    `custom` names custom functions: their parameters are free-form, also when
+    one replaces a built-in of the same name.
+    """
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
@@ -86,17 +99,26 @@ def load_workmodel(path: str) -> Workmodel:
         raise WorkmodelError(
             f"{path}: invalid JSON: {e.msg} at line {e.lineno} column {e.colno}"
         ) from None
-    return parse_workmodel(raw, source=path)
+    return parse_workmodel(raw, source=path, custom=custom)
 
 
-def parse_workmodel(raw: Any, source: str = "workmodel.json") -> Workmodel:
+def parse_workmodel(
+    raw: Any, source: str = "workmodel.json", custom: Collection[str] = ()
+) -> Workmodel:
     """Validate an already-decoded workmodel; `source` names it in errors."""
     if not isinstance(raw, dict):
         raise WorkmodelError(f"{source}: top level must be an object of services, got {_kind(raw)}")
     if not raw:
         raise WorkmodelError(f"{source}: no services defined")
+    for sid in raw:
+        if not SERVICE_ID.fullmatch(sid):
+            raise WorkmodelError(
+                f"{source}: service id {json.dumps(sid)} must match {SERVICE_ID.pattern} "
+                "(it is a URL path segment, a Host name and an Envoy cluster name)"
+            )
     defined = set(raw)
-    return {sid: _Parser(source, sid, defined).service(spec) for sid, spec in raw.items()}
+    custom = frozenset(custom)
+    return {sid: _Parser(source, sid, defined, custom).service(spec) for sid, spec in raw.items()}
 
 
 def plan_processes(
@@ -153,13 +175,56 @@ def _kind(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+# What a built-in internal function accepts, key by key, as (test, description).
+_Check = tuple[Callable[[Any], bool], str]
+_FLAG: _Check = (lambda v: isinstance(v, bool), "true or false")
+_COUNT: _Check = (lambda v: _is_int(v) and v >= 0, "a non-negative integer")
+_POSITIVE: _Check = (lambda v: _is_int(v) and v >= 1, "a positive integer")
+_SECONDS: _Check = (lambda v: _is_finite(v) and v >= 0, "a number >= 0 (seconds)")
+_DIGITS: _Check = (
+    lambda v: (
+        isinstance(v, list)
+        and len(v) == 2
+        and all(_is_int(d) and d >= 0 for d in v)
+        and v[0] <= v[1]
+    ),
+    "[low, high] with integers 0 <= low <= high (pi digits)",
+)
+
+# The parameters mubench/internal.py's built-ins read: a nested dict is an
+# object of parameters (a loader stage), a leaf says what its value accepts.
+# Absent keys take the built-in defaults; keys not listed are ignored, as
+# μBench does (`function_id`, `tmp_file_name`, ...). `mean_response_size` is
+# checked for every function. `colosseum` ignores its parameters.
+_BUILTIN_PARAMS: dict[str, dict[str, Any]] = {
+    "compute_pi": {"range_complexity": _DIGITS},
+    "loader": {
+        "cpu_stress": {
+            "run": _FLAG,
+            "range_complexity": _DIGITS,
+            "thread_pool_size": _POSITIVE,
+            "trials": _COUNT,
+        },
+        "memory_stress": {"run": _FLAG, "memory_size": _COUNT, "memory_io": _COUNT},
+        "disk_stress": {
+            "run": _FLAG,
+            "disk_write_block_count": _COUNT,
+            "disk_write_block_size": _COUNT,
+        },
+        "sleep_stress": {"run": _FLAG, "sleep_time": _SECONDS},
+    },
+    "colosseum": {},
+}
+
+
 class _Parser:
     """Validates one service spec; every error names file, service and key."""
 
-    def __init__(self, source: str, sid: str, defined: set[str]) -> None:
+    def __init__(self, source: str, sid: str, defined: set[str], custom: frozenset[str]) -> None:
         self.source = source
         self.sid = sid
         self.defined = defined
+        self.custom = custom
 
     def fail(self, message: str) -> WorkmodelError:
         return WorkmodelError(f"{self.source}: service '{self.sid}': {message}")
@@ -198,9 +263,24 @@ class _Parser:
             # Legacy name; μBench lets it override mean_response_size.
             params["mean_response_size"] = params.pop("mean_bandwidth")
         size = params.get("mean_response_size", 0)
-        if not _is_number(size) or size < 0:
+        if not _is_finite(size) or size < 0:
             raise self.bad(f"{key}.{name}.mean_response_size", "a number >= 0 (kB)", size)
+        if name not in self.custom:
+            self.params(params, _BUILTIN_PARAMS.get(name, {}), f"{key}.{name}")
         return name, params
+
+    def params(self, params: Mapping[str, Any], schema: Mapping[str, Any], key: str) -> None:
+        """Check the keys of `schema` present in `params`, recursing into stages."""
+        for name, rule in schema.items():
+            if name not in params:
+                continue
+            value, where = params[name], f"{key}.{name}"
+            if isinstance(rule, dict):
+                if not isinstance(value, dict):
+                    raise self.bad(where, "an object", value)
+                self.params(value, rule, where)
+            elif not rule[0](value):
+                raise self.bad(where, rule[1], value)
 
     def groups(self, value: Any, key: str) -> tuple[Group, ...]:
         if not isinstance(value, list):
@@ -277,3 +357,8 @@ def _is_int(value: Any) -> bool:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_finite(value: Any) -> bool:
+    """A number other than NaN and ±Infinity (which Python's JSON parser accepts)."""
+    return _is_number(value) and (isinstance(value, int) or math.isfinite(value))

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +18,7 @@ from dpumesh.context import ExecutionContext, bind_context
 from dpumesh.graph import DoneAction, EgressAction, GraphRun, InternalAction, StepResult
 from mubench import dpumesh_app
 from mubench.cell import Cell, Plan, Request, TraceError, _derive_seed
-from mubench.internal import loader
+from mubench.internal import BUILTINS, loader
 from mubench.workmodel import Workmodel, load_workmodel, parse_workmodel
 
 REPO = Path(__file__).resolve().parents[1]
@@ -373,8 +376,13 @@ def test_dpumesh_no_calls_answers_with_the_internal_output() -> None:
 
 
 def test_dpumesh_internal_failure_is_500() -> None:
-    wm = parse_workmodel({"s0": {"internal_service": {"compute_pi": {"range_complexity": "x"}}}})
-    run = Drive(dpumesh_app.create_app(wm, "s0"))
+    """A bad built-in parameter fails at load time, so a custom function raises instead."""
+
+    def boom(params: object, rng: random.Random, scale: float = 1.0) -> str:
+        raise RuntimeError("internal function failed")
+
+    wm = parse_workmodel({"s0": {"internal_service": {"boom": {}}}}, custom={"boom"})
+    run = Drive(dpumesh_app.create_app(wm, "s0", functions={**BUILTINS, "boom": boom}))
     assert run.done.status_code == 500
 
 
@@ -390,7 +398,10 @@ def test_dpumesh_without_context_is_500(default_app: Flask) -> None:
 def test_dpumesh_app_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(dpumesh_app, "_app", None)
     monkeypatch.delenv("APP", raising=False)
-    with pytest.raises(RuntimeError, match="APP and MUBENCH_WORKMODEL"):
+    with pytest.raises(
+        SystemExit,
+        match=r"^mubench\.dpumesh_app: APP and MUBENCH_WORKMODEL must be set in the environment$",
+    ):
         _ = dpumesh_app.app
     monkeypatch.setenv("APP", "s2")
     monkeypatch.setenv("MUBENCH_WORKMODEL", str(REPO / "workmodels" / "default.json"))
@@ -403,6 +414,47 @@ def test_dpumesh_app_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         get("q")
     )
     assert run.done.body == loader(plan.params, plan.rng, 0.5)
+
+
+DEFAULT_ENV = {"APP": "s0", "MUBENCH_WORKMODEL": str(REPO / "workmodels" / "default.json")}
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"MUBENCH_SEED": "abc"}, "MUBENCH_SEED must be an integer, got 'abc'"),
+        ({"MUBENCH_SEED": "1.5"}, "MUBENCH_SEED must be an integer, got '1.5'"),
+        ({"MUBENCH_SCALE": "x"}, "MUBENCH_SCALE must be a finite number >= 0, got 'x'"),
+        ({"MUBENCH_SCALE": "-1"}, "MUBENCH_SCALE must be a finite number >= 0, got '-1'"),
+        ({"MUBENCH_SCALE": "inf"}, "MUBENCH_SCALE must be a finite number >= 0, got 'inf'"),
+        ({"APP": "s9"}, "APP 's9' is not a service of "),
+    ],
+)
+def test_dpumesh_app_environment_errors_name_the_variable(env: dict, message: str) -> None:
+    with pytest.raises(dpumesh_app.ConfigError) as info:
+        dpumesh_app.app_from_env({**DEFAULT_ENV, **env})
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_dpumesh_app_empty_seed_and_scale_take_the_defaults() -> None:
+    env = {**DEFAULT_ENV, "MUBENCH_SEED": "", "MUBENCH_SCALE": ""}
+    assert isinstance(dpumesh_app.app_from_env(env), Flask)
+
+
+def test_dpumesh_server_reports_a_bad_environment_in_one_line() -> None:
+    """What an operator sees: the worker runtime exits at once, no traceback."""
+    env = {**os.environ, **DEFAULT_ENV, "MUBENCH_SEED": "abc", "PN": "1"}
+    env.pop("DPUMESH_NS", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dpumesh.server", "mubench.dpumesh_app:app"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr == "mubench.dpumesh_app: MUBENCH_SEED must be an integer, got 'abc'\n"
 
 
 def test_both_runtimes_share_the_rng_derivation() -> None:

@@ -19,6 +19,7 @@ import pytest
 
 from mubench.cell import Cell, Request
 from mubench.workmodel import load_workmodel, plan_processes
+from tests.cellcases import check_seq_len_sampling
 from tests.mesh import Mesh, shm_objects
 from tests.test_http_app import RUNNING, SEED, SHARED_WORKMODELS, TOPOLOGY
 
@@ -133,18 +134,12 @@ def test_calls_in_a_group_are_sequential(topo) -> None:
 
 
 def test_seq_len_sampling_matches_the_cell_core(topo) -> None:
-    cell = Cell(load_workmodel(str(topo.workmodel)), "s0", seed=SEED)
-    expected: Counter[str] = Counter()
-    before = topo.requests()
-    for i in range(20):
-        rid = f"sample-{i}"
-        plan = cell.plan(Request("GET", headers={"x-request-id": rid}, query_string="bid=sample"))
-        (calls,) = plan.groups
-        assert len({call.service for call in calls}) == 2
-        expected.update(call.service for call in calls)
-        assert topo.request("s0", "/api/v1?bid=sample", **{"x-request-id": rid})[0] == 200
-    delta = topo.requests() - before
-    assert delta == expected + Counter(s0=20)
+    check_seq_len_sampling(
+        topo.workmodel,
+        SEED,
+        lambda rid: topo.request("s0", "/api/v1?bid=sample", **{"x-request-id": rid})[0],
+        topo.requests,
+    )
 
 
 def test_probability_zero_never_and_one_always(topo) -> None:

@@ -25,8 +25,8 @@ from mubench.cell import Cell, Request
 from mubench.http_app import SharedCounters
 from mubench.internal import loader
 from mubench.workmodel import load_workmodel
+from tests.cellcases import REPO, check_seq_len_sampling, http_app_cli
 
-REPO = Path(__file__).resolve().parents[1]
 SHARED_WORKMODELS = sorted((REPO.parent / "shared" / "workmodels").glob("*.json"))
 SEED = 11
 QUIET = {"loader": {"sleep_stress": {"run": False}, "mean_response_size": 1}}
@@ -39,16 +39,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "mubench.http_app", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
 
 
 class Cluster:
@@ -253,20 +243,12 @@ def test_calls_in_a_group_are_sequential(topo: Cluster) -> None:
 
 
 def test_seq_len_sampling_matches_the_cell_core(topo: Cluster) -> None:
-    """The runtime calls exactly what the core plans for each request id."""
-    cell = Cell(load_workmodel(str(topo.workmodel)), "s0", seed=SEED)
-    expected: Counter[str] = Counter()
-    before = topo.requests()
-    for i in range(20):
-        rid = f"sample-{i}"
-        plan = cell.plan(Request("GET", headers={"x-request-id": rid}, query_string="bid=sample"))
-        (calls,) = plan.groups
-        assert len({call.service for call in calls}) == 2
-        expected.update(call.service for call in calls)
-        assert topo.get("s0", "/api/v1?bid=sample", **{"x-request-id": rid}).status == 200
-    delta = topo.requests() - before
-    assert delta == expected + Counter(s0=20)
-    assert sum(expected.values()) == 40
+    check_seq_len_sampling(
+        topo.workmodel,
+        SEED,
+        lambda rid: topo.get("s0", "/api/v1?bid=sample", **{"x-request-id": rid}).status,
+        topo.requests,
+    )
 
 
 def test_probability_zero_never_and_one_always(topo: Cluster) -> None:
@@ -394,7 +376,7 @@ def test_shared_counters_sum_over_forked_processes_and_survive_their_death() -> 
 
 
 def test_cli_help() -> None:
-    proc = cli("--help")
+    proc = http_app_cli("--help")
     assert proc.returncode == 0
     for option in ("--workmodel", "--service", "--port", "--egress-proxy", "--upstream", "--scale"):
         assert option in proc.stdout
@@ -405,10 +387,13 @@ def test_cli_help() -> None:
     [
         (["--service", "s9"], "no service 's9'"),
         (["--service", "s0", "--upstream", "s7=http://127.0.0.1:1"], "not in the workmodel: s7"),
-        (["--service", "s0", "--scale", "-1"], "--scale must be >= 0"),
+        (["--service", "s0", "--scale", "-1"], "--scale must be a finite number >= 0, got -1.0"),
+        (["--service", "s0", "--scale", "nan"], "--scale must be a finite number >= 0, got nan"),
     ],
 )
 def test_cli_configuration_errors_exit_2_in_one_line(args: list[str], message: str) -> None:
-    proc = cli("--workmodel", str(REPO / "workmodels" / "default.json"), "--port", "1", *args)
+    proc = http_app_cli(
+        "--workmodel", str(REPO / "workmodels" / "default.json"), "--port", "1", *args
+    )
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr

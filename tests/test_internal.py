@@ -17,15 +17,17 @@ from mubench.internal import (
     BUILTINS,
     FunctionsError,
     check_functions,
+    check_scale,
     colosseum,
     compute_pi,
+    custom_names,
     load_functions,
     loader,
     pi_digits,
     response_body,
     scaled_count,
 )
-from mubench.workmodel import WorkmodelError, parse_workmodel
+from mubench.workmodel import _BUILTIN_PARAMS, WorkmodelError, parse_workmodel
 
 PI_50 = "314159265358979323846264338327950288419716939937510"
 QUIET = {"sleep_stress": {"run": False}}
@@ -139,6 +141,16 @@ def test_scale_multiplies_trials_and_sleep(pi_calls: list[int]) -> None:
     assert len(pi_calls) == 10
 
 
+@pytest.mark.parametrize("bad", [-0.5, float("nan"), float("inf")])
+def test_check_scale_rejects_negative_and_non_finite(bad: float) -> None:
+    with pytest.raises(ValueError, match="must be a finite number >= 0"):
+        check_scale(bad)
+
+
+def test_check_scale_accepts_zero_and_up() -> None:
+    assert [check_scale(s) for s in (0.0, 0.01, 3)] == [0.0, 0.01, 3]
+
+
 def test_scaled_count_is_unbiased() -> None:
     rng = random.Random(4)
     assert scaled_count(33, 1.0, rng) == 33
@@ -229,6 +241,25 @@ def test_custom_functions_follow_the_mubench_convention(tmp_path: Path) -> None:
 def test_custom_function_replaces_a_builtin(tmp_path: Path) -> None:
     (tmp_path / "mine.py").write_text("def loader(params):\n    return 'custom'\n")
     assert load_functions(str(tmp_path))["loader"]({}, random.Random(1), 1.0) == "custom"
+
+
+def test_custom_names_are_the_functions_not_built_in(tmp_path: Path) -> None:
+    (tmp_path / "mine.py").write_text("def loader(params):\n    return ''\ndef f(params): pass\n")
+    assert custom_names(load_functions(str(tmp_path))) == {"loader", "f"}
+    assert custom_names(load_functions()) == set()
+
+
+def test_the_loader_checks_every_parameter_the_builtins_read() -> None:
+    """The workmodel's parameter table and the functions' defaults name the same keys."""
+    assert set(_BUILTIN_PARAMS) == set(BUILTINS)
+    assert set(_BUILTIN_PARAMS["compute_pi"]) == set(internal._COMPUTE_PI_DEFAULTS) - {
+        "mean_response_size"
+    }
+    loader_params = _BUILTIN_PARAMS["loader"]
+    defaults = internal._LOADER_DEFAULTS
+    assert set(loader_params) == set(defaults) - {"mean_response_size"}
+    for stage, checks in loader_params.items():
+        assert set(checks) == set(defaults[stage]), stage
 
 
 def test_custom_function_name_clash_between_files(tmp_path: Path) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,8 +15,8 @@ from mubench.workmodel import (
     parse_workmodel,
     plan_processes,
 )
+from tests.cellcases import REPO, http_app_cli
 
-REPO = Path(__file__).resolve().parents[1]
 SHARED_WORKMODELS = sorted((REPO.parent / "shared" / "workmodels").glob("*.json"))
 SEED_README = REPO.parent / "shared" / "seeds" / "dpumesh-README.ko.md"
 
@@ -25,6 +24,16 @@ SEED_README = REPO.parent / "shared" / "seeds" / "dpumesh-README.ko.md"
 def leaf(**extra) -> dict:
     """A minimal valid service spec."""
     return {"external_services": [], "internal_service": {"compute_pi": {}}, **extra}
+
+
+def pi(**params: object) -> dict:
+    """A leaf whose internal service is compute_pi with `params`."""
+    return leaf(internal_service={"compute_pi": params})
+
+
+def stage(name: str, **params: object) -> dict:
+    """A leaf whose internal service is the loader with one stage set to `params`."""
+    return leaf(internal_service={"loader": {name: params}})
 
 
 def write(tmp_path: Path, content: object, name: str = "workmodel.json") -> str:
@@ -147,6 +156,85 @@ INVALID = {
     "service-not-an-object": ({"s0": 3}, "service 's0': spec must be an object, got 3"),
     "no-services": ({}, "no services defined"),
     "bad-workers": ({"s0": leaf(workers=0)}, "service 's0': 'workers' must be a positive"),
+    "service-id-with-a-dot": (
+        {"s0": leaf(), "a.b": leaf()},
+        'service id "a.b" must match [A-Za-z0-9][A-Za-z0-9_-]{0,62} (it is a URL path segment',
+    ),
+    "service-id-empty": ({"": leaf()}, 'service id "" must match'),
+    "service-id-with-a-slash": ({"s/0": leaf()}, 'service id "s/0" must match'),
+    "pi-range-string": (
+        {"s0": pi(range_complexity="x")},
+        "service 's0': 'internal_service.compute_pi.range_complexity' must be [low, high] "
+        'with integers 0 <= low <= high (pi digits), got "x"',
+    ),
+    "pi-range-reversed": (
+        {"s0": pi(range_complexity=[100, 50])},
+        "service 's0': 'internal_service.compute_pi.range_complexity' must be [low, high]",
+    ),
+    "pi-range-float": (
+        {"s0": pi(range_complexity=[1.5, 3])},
+        "service 's0': 'internal_service.compute_pi.range_complexity' must be [low, high]",
+    ),
+    "pi-range-one-number": (
+        {"s0": pi(range_complexity=[5])},
+        "service 's0': 'internal_service.compute_pi.range_complexity' must be [low, high]",
+    ),
+    "loader-pool-zero": (
+        {"s0": stage("cpu_stress", run=True, thread_pool_size=0)},
+        "service 's0': 'internal_service.loader.cpu_stress.thread_pool_size' "
+        "must be a positive integer, got 0",
+    ),
+    "loader-trials-negative": (
+        {"s0": stage("cpu_stress", trials=-1)},
+        "service 's0': 'internal_service.loader.cpu_stress.trials' "
+        "must be a non-negative integer, got -1",
+    ),
+    "loader-run-string": (
+        {"s0": stage("memory_stress", run="false")},
+        "service 's0': 'internal_service.loader.memory_stress.run' must be true or false, "
+        'got "false"',
+    ),
+    "loader-memory-size-float": (
+        {"s0": stage("memory_stress", memory_size=1.5)},
+        "service 's0': 'internal_service.loader.memory_stress.memory_size' must be a non-negative",
+    ),
+    "loader-disk-block-string": (
+        {"s0": stage("disk_stress", disk_write_block_size="1k")},
+        "service 's0': 'internal_service.loader.disk_stress.disk_write_block_size' must be a non",
+    ),
+    "loader-sleep-negative": (
+        {"s0": stage("sleep_stress", sleep_time=-0.01)},
+        "service 's0': 'internal_service.loader.sleep_stress.sleep_time' "
+        "must be a number >= 0 (seconds), got -0.01",
+    ),
+    "loader-sleep-garbage": (
+        {"s0": stage("sleep_stress", sleep_time="10ms")},
+        "service 's0': 'internal_service.loader.sleep_stress.sleep_time' must be a number >= 0",
+    ),
+    "loader-sleep-infinite": (
+        {"s0": stage("sleep_stress", sleep_time=float("inf"))},
+        "service 's0': 'internal_service.loader.sleep_stress.sleep_time' "
+        "must be a number >= 0 (seconds), got Infinity",
+    ),
+    "loader-stage-not-an-object": (
+        {"s0": leaf(internal_service={"loader": {"cpu_stress": True}})},
+        "service 's0': 'internal_service.loader.cpu_stress' must be an object, got true",
+    ),
+    "response-size-nan": (
+        {"s0": pi(mean_response_size=float("nan"))},
+        "service 's0': 'internal_service.compute_pi.mean_response_size' must be a number >= 0",
+    ),
+    "bad-param-in-alternative": (
+        {
+            "s0": leaf(
+                alternative_behaviors={
+                    "b": {"internal_service": {"loader": {"cpu_stress": {"trials": "5"}}}}
+                }
+            )
+        },
+        "service 's0': 'alternative_behaviors.b.internal_service.loader.cpu_stress.trials' "
+        'must be a non-negative integer, got "5"',
+    ),
 }
 
 
@@ -163,6 +251,32 @@ def test_invalid_workmodels_give_one_line_naming_file_service_and_key(
     assert text.startswith(f"{path}: {message}")
 
 
+def test_params_the_builtins_accept_load(tmp_path: Path) -> None:
+    loader = {
+        "cpu_stress": {"run": True, "range_complexity": [0, 0], "thread_pool_size": 1, "trials": 0},
+        "memory_stress": {"memory_size": 0, "memory_io": 0},
+        "disk_stress": {"disk_write_block_count": 0, "tmp_file_name": "ignored.txt"},
+        "sleep_stress": {"run": False, "sleep_time": 0},
+        "function_id": "f1",
+    }
+    spec = {
+        "s0": leaf(internal_service={"loader": loader}),
+        "s1": pi(range_complexity=[7, 7], mean_response_size=0.5),
+        "s2": leaf(internal_service={"colosseum": {"range_complexity": "ignored"}}),
+    }
+    assert load_workmodel(write(tmp_path, spec))["s0"].behavior.params == loader
+
+
+def test_custom_functions_keep_free_form_params(tmp_path: Path) -> None:
+    """Also a custom function replacing a built-in: it takes its own parameters."""
+    spec = {"s0": pi(range_complexity="x"), "s1": leaf(internal_service={"mine": {"a": []}})}
+    path = write(tmp_path, spec)
+    with pytest.raises(WorkmodelError, match="range_complexity"):
+        load_workmodel(path)
+    wm = load_workmodel(path, custom={"compute_pi", "mine"})
+    assert wm["s0"].behavior.params == {"range_complexity": "x"}
+
+
 def test_unreadable_workmodel(tmp_path: Path) -> None:
     missing = tmp_path / "nope.json"
     with pytest.raises(WorkmodelError, match=r"nope\.json: cannot read: No such file"):
@@ -176,27 +290,18 @@ def test_parse_workmodel_names_its_source() -> None:
         parse_workmodel({"a": {}}, source="inline")
 
 
-@pytest.mark.parametrize("case", ["missing-internal-service", "invalid-json", "not-an-object"])
+def serve_s0(workmodel: str) -> subprocess.CompletedProcess[str]:
+    """The http_app CLI serving s0 of `workmodel` (on a port it never gets to bind)."""
+    return http_app_cli("--workmodel", workmodel, "--service", "s0", "--port", "1")
+
+
+@pytest.mark.parametrize(
+    "case", ["missing-internal-service", "invalid-json", "not-an-object", "loader-pool-zero"]
+)
 def test_cli_reports_invalid_workmodel_in_one_line_with_exit_2(tmp_path: Path, case: str) -> None:
     content, message = INVALID[case]
     path = write(tmp_path, content)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mubench.http_app",
-            "--workmodel",
-            path,
-            "--service",
-            "s0",
-            "--port",
-            "1",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    proc = serve_s0(path)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1, proc.stderr
     assert f"{path}: {message}" in proc.stderr
@@ -204,23 +309,7 @@ def test_cli_reports_invalid_workmodel_in_one_line_with_exit_2(tmp_path: Path, c
 
 
 def test_cli_unreadable_workmodel_exit_2(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mubench.http_app",
-            "--workmodel",
-            str(tmp_path / "x.json"),
-            "--service",
-            "s0",
-            "--port",
-            "1",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    proc = serve_s0(str(tmp_path / "x.json"))
     assert (proc.returncode, proc.stderr.count("\n")) == (2, 1)
     assert "x.json: cannot read" in proc.stderr
 

@@ -10,22 +10,51 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TypeVar
 
+from baselines.envoy.config import DEFAULT_CONCURRENCY
 from harness import config as bench_config
 from harness import runner
 from harness.procs import StartError
 from harness.stacks import DEFAULT_PORT, DEFAULT_WORKMODEL, MESHES, serve
 from loadtests.options import REQUEST_MODES
-from mubench.workmodel import WorkmodelError
+from mubench.internal import check_scale
+
+T = TypeVar("T")
+
+
+def _checked(validate: Callable[[str], T]) -> Callable[[str], T]:
+    """An argparse `type` from a validator: its ValueError becomes a usage error (exit 2)."""
+
+    def parse(text: str) -> T:
+        try:
+            return validate(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
+
+
+# Shared by `serve` and `run`; the same rule bench.toml's value is held to.
+_ENVOY_CONCURRENCY = _checked(bench_config.whole_number(1))
+_ENVOY_CONCURRENCY_HELP = "worker threads (--concurrency) of every Envoy in the envoy stack"
+_FUNCTIONS_DIR_HELP = "directory of μBench custom internal functions (*.py)"
 
 
 def _serve(args: argparse.Namespace) -> int:
     run_dir = args.run_dir or Path("runs", f"serve-{args.mesh}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}")
     serve(
-        args.mesh, args.workmodel, port=args.port, run_dir=run_dir, seed=args.seed, scale=args.scale
+        args.mesh,
+        args.workmodel,
+        port=args.port,
+        run_dir=run_dir,
+        seed=args.seed,
+        scale=args.scale,
+        envoy_concurrency=args.envoy_concurrency,
+        functions_dir=args.functions_dir,
     )
     return 0
 
@@ -58,7 +87,7 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--port",
-        type=int,
+        type=_checked(bench_config.whole_number(1, 65535)),
         default=DEFAULT_PORT,
         metavar="N",
         help="public port on 127.0.0.1 (default %(default)s)",
@@ -68,11 +97,20 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--scale",
-        type=float,
+        type=_checked(lambda text: check_scale(float(text))),
         default=1.0,
         metavar="F",
-        help="multiply the cells' pi computations and sleeps by F (default 1; <1 for smoke tests)",
+        help="multiply the cells' pi computations and sleeps by F >= 0 (default 1; <1 for smoke "
+        "tests)",
     )
+    parser.add_argument(
+        "--envoy-concurrency",
+        type=_ENVOY_CONCURRENCY,
+        default=DEFAULT_CONCURRENCY,
+        metavar="N",
+        help=f"{_ENVOY_CONCURRENCY_HELP} (default %(default)s)",
+    )
+    parser.add_argument("--functions-dir", type=Path, metavar="DIR", help=_FUNCTIONS_DIR_HELP)
     parser.add_argument(
         "--run-dir",
         type=Path,
@@ -130,6 +168,8 @@ def _add_run(subparsers: argparse._SubParsersAction) -> None:
     add("--request-mode", choices=REQUEST_MODES, help="get: stochastic; trace: trace-driven POST")
     add("--mode", choices=bench_config.MODES, help="local processes or Docker Compose")
     add("--port", type=int, metavar="N", help="public port of each stack (0 = any free port)")
+    add("--envoy-concurrency", type=_ENVOY_CONCURRENCY, metavar="N", help=_ENVOY_CONCURRENCY_HELP)
+    add("--functions-dir", metavar="DIR", help=_FUNCTIONS_DIR_HELP)
     parser.set_defaults(handler=_run)
 
 
@@ -169,6 +209,7 @@ def _parser() -> argparse.ArgumentParser:
             "Compare a DPU-offloaded service mesh (dpumesh) with an Envoy sidecar mesh "
             "and no mesh over the same μBench topology on this machine."
         ),
+        epilog="Exit status 2: unusable input (an option, setting, workmodel or service id).",
     )
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     _add_run(subparsers)
@@ -184,10 +225,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = argv
     try:
         return args.handler(args)
-    except bench_config.ConfigError as exc:
+    except ValueError as exc:  # unusable input: ConfigError, WorkmodelError, a bad service id
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (WorkmodelError, StartError) as exc:
+    except StartError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

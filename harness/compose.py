@@ -73,6 +73,7 @@ import requests
 from docker.models.containers import Container
 
 from baselines.envoy.config import (
+    DEFAULT_CONCURRENCY,
     GATEWAY,
     GatewayPorts,
     MeshDescription,
@@ -93,9 +94,10 @@ from harness.accounting import (
 )
 from harness.metrics import MIB, RoleSampler, RoleUsage, WindowUsage, role_class
 from harness.ports import port_is_free
-from harness.procs import StartError, _raise_system_exit, _signals_deferred, http_ok
+from harness.procs import StartError, http_ok, raise_system_exit, signals_deferred
 from harness.stacks import DEFAULT_PORT, DEFAULT_WORKMODEL, MANIFEST, MESHES, REPO, STACK_ROLES
 from mubench.http_app import HEALTH_PATH as APP_HEALTH_PATH
+from mubench.internal import custom_function_names
 from mubench.workmodel import (
     DEFAULT_PER_SERVICE_CAP,
     DEFAULT_TOTAL_CAP,
@@ -330,6 +332,7 @@ class _Generator:
         functions_dir: Path | None,
         per_service_cap: int,
         total_cap: int,
+        envoy_concurrency: int,
         cpusets: CpuSets | None,
         image: str,
     ) -> None:
@@ -340,9 +343,10 @@ class _Generator:
         self.seed = seed
         self.scale = scale
         self.functions_dir = functions_dir
+        self.envoy_concurrency = envoy_concurrency
         self.cpusets = cpusets
         self.image = image
-        model = load_workmodel(str(workmodel))
+        model = load_workmodel(str(workmodel), custom=custom_function_names(functions_dir))
         self.plan, self.warnings = plan_processes(model, per_service_cap, total_cap)
         self.service_ids = list(model)
         self.entry = "s0" if "s0" in model else self.service_ids[0]
@@ -441,6 +445,7 @@ def _generate_envoy(gen: _Generator) -> Deployment:
         services,
         GatewayPorts(_PUBLIC_PORT, _GATEWAY_ADMIN_PORT),
         entry=gen.entry,
+        concurrency=gen.envoy_concurrency,
         listen_address=_ANY,
         service_hosts={svc: sidecar_name(svc) for svc in services},
     )
@@ -448,7 +453,7 @@ def _generate_envoy(gen: _Generator) -> Deployment:
     config_mounts = {name: gen.mount(path, _ENVOY_CONFIG_PATH) for name, path in configs.items()}
 
     # The same command line as a local Envoy, with the image's binary and config path.
-    envoy = [_ENVOY_BINARY, *envoy_argv(Path(_ENVOY_CONFIG_PATH), concurrency=desc.concurrency)[1:]]
+    envoy = [_ENVOY_BINARY, *envoy_argv(desc, Path(_ENVOY_CONFIG_PATH))[1:]]
 
     probes: list[tuple[Published, str]] = []
     counters: dict[str, Published] = {}
@@ -550,6 +555,7 @@ def generate(
     functions_dir: str | Path | None = None,
     per_service_cap: int = DEFAULT_PER_SERVICE_CAP,
     total_cap: int = DEFAULT_TOTAL_CAP,
+    envoy_concurrency: int = DEFAULT_CONCURRENCY,
     cpusets: CpuSets | None = None,
     image: str = IMAGE,
 ) -> Deployment:
@@ -572,6 +578,7 @@ def generate(
         functions_dir=Path(functions_dir).resolve() if functions_dir else None,
         per_service_cap=per_service_cap,
         total_cap=total_cap,
+        envoy_concurrency=envoy_concurrency,
         cpusets=cpusets,
         image=image,
     )
@@ -630,7 +637,7 @@ class ComposeStack:
         # As under a `Supervisor`: SIGTERM unwinds (SystemExit) so teardown runs, until stop().
         self._sigterm: list[object] = []
         if threading.current_thread() is threading.main_thread():
-            self._sigterm.append(signal.signal(signal.SIGTERM, _raise_system_exit))
+            self._sigterm.append(signal.signal(signal.SIGTERM, raise_system_exit))
         self._baseline: Traffic | None = None
         self._read_traffic: Callable[[], Traffic] | None = None
         atexit.register(self.stop)
@@ -790,7 +797,7 @@ class ComposeStack:
         atexit.unregister(self.stop)
         down = ["down", "--volumes", "--remove-orphans", "--timeout", "10"]
         failed: ComposeError | None = None
-        with _signals_deferred() as handlers_after:
+        with signals_deferred() as handlers_after:
             if self._sigterm:
                 handlers_after[signal.SIGTERM] = self._sigterm.pop()
             try:
@@ -837,6 +844,7 @@ def start_stack(
     functions_dir: str | Path | None = None,
     per_service_cap: int = DEFAULT_PER_SERVICE_CAP,
     total_cap: int = DEFAULT_TOTAL_CAP,
+    envoy_concurrency: int = DEFAULT_CONCURRENCY,
     ready_timeout_s: float = 120.0,
     cpusets: CpuSets | None = None,
 ) -> ComposeStack:
@@ -860,6 +868,7 @@ def start_stack(
         functions_dir=functions_dir,
         per_service_cap=per_service_cap,
         total_cap=total_cap,
+        envoy_concurrency=envoy_concurrency,
         cpusets=cpusets,
     )
     for line in deployment.warnings:

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import math
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from baselines.envoy.config import DEFAULT_CONCURRENCY
 from harness.stacks import DEFAULT_WORKMODEL, MESHES, REPO
 from loadtests.options import REQUEST_MODES
 
@@ -53,6 +54,8 @@ class BenchConfig:
     mode: str = "local"
     port: int = 0
     scale: float = 1.0
+    envoy_concurrency: int = DEFAULT_CONCURRENCY
+    functions_dir: Path | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready (paths as strings, tuples as lists)."""
@@ -80,8 +83,8 @@ def load_file(path: Path) -> dict[str, Any]:
     unknown = sorted(set(raw) - set(KEYS))
     if unknown:
         raise ConfigError(f"{path}: unknown key {unknown[0]!r} (known: {', '.join(KEYS)})")
-    for key in ("workmodel", "out"):
-        if isinstance(raw.get(key), str):
+    for key in ("workmodel", "out", "functions_dir"):
+        if isinstance(raw.get(key), str) and raw[key]:
             raw[key] = (path.parent / raw[key]).resolve()
     return raw
 
@@ -134,7 +137,9 @@ def load(config_path: Path | None, overrides: Mapping[str, Any] | None = None) -
 # --- validators: value -> normalised value, or ConfigError (message without the key) ---------
 
 
-def _int(low: int, high: int | None = None) -> Any:
+def whole_number(low: int, high: int | None = None) -> Callable[[Any], int]:
+    """A validator of whole numbers in `low..high`; also the command line's (`run_bench.py`)."""
+
     def check(value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int | str):
             raise ConfigError(f"must be a whole number, not {value!r}")
@@ -207,6 +212,15 @@ def _path(value: Any) -> Path:
     return Path(value).resolve()
 
 
+def _directory_or_none(value: Any) -> Path | None:
+    if value == "":
+        return None  # "" in bench.toml: no custom functions
+    path = _path(value)
+    if not path.is_dir():
+        raise ConfigError(f"no such directory: {path}")
+    return path
+
+
 def _existing_file(value: Any) -> Path:
     path = _path(value)
     if not path.is_file():
@@ -217,21 +231,23 @@ def _existing_file(value: Any) -> Path:
 _VALIDATORS: dict[str, Any] = {
     "workmodel": _existing_file,
     "meshes": _meshes,
-    "users": _int(1),
+    "users": whole_number(1),
     "rates": _rates,
-    "duration": _int(1),
-    "warmup": _int(0),
-    "settle": _int(0),
-    "repeat": _int(1),
-    "seed": _int(0),
+    "duration": whole_number(1),
+    "warmup": whole_number(0),
+    "settle": whole_number(0),
+    "repeat": whole_number(1),
+    "seed": whole_number(0),
     "out": _path,
     "slo_p99_ms": _positive_float,
     "find_max": _bool,
     "find_max_start": _positive_float,
-    "find_max_steps": _int(1, 20),
-    "processes": _int(1, 64),
+    "find_max_steps": whole_number(1, 20),
+    "processes": whole_number(1, 64),
     "request_mode": _choice(REQUEST_MODES),
     "mode": _choice(MODES),
-    "port": _int(0, 65535),
+    "port": whole_number(0, 65535),
     "scale": _positive_float,
+    "envoy_concurrency": whole_number(1),
+    "functions_dir": _directory_or_none,
 }

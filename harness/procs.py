@@ -129,7 +129,8 @@ def _alive(proc: psutil.Process) -> bool:
         return False
 
 
-def _raise_system_exit(signum: int, _frame: object) -> None:
+def raise_system_exit(signum: int, _frame: object) -> None:
+    """A SIGTERM handler that unwinds like Ctrl-C does, so `finally` blocks tear down."""
     raise SystemExit(128 + signum)
 
 
@@ -156,7 +157,7 @@ class Supervisor:
         self._saved_sigterm: object = None
         self._sigterm_installed = threading.current_thread() is threading.main_thread()
         if self._sigterm_installed:
-            self._saved_sigterm = signal.signal(signal.SIGTERM, _raise_system_exit)
+            self._saved_sigterm = signal.signal(signal.SIGTERM, raise_system_exit)
         atexit.register(self.stop)
 
     def __enter__(self) -> Supervisor:
@@ -295,7 +296,7 @@ class Supervisor:
         if self._stopped:
             return
         self._closed = True
-        with _signals_deferred() as handlers_after:
+        with signals_deferred() as handlers_after:
             self._terminate_all()
             self._stopped = True
             atexit.unregister(self.stop)
@@ -347,7 +348,7 @@ def _wait_gone(procs: Iterable[psutil.Process], timeout_s: float) -> bool:
 
 
 @contextlib.contextmanager
-def _signals_deferred() -> Iterator[dict[signal.Signals, object]]:
+def signals_deferred() -> Iterator[dict[signal.Signals, object]]:
     """Hold SIGINT/SIGTERM during teardown, then re-deliver them (main thread only).
 
     Yields the handlers to reinstate afterwards; the caller may change them.

@@ -72,6 +72,7 @@ from harness.results import (
 )
 from harness.stacks import REPO, start_stack
 from loadtests.options import DEFAULT_TRACE
+from mubench.internal import custom_function_names
 from mubench.workmodel import load_workmodel
 
 FIRST_REQUEST_TIMEOUT_S = 60.0
@@ -208,7 +209,9 @@ class Runner:
         self.console = console
         self.argv = argv
         self.start_stack = stack_starter(config.mode)
-        self.workmodel = load_workmodel(str(config.workmodel))
+        self.workmodel = load_workmodel(
+            str(config.workmodel), custom=custom_function_names(config.functions_dir)
+        )
         self.results = ResultsDir(new_run_dir(config.out))
         self.rows: list[dict[str, Any]] = []
         self.checks: list[dict[str, Any]] = []
@@ -260,6 +263,8 @@ class Runner:
                 port=port,
                 seed=cfg.seed,
                 scale=cfg.scale,
+                functions_dir=cfg.functions_dir,
+                envoy_concurrency=cfg.envoy_concurrency,
             )
         except StartError as exc:
             self._record(seg, "-", [chk.Check("stack_start", False, str(exc).splitlines()[0])])
@@ -482,13 +487,11 @@ class Runner:
             p["argv"] for p in first.get("envoy", {}).get("processes", []) if p["role"] == "gateway"
         ]
         if envoys:
-            argv = envoys[0]
-            config_at = argv.index("-c") if "-c" in argv else len(argv)
-            fairness["envoy_tuning"] = {
-                "flags": argv[1:config_at] + argv[config_at + 2 :],
-                "config": "no access log or tracing, circuit breakers at 1e9, no retries, "
-                "upstream keep-alive (baselines/envoy/config.py)",
-            }
+            from baselines.envoy.config import tuning
+
+            configs = first["envoy"].get("configs", {})
+            bootstraps = {name: json.loads(Path(p).read_text()) for name, p in configs.items()}
+            fairness["envoy_tuning"] = tuning(envoys[0], bootstraps)
         return fairness
 
     # -- output ----------------------------------------------------------------------------

@@ -47,7 +47,12 @@ from typing import Any
 
 import psutil
 
-from baselines.envoy.config import GatewayPorts, MeshDescription, ServicePorts
+from baselines.envoy.config import (
+    DEFAULT_CONCURRENCY,
+    GatewayPorts,
+    MeshDescription,
+    ServicePorts,
+)
 from baselines.envoy.runner import start_mesh
 from dpumesh import naming
 from dpumesh.dpu_daemon import HEALTH_PATH as BRIDGE_HEALTH_PATH
@@ -66,11 +71,12 @@ from harness.procs import (
     ReadyCheck,
     StartError,
     Supervisor,
-    _signals_deferred,  # the supervisor's own "finish teardown before Ctrl-C" guard
     http_ok,
     log_tail,
+    signals_deferred,  # the supervisor's own "finish teardown before Ctrl-C" guard
 )
 from mubench.http_app import HEALTH_PATH as APP_HEALTH_PATH
+from mubench.internal import custom_function_names
 from mubench.workmodel import (
     DEFAULT_PER_SERVICE_CAP,
     DEFAULT_TOTAL_CAP,
@@ -119,6 +125,7 @@ class _Launch:
         seed: int,
         scale: float,
         functions_dir: Path | None,
+        envoy_concurrency: int,
         ready_timeout_s: float,
     ) -> None:
         self.mesh = mesh
@@ -132,6 +139,7 @@ class _Launch:
         self.seed = seed
         self.scale = scale
         self.functions_dir = functions_dir
+        self.envoy_concurrency = envoy_concurrency
         self.deadline = time.monotonic() + ready_timeout_s
         self.ports = [port]  # every port the stack binds
         self.allocated: list[int] = []  # those from harness.ports, released after teardown
@@ -170,7 +178,7 @@ class _Launch:
         if self._down:
             return
         self._down = True
-        with _signals_deferred():
+        with signals_deferred():
             self.sup.stop()
             for cleanup in self.cleanups:
                 cleanup()
@@ -231,9 +239,13 @@ def start_stack(
     functions_dir: str | Path | None = None,
     per_service_cap: int = DEFAULT_PER_SERVICE_CAP,
     total_cap: int = DEFAULT_TOTAL_CAP,
+    envoy_concurrency: int = DEFAULT_CONCURRENCY,
     ready_timeout_s: float = 60.0,
 ) -> RunningStack:
     """Start `mesh` serving `workmodel_path` on `127.0.0.1:port`; return once it answers.
+
+    `envoy_concurrency` is every Envoy's `--concurrency` (worker threads) in
+    the `envoy` stack; the other stacks ignore it.
 
     Raises `WorkmodelError` for a bad workmodel (before starting anything) and
     `StartError` when a process fails or is not ready within `ready_timeout_s`
@@ -242,7 +254,7 @@ def start_stack(
     if mesh not in MESHES:
         raise ValueError(f"mesh {mesh!r} is not one of {MESHES}")
     workmodel_path = Path(workmodel_path).resolve()
-    workmodel = load_workmodel(str(workmodel_path))
+    workmodel = load_workmodel(str(workmodel_path), custom=custom_function_names(functions_dir))
     plan, warnings = plan_processes(workmodel, per_service_cap, total_cap)
     for line in warnings:
         print(f"warning: {line}", file=sys.stderr)
@@ -258,6 +270,7 @@ def start_stack(
         seed=seed,
         scale=scale,
         functions_dir=Path(functions_dir).resolve() if functions_dir else None,
+        envoy_concurrency=envoy_concurrency,
         ready_timeout_s=ready_timeout_s,
     )
     try:
@@ -288,8 +301,7 @@ def serve(mesh: str, workmodel_path: str | Path, **options: Any) -> None:
             for sig in (signal.SIGINT, signal.SIGTERM)
         }
         try:
-            while not stop.wait(1.0):
-                pass
+            stop.wait()  # the handlers run in this thread and set it
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -344,7 +356,9 @@ def _launch_envoy(launch: _Launch) -> _Launched:
     """Apps behind their sidecars, and the gateway on the public port."""
     services = {svc: ServicePorts(*launch.free_ports(4)) for svc in launch.services}
     gateway = GatewayPorts(launch.port, launch.free_ports(1)[0])
-    desc = MeshDescription(services, gateway, entry=launch.entry)
+    desc = MeshDescription(
+        services, gateway, entry=launch.entry, concurrency=launch.envoy_concurrency
+    )
     for svc, ports in services.items():
         egress = ["--egress-proxy", f"http://{_LOOPBACK}:{ports.outbound_port}"]
         _start_http_app(launch, svc, ports.app_port, egress)

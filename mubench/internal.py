@@ -188,6 +188,13 @@ def load_functions(functions_dir: str | None = None) -> dict[str, InternalFuncti
     return functions
 
 
+def custom_function_names(functions_dir: str | Path | None) -> frozenset[str]:
+    """Names of the custom functions in `functions_dir` (importing them), for the loader."""
+    if functions_dir is None:
+        return frozenset()
+    return custom_names(load_functions(str(functions_dir)))
+
+
 def custom_names(functions: Mapping[str, InternalFunction]) -> frozenset[str]:
     """Names served by a custom function: the workmodel loader leaves their parameters free-form."""
     return frozenset(name for name, func in functions.items() if BUILTINS.get(name) is not func)

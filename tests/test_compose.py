@@ -241,7 +241,14 @@ def test_a_crashing_container_fails_the_start_with_its_log_and_leaves_nothing(
     functions = tmp_path / "functions"
     functions.mkdir(mode=0o755)
     functions.chmod(0o755)  # readable by the containers' user
-    (functions / "broken.py").write_text('raise RuntimeError("broken on purpose")\n')
+    # Imports fine here (the harness reads the function names), crashes in a container.
+    (functions / "broken.py").write_text(
+        "import os\n"
+        "if os.path.exists('/.dockerenv'):\n"
+        "    raise RuntimeError('broken on purpose')\n"
+        "def broken(params):\n"
+        "    return ''\n"
+    )
     (functions / "broken.py").chmod(0o644)
     with pytest.raises(compose.ComposeError, match="broken on purpose"):
         compose.start_stack(

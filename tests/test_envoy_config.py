@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import http.client
 import json
+import re
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -13,9 +16,14 @@ from baselines.envoy import config
 from baselines.envoy.runner import start_mesh
 from harness.ports import free_ports, release_ports, wait_port_free
 from harness.procs import Supervisor, http_ok
+from mubench.http_app import KEEPALIVE_S
 from tests.conftest import require_external
 
 SERVICES = ("s0", "s1", "s2")
+UNLIMITED = 1_000_000_000  # the circuit-breaker value Envoy's FAQ suggests
+FIXED_PORTS = list(range(20000, 20014))  # for configs that are never started
+UPSTREAM_HTTP = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+BREAKER_LIMITS = ("max_connections", "max_pending_requests", "max_requests", "max_retries")
 
 
 def _description(ports: list[int], **kwargs) -> config.MeshDescription:
@@ -30,6 +38,26 @@ def _cluster_port(bootstrap: dict, name: str) -> int:
     return endpoint["endpoint"]["address"]["socket_address"]["port_value"]
 
 
+def _clusters(desc: config.MeshDescription) -> list[dict]:
+    """Every cluster of every Envoy of the mesh."""
+    return [c for b in config.render(desc).values() for c in b["static_resources"]["clusters"]]
+
+
+def _http_filters(desc: config.MeshDescription) -> list[dict]:
+    """The HTTP connection manager of every listener of every Envoy."""
+    return [
+        f["typed_config"]
+        for b in config.render(desc).values()
+        for listener in b["static_resources"]["listeners"]
+        for chain in listener["filter_chains"]
+        for f in chain["filters"]
+    ]
+
+
+def _concurrency_flag(argv: list[str]) -> str:
+    return argv[argv.index("--concurrency") + 1]
+
+
 def _envoy_available() -> bool:
     try:
         config.envoy_binary()
@@ -39,11 +67,12 @@ def _envoy_available() -> bool:
 
 
 def test_description_rejects_bad_input():
-    ports = list(range(20000, 20014))
     with pytest.raises(ValueError, match="distinct"):
-        _description([*ports[:13], ports[0]])
+        _description([*FIXED_PORTS[:13], FIXED_PORTS[0]])
     with pytest.raises(ValueError, match="entry"):
-        _description(ports, entry="s9")
+        _description(FIXED_PORTS, entry="s9")
+    with pytest.raises(ValueError, match="concurrency"):
+        _description(FIXED_PORTS, concurrency=0)
     with pytest.raises(ValueError, match="service ids"):
         config.MeshDescription(
             services={"a.b": config.ServicePorts(1, 2, 3, 4)}, gateway=config.GatewayPorts(5, 6)
@@ -51,7 +80,7 @@ def test_description_rejects_bad_input():
 
 
 def test_calls_cross_the_callee_sidecar_not_its_app():
-    desc = _description(list(range(20000, 20014)))
+    desc = _description(FIXED_PORTS)
     sidecar = config.sidecar_config(desc, "s0")
     assert _cluster_port(sidecar, config.LOCAL_APP_CLUSTER) == desc.services["s0"].app_port
     for callee in SERVICES:
@@ -63,9 +92,151 @@ def test_calls_cross_the_callee_sidecar_not_its_app():
     assert '"generate_request_id": false' in text
 
 
+def test_circuit_breakers_are_raised_for_both_priorities():
+    clusters = _clusters(_description(FIXED_PORTS))
+    assert len(clusters) == 3 * 4 + 3  # each sidecar: local_app + to_<svc> x3; gateway: x3
+    for cluster in clusters:
+        thresholds = cluster["circuit_breakers"]["thresholds"]
+        assert sorted(t["priority"] for t in thresholds) == ["DEFAULT", "HIGH"]
+        for threshold in thresholds:
+            assert {k: threshold[k] for k in BREAKER_LIMITS} == dict.fromkeys(
+                BREAKER_LIMITS, UNLIMITED
+            ), cluster["name"]
+
+
+def test_router_and_connection_manager_tuning():
+    hcms = _http_filters(_description(FIXED_PORTS))
+    assert len(hcms) == 3 * 2 + 1  # inbound + outbound per sidecar, the gateway
+    for hcm in hcms:
+        assert hcm["generate_request_id"] is False
+        assert "access_log" not in hcm and "tracing" not in hcm
+        (router,) = hcm["http_filters"]
+        assert router["typed_config"]["dynamic_stats"] is False
+        assert router["typed_config"]["suppress_envoy_headers"] is True
+        routes = [r for vh in hcm["route_config"]["virtual_hosts"] for r in vh["routes"]]
+        assert routes and all("retry_policy" not in r["route"] for r in routes)
+
+
+def test_upstreams_are_http11_with_connection_reuse():
+    for cluster in _clusters(_description(FIXED_PORTS)):
+        options = cluster["typed_extension_protocol_options"][UPSTREAM_HTTP]
+        # HTTP/1.1 (keep-alive by default), nothing capping requests per connection.
+        assert options["explicit_http_config"] == {"http_protocol_options": {}}
+        common = options.get("common_http_protocol_options", {})
+        assert "max_requests_per_connection" not in common
+        assert "max_requests_per_connection" not in cluster
+        if cluster["name"] == config.LOCAL_APP_CLUSTER:
+            # Idle connections to the app close before the app's own keep-alive does.
+            assert set(common) == {"idle_timeout"}
+            assert float(common["idle_timeout"].removesuffix("s")) < KEEPALIVE_S
+        else:
+            assert common == {}
+
+
+def test_envoy_argv_carries_the_configured_concurrency():
+    desc = _description(FIXED_PORTS, concurrency=3)
+    argv = config.envoy_argv(desc, Path("/tmp/gateway.json"))
+    assert _concurrency_flag(argv) == "3"
+    assert argv[argv.index("-c") + 1] == "/tmp/gateway.json"
+    default = config.envoy_argv(_description(FIXED_PORTS), Path("x.json"))
+    assert _concurrency_flag(default) == str(config.DEFAULT_CONCURRENCY)
+
+
+def test_tuning_reads_back_the_generated_mesh():
+    desc = _description(FIXED_PORTS, concurrency=3)
+    found = config.tuning(config.envoy_argv(desc, Path("gateway.json")), config.render(desc))
+    assert found == {
+        "flags": ["--concurrency", "3", "--log-level", "warn", "--disable-hot-restart"],
+        "envoys": ["gateway", "sidecar-s0", "sidecar-s1", "sidecar-s2"],
+        "concurrency": 3,
+        "access_log": False,
+        "tracing": False,
+        "retries": False,
+        "generate_request_id": False,
+        "dynamic_stats": False,
+        "suppress_envoy_headers": True,
+        "circuit_breakers": dict.fromkeys(BREAKER_LIMITS, UNLIMITED),
+        "upstream_protocol": "HTTP/1.1",
+        "upstream_connection_reuse": True,
+        "app_idle_timeout": "1.000s",
+        "ok": True,
+    }
+
+
+def _hcm(bootstraps: dict) -> dict:
+    filters = bootstraps["sidecar-s1"]["static_resources"]["listeners"][0]["filter_chains"][0]
+    return filters["filters"][0]["typed_config"]
+
+
+def _cluster(bootstraps: dict) -> dict:
+    return bootstraps["gateway"]["static_resources"]["clusters"][0]
+
+
+def _options(bootstraps: dict) -> dict:
+    return _cluster(bootstraps)["typed_extension_protocol_options"][UPSTREAM_HTTP]
+
+
+# One drifted setting in one Envoy, and how the read-back must show it.
+DRIFTS = {
+    "access_log": (
+        lambda b: _hcm(b).update(access_log=[{"name": "envoy.access_loggers.stdout"}]),
+        {"access_log": True},
+    ),
+    "dynamic_stats": (
+        lambda b: _hcm(b)["http_filters"][0]["typed_config"].pop("dynamic_stats"),
+        {"dynamic_stats": [False, True]},  # absent = Envoy's default, true
+    ),
+    "request_id": (
+        lambda b: _hcm(b).update(generate_request_id=True),
+        {"generate_request_id": [False, True]},
+    ),
+    "breakers": (
+        lambda b: _cluster(b)["circuit_breakers"]["thresholds"].pop(),  # HIGH: defaults
+        {
+            "circuit_breakers": {
+                "max_connections": 1024,
+                "max_pending_requests": 1024,
+                "max_requests": 1024,
+                "max_retries": 3,
+            }
+        },
+    ),
+    "one_request_per_connection": (
+        lambda b: _options(b).update(
+            common_http_protocol_options={"max_requests_per_connection": 1}
+        ),
+        {"upstream_connection_reuse": False},
+    ),
+    "http2": (
+        lambda b: _options(b).update(explicit_http_config={"http2_protocol_options": {}}),
+        {"upstream_protocol": ["HTTP/1.1", "HTTP/2"]},
+    ),
+}
+
+
+@pytest.mark.parametrize("drift", DRIFTS)
+def test_tuning_shows_a_drifted_setting(drift):
+    desc = _description(FIXED_PORTS)
+    bootstraps = copy.deepcopy(config.render(desc))
+    change, expected = DRIFTS[drift]
+    change(bootstraps)
+    found = config.tuning(config.envoy_argv(desc, Path("gateway.json")), bootstraps)
+    assert {k: found[k] for k in expected} == expected
+    assert found["ok"] is False
+
+
+def test_tuning_without_explicit_concurrency_is_not_ok():
+    desc = _description(FIXED_PORTS)
+    argv = config.envoy_argv(desc, Path("g.json"))
+    at = argv.index("--concurrency")
+    del argv[at : at + 2]
+    found = config.tuning(argv, config.render(desc))
+    assert found["concurrency"] is None and found["ok"] is False
+
+
 def test_generated_configs_pass_envoy_validation(tmp_path):
     require_external(_envoy_available(), "Envoy")
-    paths = config.write_configs(_description(list(range(20000, 20014))), tmp_path)
+    paths = config.write_configs(_description(FIXED_PORTS), tmp_path)
     assert set(paths) == {"sidecar-s0", "sidecar-s1", "sidecar-s2", "gateway"}
     assert all(p.is_file() for p in paths.values())
 
@@ -159,6 +330,7 @@ def test_requests_cross_gateway_and_both_sidecars(tmp_path):
         configs = start_mesh(sup, desc, tmp_path / "envoy")
         sup.wait_ready(timeout_s=30)
         assert len(sup.roles()["sidecar"]) == 3 and len(sup.roles()["gateway"]) == 1
+        assert {_concurrency_flag(sup.procs[name].argv) for name in configs} == {"1"}
 
         public = desc.gateway.listen_port
         status, body = _get(public, "/", {"x-request-id": "rid-1"})
@@ -196,3 +368,14 @@ def test_requests_cross_gateway_and_both_sidecars(tmp_path):
     for port in ports:
         wait_port_free(port, timeout_s=5)
     release_ports(ports)
+
+
+def test_compose_envoys_get_the_configured_concurrency(tmp_path):
+    require_external(_envoy_available(), "Envoy")
+    from harness import compose
+
+    deployment = compose.generate("envoy", out_dir=tmp_path, envoy_concurrency=3)
+    assert deployment.mesh_description.concurrency == 3
+    # Three sidecars and the gateway, each command line with `--concurrency 3`.
+    flags = re.findall(r'- "--concurrency"\n\s*- "(\d+)"', deployment.file.read_text())
+    assert flags == ["3"] * 4

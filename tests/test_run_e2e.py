@@ -213,3 +213,37 @@ def test_a_paused_entry_process_shows_in_p99(tmp_path):
     assert m.sidecar["failures"] == 0
     assert checks.counts_match(m.sidecar, m.level_traffic["entry_requests"]).ok
     assert m.usage is not None and m.window_requests > 0
+
+
+def test_a_failing_self_check_is_reported_not_hidden(tmp_path):
+    """Every request fails (a custom internal function raises): results are still written,
+    the rows and the summary say which check failed, and the exit status is 1."""
+    functions = tmp_path / "functions"
+    functions.mkdir()
+    (functions / "boom.py").write_text("def boom(params):\n    raise RuntimeError('boom')\n")
+    workmodel = json.loads((REPO / "workmodels" / "default.json").read_text())
+    workmodel["s0"]["internal_service"] = {"boom": {}}
+    (tmp_path / "wm.json").write_text(json.dumps(workmodel))
+    out = tmp_path / "results"
+    argv = [
+        *("run", "--meshes", "nomesh", "--duration", "2", "--warmup", "1", "--repeat", "1"),
+        *("--rate", "", "--users", "2", "--workmodel", str(tmp_path / "wm.json")),
+        *("--functions-dir", str(functions), "--out", str(out)),
+    ]
+    res = subprocess.run(
+        [sys.executable, "run_bench.py", *argv],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 1, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "self-checks FAILED" in res.stdout
+    run_dir = (out / "latest").resolve()
+    (row,) = _rows(run_dir)
+    assert row["checks_ok"] == "false" and "error_rate" in row["checks"].split(";")
+    assert int(row["failures"]) == int(row["requests"]) > 0
+    meta = json.loads((run_dir / "meta.json").read_text())
+    assert meta["checks_ok"] is False
+    assert meta["config"]["functions_dir"] == str(functions)
+    assert (run_dir / "report.html").is_file()

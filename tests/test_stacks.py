@@ -17,6 +17,8 @@ import urllib.parse
 import psutil
 import pytest
 
+import run_bench
+from baselines.envoy.config import read_stats
 from harness.ports import free_ports, port_is_free
 from harness.procs import StartError
 from harness.stacks import MANIFEST, MESHES, REPO, RunningStack, start_stack
@@ -64,6 +66,15 @@ def assert_nothing_left(manifest: dict) -> None:
 
 def read_manifest(stack: RunningStack) -> dict:
     return json.loads(stack.manifest.read_text())
+
+
+def envoy_concurrency(manifest: dict) -> set[str]:
+    """The `--concurrency` values on the recorded command lines of a stack's Envoys."""
+    return {
+        p["argv"][p["argv"].index("--concurrency") + 1]
+        for p in manifest["processes"]
+        if p["role"] in ("sidecar", "gateway")
+    }
 
 
 @pytest.mark.parametrize("mesh", MESHES)
@@ -144,7 +155,7 @@ def test_serve_until_sigint(mesh, tmp_path):
     (port,) = free_ports(1)
     argv = [sys.executable, "run_bench.py", "serve", "--mesh", mesh, "--port", str(port)]
     proc = subprocess.Popen(
-        [*argv, "--run-dir", str(tmp_path)],
+        [*argv, "--envoy-concurrency", "1", "--run-dir", str(tmp_path)],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -163,6 +174,7 @@ def test_serve_until_sigint(mesh, tmp_path):
         assert request(url + "/")[0] == 200
         manifest = json.loads((tmp_path / MANIFEST).read_text())
         if mesh == "envoy":
+            assert envoy_concurrency(manifest) == {"1"}
             assert sorted(p.name for p in (tmp_path / "configs").iterdir()) == [
                 "gateway.json",
                 "sidecar-s0.json",
@@ -232,3 +244,96 @@ def test_busy_port_is_refused(tmp_path):
         pytest.raises(StartError, match=f"port {port} is already in use"),
     ):
         start_stack("nomesh", port=port, run_dir=tmp_path)
+
+
+def test_envoy_stack_reuses_connections(tmp_path):
+    """Keep-alive end to end: 30 requests, a handful of connections on every hop.
+
+    Hops: each app to its sidecar's outbound listener (`http.outbound_<svc>.downstream_*`)
+    and each Envoy to its upstreams (`cluster.<name>.upstream_*`: the gateway and
+    sidecar-s0 to the callees' inbound listeners, every sidecar to its app).
+    """
+    (port,) = free_ports(1)
+    with start_stack("envoy", port=port, run_dir=tmp_path, envoy_concurrency=1) as stack:
+        for _ in range(30):
+            assert request(stack.url + "/")[0] == 200
+        pattern = r"^(cluster\.[^.]+\.upstream|http\.outbound_[^.]+\.downstream)_(cx|rq)_total$"
+        stats = {
+            name: read_stats(_admin_port(path), pattern) for name, path in stack.configs.items()
+        }
+        manifest = read_manifest(stack)
+    assert envoy_concurrency(manifest) == {"1"}
+    hops = {}
+    for name, counters in stats.items():
+        for stat, requests in counters.items():
+            if stat.endswith("_rq_total") and requests:
+                connections = counters[stat.replace("_rq_total", "_cx_total")]
+                hops[f"{name} {stat.removesuffix('_rq_total')}"] = (requests, connections)
+    assert sorted(hops) == [
+        "gateway cluster.to_s0.upstream",
+        "sidecar-s0 cluster.local_app.upstream",
+        "sidecar-s0 cluster.to_s1.upstream",
+        "sidecar-s0 cluster.to_s2.upstream",
+        "sidecar-s0 http.outbound_s0.downstream",
+        "sidecar-s1 cluster.local_app.upstream",
+        "sidecar-s2 cluster.local_app.upstream",
+    ]
+    for hop, (requests, connections) in hops.items():
+        assert requests >= 30 and 1 <= connections <= requests / 10, (hop, requests, connections)
+
+
+def _admin_port(config_path) -> int:
+    return json.loads(config_path.read_text())["admin"]["address"]["socket_address"]["port_value"]
+
+
+@pytest.mark.parametrize("command", [[], ["run"], ["serve"], ["report"]])
+def test_help_exits_0(command):
+    done = subprocess.run(
+        [sys.executable, "run_bench.py", *command, "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: run_bench.py")
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "fragment"),
+    [
+        ("--port", "0", "argument --port: must be between 1 and 65535, not 0"),
+        ("--port", "65536", "argument --port: must be between 1 and 65535, not 65536"),
+        ("--port", "http", "argument --port: must be a whole number, not 'http'"),
+        ("--scale", "-1", "argument --scale: must be a finite number >= 0"),
+        ("--scale", "nan", "argument --scale: must be a finite number >= 0"),
+        ("--envoy-concurrency", "0", "argument --envoy-concurrency: must be >= 1, not 0"),
+        ("--envoy-concurrency", "1.5", "argument --envoy-concurrency: must be a whole number"),
+    ],
+)
+def test_serve_rejects_bad_options(option, value, fragment, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        run_bench.main(["serve", "--mesh", "nomesh", option, value])
+    assert exit_.value.code == 2
+    assert fragment in capsys.readouterr().err
+
+
+def test_run_rejects_bad_envoy_concurrency(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        run_bench.main(["run", "--envoy-concurrency", "0"])
+    assert exit_.value.code == 2
+    assert "argument --envoy-concurrency: must be >= 1, not 0" in capsys.readouterr().err
+
+
+def test_bad_service_id_is_a_one_line_error(tmp_path, capsys):
+    workmodel = json.loads((REPO / "workmodels" / "default.json").read_text())
+    workmodel["s.1"] = workmodel.pop("s1")
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(workmodel))
+    (port,) = free_ports(1)
+    argv = ["serve", "--mesh", "envoy", "--workmodel", str(path), "--port", str(port)]
+    assert run_bench.main([*argv, "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and 'service id "s.1"' in err
+    assert err.count("\n") == 1

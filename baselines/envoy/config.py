@@ -29,6 +29,9 @@ Every listener's HTTP stats live under `http.<stat_prefix>.` with prefixes
 `gateway`, `inbound_<svc>` and `outbound_<svc>`; clusters are `local_app` (a
 sidecar's app) and `to_<svc>` (a service's inbound listener), counted under
 `cluster.<name>.` (`upstream_rq_total` vs `upstream_cx_total` shows reuse).
+
+`tuning()` reads that tuning back from the generated bootstraps and an Envoy
+command line, so a run's fairness record states what ran, not what was meant.
 """
 
 from __future__ import annotations
@@ -36,14 +39,16 @@ from __future__ import annotations
 import http.client
 import ipaddress
 import json
-import re
 import shutil
 import subprocess
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+# Service ids become stat-name segments and Host patterns: the workmodel loader's rule.
+from mubench.workmodel import SERVICE_ID
 
 GATEWAY = "gateway"
 LOCAL_APP_CLUSTER = "local_app"
@@ -56,17 +61,25 @@ LISTENER_COUNTERS = (
     "downstream_cx_total",
 )
 
+# Envoy worker threads (`--concurrency`) unless a stack asks for another number.
+DEFAULT_CONCURRENCY = 2
+
 _LOOPBACK = "127.0.0.1"
 # "Effectively disable" circuit breaking, the value Envoy's FAQ suggests.
 _UNLIMITED = 1_000_000_000
-# Service ids become stat-name segments and Host patterns, so no dots or colons.
-_SERVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
 _HCM = (
     "type.googleapis.com/"
     "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 )
 _ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 _UPSTREAM_HTTP = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+# Envoy's circuit-breaker thresholds where a cluster sets none (per priority).
+_BREAKER_DEFAULTS = {
+    "max_connections": 1024,
+    "max_pending_requests": 1024,
+    "max_requests": 1024,
+    "max_retries": 3,
+}
 
 
 class EnvoyConfigError(RuntimeError):
@@ -96,8 +109,9 @@ class MeshDescription:
     """Everything the generator needs; plain data so it does not depend on μBench.
 
     `app_idle_timeout_s` closes a sidecar's idle connections to its app before
-    the app server's own keep-alive timeout (gunicorn's default is 2 s) can, so
-    Envoy never reuses a connection the app is closing (a spurious 503 UC).
+    the app server's own keep-alive timeout can (`mubench.http_app` sets
+    gunicorn's to 75 s; 1 s also stays under gunicorn's own default of 2 s),
+    so Envoy never reuses a connection the app is closing (a spurious 503 UC).
     Under load connections never idle that long, so reuse is unaffected.
 
     The defaults put every Envoy on one machine's loopback. In containers
@@ -112,16 +126,16 @@ class MeshDescription:
     services: Mapping[str, ServicePorts]
     gateway: GatewayPorts
     entry: str = "s0"
-    concurrency: int = 2
+    concurrency: int = DEFAULT_CONCURRENCY
     route_timeout_s: float = 30.0
     app_idle_timeout_s: float = 1.0
     listen_address: str = _LOOPBACK
     service_hosts: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        bad = [s for s in self.services if not _SERVICE_ID.fullmatch(s)]
+        bad = [s for s in self.services if not SERVICE_ID.fullmatch(s)]
         if bad:
-            raise ValueError(f"service ids must match {_SERVICE_ID.pattern}: {bad}")
+            raise ValueError(f"service ids must match {SERVICE_ID.pattern}: {bad}")
         if self.entry not in self.services:
             raise ValueError(f"entry service {self.entry!r} is not among the services")
         ports = [self.gateway.listen_port, self.gateway.admin_port]
@@ -379,8 +393,8 @@ def write_configs(desc: MeshDescription, out_dir: Path) -> dict[str, Path]:
     return paths
 
 
-def envoy_argv(config_path: Path, *, concurrency: int = 2) -> list[str]:
-    """Command line for one Envoy.
+def envoy_argv(desc: MeshDescription, config_path: Path) -> list[str]:
+    """Command line for one Envoy of the mesh `desc` (`--concurrency` from it).
 
     `--disable-hot-restart` means no shared memory and no hot-restart domain
     socket, so any number of Envoys (ours and other runs') coexist without
@@ -391,11 +405,125 @@ def envoy_argv(config_path: Path, *, concurrency: int = 2) -> list[str]:
         "-c",
         str(config_path),
         "--concurrency",
-        str(concurrency),
+        str(desc.concurrency),
         "--log-level",
         "warn",
         "--disable-hot-restart",
     ]
+
+
+def tuning(argv: Sequence[str], bootstraps: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The tuning a mesh's Envoys ran with, read back from one command line and every bootstrap.
+
+    For the fairness record (DESIGN §5): derived from what ran, it cannot drift
+    from this generator. A field a config leaves out counts as Envoy's default;
+    a setting the Envoys disagree on shows as the list of their values. `ok`
+    says whether everything is as this module's docstring promises.
+    """
+    docs = list(bootstraps.values())
+    keys = {key for doc in docs for key, _ in _walk(doc)}
+    hcms = [t for doc in docs for t in _typed_configs(doc, _HCM)]
+    routers = [t for doc in docs for t in _typed_configs(doc, _ROUTER)]
+    clusters = [c for doc in docs for c in doc.get("static_resources", {}).get("clusters", [])]
+    config_at = argv.index("-c") if "-c" in argv else len(argv)
+    flags = [*argv[1:config_at], *argv[config_at + 2 :]]
+    limits = [lim for c in clusters for lim in _breaker_limits(c)]
+    found: dict[str, Any] = {
+        "flags": flags,
+        "envoys": sorted(bootstraps),
+        "concurrency": (
+            int(flags[flags.index("--concurrency") + 1]) if "--concurrency" in flags else None
+        ),
+        "access_log": any("access_log" in key for key in keys),
+        "tracing": "tracing" in keys,
+        "retries": "retry_policy" in keys,
+        "generate_request_id": _same(h.get("generate_request_id", True) for h in hcms),
+        "dynamic_stats": _same(r.get("dynamic_stats", True) for r in routers),
+        "suppress_envoy_headers": _same(r.get("suppress_envoy_headers", False) for r in routers),
+        # The lowest threshold over every cluster and both priorities.
+        "circuit_breakers": {
+            k: min((lim[k] for lim in limits), default=None) for k in _BREAKER_DEFAULTS
+        },
+        "upstream_protocol": _same(_upstream_protocol(c) for c in clusters),
+        "upstream_connection_reuse": bool(clusters) and all(map(_reuses_connections, clusters)),
+        "app_idle_timeout": _same(
+            _upstream_options(c).get("common_http_protocol_options", {}).get("idle_timeout")
+            for c in clusters
+            if c["name"] == LOCAL_APP_CLUSTER
+        ),
+    }
+    intended = {
+        "access_log": False,
+        "tracing": False,
+        "retries": False,
+        "generate_request_id": False,
+        "dynamic_stats": False,
+        "suppress_envoy_headers": True,
+        "upstream_protocol": "HTTP/1.1",
+        "upstream_connection_reuse": True,
+    }
+    breakers = found["circuit_breakers"].values()
+    found["ok"] = (
+        found["concurrency"] is not None
+        and all(found[k] == v for k, v in intended.items())
+        and all(v is not None and v >= _UNLIMITED for v in breakers)
+    )
+    return found
+
+
+def _walk(node: Any) -> Iterator[tuple[str, Any]]:
+    """Every (key, value) pair of a JSON document, depth first."""
+    if isinstance(node, Mapping):
+        for key, value in node.items():
+            yield key, value
+            yield from _walk(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _walk(item)
+
+
+def _typed_configs(bootstrap: Mapping[str, Any], type_url: str) -> list[Mapping[str, Any]]:
+    return [
+        value
+        for key, value in _walk(bootstrap)
+        if key == "typed_config" and isinstance(value, Mapping) and value.get("@type") == type_url
+    ]
+
+
+def _same(values: Iterable[Any]) -> Any:
+    """The one value every Envoy has, or all their distinct values when they differ."""
+    distinct = sorted(set(values), key=repr)
+    return distinct[0] if len(distinct) == 1 else distinct
+
+
+def _breaker_limits(cluster: Mapping[str, Any]) -> list[dict[str, int]]:
+    """A cluster's effective circuit-breaker thresholds, one dict per priority."""
+    thresholds = cluster.get("circuit_breakers", {}).get("thresholds", [])
+    by_priority = {t.get("priority", "DEFAULT"): t for t in thresholds}
+    return [
+        {k: by_priority.get(prio, {}).get(k, default) for k, default in _BREAKER_DEFAULTS.items()}
+        for prio in ("DEFAULT", "HIGH")
+    ]
+
+
+def _upstream_options(cluster: Mapping[str, Any]) -> Mapping[str, Any]:
+    return cluster.get("typed_extension_protocol_options", {}).get(_UPSTREAM_HTTP, {})
+
+
+def _upstream_protocol(cluster: Mapping[str, Any]) -> str:
+    """HTTP/1.1 unless the cluster asks for HTTP/2 or for whatever the downstream speaks."""
+    options = _upstream_options(cluster)
+    if "use_downstream_protocol_config" in options or "auto_config" in options:
+        return "auto"
+    explicit = options.get("explicit_http_config", {})
+    return "HTTP/2" if "http2_protocol_options" in explicit else "HTTP/1.1"
+
+
+def _reuses_connections(cluster: Mapping[str, Any]) -> bool:
+    """Keep-alive: nothing caps a connection at one request (absent or 0 means no cap)."""
+    common = _upstream_options(cluster).get("common_http_protocol_options", {})
+    caps = (cluster.get("max_requests_per_connection"), common.get("max_requests_per_connection"))
+    return all(cap in (None, 0) or cap > 1 for cap in caps)
 
 
 def read_stats(admin_port: int, filter_regex: str | None = None) -> dict[str, int]:

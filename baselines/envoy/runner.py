@@ -22,7 +22,7 @@ def start_mesh(
     for name, path in configs.items():
         sup.start(
             name,
-            envoy_argv(path, concurrency=desc.concurrency),
+            envoy_argv(desc, path),
             role="gateway" if name == GATEWAY else "sidecar",
             ready=http_ok(f"http://127.0.0.1:{admin[name]}/ready"),
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -14,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import psutil
 import pytest
 
+from dpumesh.registry import Registry
 from tests.mesh import Mesh, shm_objects
 
 pytestmark = pytest.mark.e2e
@@ -174,6 +176,12 @@ def test_a_stalled_worker_is_replaced_and_the_new_one_serves(mesh):
     try:
         mesh.wait_workers({"s1": 0}, timeout=5)
         assert get(mesh.port, "/s1/api/v1")[0] == 503
+        # Resume only once the slot is reaped (a worker back before that simply goes on).
+        with contextlib.closing(Registry.open(mesh.ns)) as table:
+            deadline = time.monotonic() + 5
+            while any(info.pid == pid for info in table.snapshot()):
+                assert time.monotonic() < deadline, "the dead slot was not reaped"
+                time.sleep(0.05)
     finally:
         stalled.resume()
     # Its slot is gone, so it leaves; its supervisor starts a fresh worker in its place.

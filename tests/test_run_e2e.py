@@ -60,6 +60,17 @@ def _envoy_available() -> bool:
     return True
 
 
+def run_bench(argv: list[str], timeout_s: float) -> subprocess.CompletedProcess[str]:
+    """`python run_bench.py ARGV` from the repository, output captured."""
+    return subprocess.run(
+        [sys.executable, "run_bench.py", *argv],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
+
+
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory):
     """One short run over all three stacks (about a minute)."""
@@ -71,13 +82,7 @@ def short_run(tmp_path_factory):
         *("run", "--duration", "6", "--warmup", "2", "--repeat", "1"),
         *("--rate", "20", "--users", "4", "--out", str(out)),
     ]
-    res = subprocess.run(
-        [sys.executable, "run_bench.py", *argv],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    res = run_bench(argv, timeout_s=240)
     latest = out / "latest"
     return res, latest.resolve()
 
@@ -230,13 +235,7 @@ def test_a_failing_self_check_is_reported_not_hidden(tmp_path):
         *("--rate", "", "--users", "2", "--workmodel", str(tmp_path / "wm.json")),
         *("--functions-dir", str(functions), "--out", str(out)),
     ]
-    res = subprocess.run(
-        [sys.executable, "run_bench.py", *argv],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    res = run_bench(argv, timeout_s=120)
     assert res.returncode == 1, res.stdout[-3000:] + res.stderr[-3000:]
     assert "self-checks FAILED" in res.stdout
     run_dir = (out / "latest").resolve()

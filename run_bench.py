@@ -22,6 +22,7 @@ from harness.procs import StartError
 from harness.stacks import DEFAULT_PORT, DEFAULT_WORKMODEL, MESHES, serve
 from loadtests.options import REQUEST_MODES
 from mubench.internal import check_scale
+from reports import __main__ as reports_cli
 
 T = TypeVar("T")
 
@@ -173,33 +174,14 @@ def _add_run(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_run)
 
 
-def _report(args: argparse.Namespace) -> int:
-    try:
-        from reports.render import write_report
-    except ModuleNotFoundError as exc:
-        print(f"error: the report renderer is not available ({exc})", file=sys.stderr)
-        return 1
-    missing = [str(d) for d in args.dirs if not d.is_dir()]
-    if missing:
-        print(f"error: not a results directory: {', '.join(missing)}", file=sys.stderr)
-        return 1
-    try:
-        print(write_report(args.dirs))
-    except ValueError as exc:  # reports.load.ResultsError: unusable results.csv
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
 def _add_report(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "report",
         help="render the HTML report of one or more results directories",
-        description="Write DIR/report.html; with several directories, a comparison in the "
-        "first one's report.html.",
+        description=reports_cli.DESCRIPTION,
     )
-    parser.add_argument("dirs", nargs="+", type=Path, metavar="DIR", help="results directory")
-    parser.set_defaults(handler=_report)
+    reports_cli.add_arguments(parser)
+    parser.set_defaults(handler=reports_cli.run)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -365,6 +365,18 @@ def test_comparison_of_two_runs_via_cli(tmp_path: Path, capsys: pytest.CaptureFi
     assert reports_main([str(tmp_path / "nothing")]) == 1
 
 
+def test_run_bench_report_is_the_same_command(tmp_path: Path, capsys) -> None:
+    import run_bench
+
+    results = _make_results(tmp_path / "run")
+    out = tmp_path / "elsewhere.html"
+    assert run_bench.main(["report", str(results), "--out", str(out), "--level", "open-100"]) == 0
+    assert Path(capsys.readouterr().out.strip()) == out
+    assert "Headline at level <code>open-100</code>" in out.read_text(encoding="utf-8")
+    assert not (results / "report.html").exists()
+    assert run_bench.main(["report", str(tmp_path / "nothing")]) == 1
+
+
 # --- the page in headless Chromium --------------------------------------------------------
 
 CHROMIUM_FLAGS = (

@@ -246,3 +246,38 @@ def test_a_failing_self_check_is_reported_not_hidden(tmp_path):
     assert meta["checks_ok"] is False
     assert meta["config"]["functions_dir"] == str(functions)
     assert (run_dir / "report.html").is_file()
+
+
+def test_max_search_with_distributed_locust(tmp_path):
+    """--find-max probes rates on a real stack; two Locust processes merge exactly."""
+    settings = tmp_path / "bench.toml"
+    settings.write_text("find_max_start = 20.0\nfind_max_steps = 3\nprocesses = 2\n")
+    out = tmp_path / "results"
+    argv = [
+        *("run", "--config", str(settings), "--meshes", "nomesh", "--repeat", "1"),
+        *("--duration", "3", "--warmup", "1", "--settle", "0", "--rate", "", "--users", "2"),
+        *("--find-max", "--out", str(out)),
+    ]
+    res = run_bench(argv, timeout_s=240)
+    run_dir = (out / "latest").resolve()
+    assert (run_dir / "meta.json").is_file(), res.stdout[-3000:] + res.stderr[-3000:]
+    meta = json.loads((run_dir / "meta.json").read_text())
+    (search,) = meta["find_max"]["stacks"]["nomesh"].values()
+    probes = search["probes"]
+    assert [p["rate"] for p in probes][:2] == [20.0, 40.0]  # doubling from the start rate
+    assert len(probes) == 3  # the step budget
+    assert probes[0]["clean"]  # 20 req/s is easy for the floor
+    assert search["max_clean_rps"] == max(p["rate"] for p in probes if p["clean"])
+    rows = _rows(run_dir)
+    assert [r["level"] for r in rows] == ["closed-2"] + [f"max-{p['rate']:g}" for p in probes]
+    for row in rows:
+        # Each Locust worker wrote its own histogram (kept in hist/parts/); the merged one
+        # counts every successful request of both, exactly.
+        merged = run_dir / "hist" / f"nomesh-rep1-{row['level']}.hdr"
+        parts = json.loads(latency.sidecar_path(merged).read_text())["files"]
+        assert len(parts) == 2, parts
+        count = latency.load_histogram(merged).get_total_count()
+        assert count == sum(
+            latency.load_histogram(run_dir / "hist" / part).get_total_count() for part in parts
+        )
+        assert count == int(row["requests"]) - int(row["failures"]) > 0

@@ -148,10 +148,13 @@ def _headline(summary: RunSummary) -> str:
 def _overhead(summary: RunSummary) -> str:
     if "nomesh" not in summary.stacks:
         return "<p class='note'>Mesh overhead per downstream call: no nomesh stack in this run.</p>"
-    rows = []
+    rows, faster_than_floor = [], []
     for mesh, stack in summary.stacks.items():
         if mesh == "nomesh":
             continue
+        overhead = stack.overhead_per_call
+        if overhead is not None and overhead.value is not None and overhead.value < 0:
+            faster_than_floor.append(mesh)
         calls = (
             f"{page.number(stack.calls_per_req)} ({escape(stack.calls_source)})"
             if stack.calls_per_req
@@ -163,7 +166,22 @@ def _overhead(summary: RunSummary) -> str:
         "<h3>Mesh overhead per downstream call</h3>"
         + page.table(["stack", "downstream calls per request", "(p50 − nomesh p50) / calls"], rows)
         + f"<p class='note'>p50 at level <code>{escape(summary.level)}</code>; 95% CI by"
-        " bootstrap over both stacks' repetitions.</p>"
+        " bootstrap over both stacks' repetitions.</p>" + _below_floor_note(faster_than_floor)
+    )
+
+
+def _below_floor_note(meshes: list[str]) -> str:
+    """Why an overhead can be negative: nomesh is the floor for proxies, not for the runtime."""
+    if not meshes:
+        return ""
+    names = ", ".join(f"<code>{escape(m)}</code>" for m in meshes)
+    return (
+        f"<p class='note'>Negative overhead ({names}): that stack answered faster than"
+        " nomesh at this level. nomesh has no proxy, but its apps still parse and send"
+        " every call as HTTP in Python (gunicorn, urllib3); a stack whose runtime needs"
+        " less CPU per request than that gets ahead once the machine's cores are busy."
+        " Compare the CPU per request columns above; the difference is the runtime's,"
+        " not a mesh that costs less than nothing.</p>"
     )
 
 

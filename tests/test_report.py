@@ -353,6 +353,13 @@ def test_report_without_optional_files(tmp_path: Path) -> None:
         assert needle in text
 
 
+def test_negative_overhead_is_explained(tmp_path: Path) -> None:
+    below = _make_results(tmp_path / "below", meshes={"dpumesh": 500, "nomesh": 700})
+    assert "Negative overhead (<code>dpumesh</code>)" in write_report([below]).read_text("utf-8")
+    above = _make_results(tmp_path / "above")  # dpumesh 900 µs, nomesh 700 µs
+    assert "Negative overhead" not in write_report([above]).read_text("utf-8")
+
+
 def test_comparison_of_two_runs_via_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     before = _make_results(tmp_path / "before")
     after = _make_results(tmp_path / "after", meshes={"dpumesh": 600, "envoy": 1500})

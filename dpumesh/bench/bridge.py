@@ -11,6 +11,7 @@ import argparse
 import http.client
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -76,7 +77,7 @@ def measure(requests: int, warmup: int, processes: int) -> dict[str, float]:
     ns = f"bench{os.getpid()}"
     port = _free_port()
     env = dict(os.environ, DPUMESH_NS=ns, APP="s0", PN=str(processes))
-    logs = tempfile.mkdtemp(prefix="dpumesh-bench-")
+    logs = tempfile.mkdtemp(prefix="dpumesh-bench-")  # kept only if the run fails
     argvs = [
         ["-m", "dpumesh.dpa_daemon", "--ns", ns],
         ["-m", "dpumesh.dpu_daemon", "--ns", ns, "--port", str(port), "--log-level", "WARNING"],
@@ -91,6 +92,11 @@ def measure(requests: int, warmup: int, processes: int) -> dict[str, float]:
                 )
         _wait_ready(port)
         samples = [ns / 1000 for ns in sequential_latencies(port, requests, warmup)]
+    except BaseException:
+        print(f"bridge benchmark failed; process logs in {logs}", file=sys.stderr)
+        raise
+    else:
+        shutil.rmtree(logs)
     finally:
         for proc in reversed(procs):
             proc.send_signal(signal.SIGTERM)

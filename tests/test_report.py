@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import csv
 import json
+import os
 import random
 import re
 import shutil
@@ -460,6 +461,8 @@ def _browse(report: Path, screenshot: Path, tmp: Path) -> PageVisit:
             ["chromium", *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "about:blank"],
             stdout=subprocess.DEVNULL,
             stderr=stderr,
+            # A terminated Chromium can leave its singleton socket directory in TMPDIR.
+            env={**os.environ, "TMPDIR": str(tmp)},
         )
     try:
         port_file = profile / "DevToolsActivePort"

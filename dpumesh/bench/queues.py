@@ -6,7 +6,9 @@
 2. Round trip through a real dpa daemon subprocess:
    worker -> worker_cq -> dpa -> sidecar_sq -> echoing sidecar subprocess ->
    sidecar_cq -> dpa -> worker_sq -> worker; p50/p99 in microseconds.
-3. Reference: a bare POSIX-semaphore ping-pong between two processes.
+3. References: a bare POSIX-semaphore ping-pong between two processes, and a
+   bare semaphore relay with the round trip's 4 hops over 3 processes (the
+   wake-up floor of 2., with no ring work).
 
     python -m dpumesh.bench.queues [--count N] [--round-trips N]
 
@@ -53,12 +55,14 @@ for _ in range(int(sys.argv[2])):
 sc.close()
 """
 
-_PONG = """
+_RELAY = """
 import sys, posix_ipc
-ping, pong = posix_ipc.Semaphore(sys.argv[1]), posix_ipc.Semaphore(sys.argv[2])
-for _ in range(int(sys.argv[3])):
-    ping.acquire()
-    pong.release()
+count, names = int(sys.argv[1]), sys.argv[2:]
+pairs = [(posix_ipc.Semaphore(a), posix_ipc.Semaphore(b)) for a, b in zip(names[::2], names[1::2])]
+for _ in range(count):
+    for wait_on, pass_to in pairs:
+        wait_on.acquire()
+        pass_to.release()
 """
 
 
@@ -128,22 +132,39 @@ def round_trip(ns: str, count: int, size: int = 256, warmup: int = 200) -> list[
                 proc.wait(timeout=10)
 
 
-def semaphore_ping_pong(ns: str, count: int) -> list[float]:
-    """Reference round trip: two processes handing a token over two semaphores."""
-    ping_name, pong_name = naming.prefix(ns) + "ping", naming.prefix(ns) + "pong"
-    ping = posix_ipc.Semaphore(ping_name, posix_ipc.O_CREX, mode=0o600)
-    pong = posix_ipc.Semaphore(pong_name, posix_ipc.O_CREX, mode=0o600)
-    proc = subprocess.Popen([sys.executable, "-c", _PONG, ping_name, pong_name, str(count)])
+def semaphore_relay(ns: str, count: int, receivers: list[int]) -> list[float]:
+    """Reference round trip: a token handed over semaphores along `receivers`.
+
+    Hop i wakes process `receivers[i]` (0 = this process, the last hop's
+    receiver); each helper process passes the token on to the next hop.
+    [1, 0] is a two-process ping-pong; [1, 2, 1, 0] has the shape of the mesh
+    round trip (worker -> dpa -> sidecar -> dpa -> worker): its wake-up floor.
+    """
+    names = [f"{naming.prefix(ns)}relay{i}" for i in range(len(receivers))]
+    sems = [posix_ipc.Semaphore(n, posix_ipc.O_CREX, mode=0o600) for n in names]
+    procs = []
     times: list[float] = []
     try:
+        for helper in sorted(set(receivers) - {0}):
+            argv = [str(count)]
+            for hop, receiver in enumerate(receivers):
+                if receiver == helper:
+                    argv += [names[hop], names[hop + 1]]
+            procs.append(subprocess.Popen([sys.executable, "-c", _RELAY, *argv]))
+        first, last = sems[0], sems[-1]
         for _ in range(count):
             t0 = time.perf_counter()
-            ping.release()
-            pong.acquire()
+            first.release()
+            last.acquire()
             times.append((time.perf_counter() - t0) * 1e6)
-        proc.wait(timeout=30)
+        for proc in procs:
+            proc.wait(timeout=30)
     finally:
-        for sem in (ping, pong):
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        for sem in sems:
             sem.unlink()
             sem.close()
     return times[100:]
@@ -172,9 +193,13 @@ def main(argv: list[str] | None = None) -> int:
             f"  p50 {_pct(rtt, 0.5):.1f} us  p99 {_pct(rtt, 0.99):.1f} us  "
             f"mean {statistics.fmean(rtt):.1f} us"
         )
-        ref = semaphore_ping_pong(ns, args.round_trips)
-        print("reference: bare semaphore ping-pong between two processes")
-        print(f"  p50 {_pct(ref, 0.5):.1f} us  p99 {_pct(ref, 0.99):.1f} us")
+        for what, receivers in (
+            ("bare semaphore ping-pong between two processes", [1, 0]),
+            ("bare semaphore relay, same 4 hops over 3 processes", [1, 2, 1, 0]),
+        ):
+            ref = semaphore_relay(ns, args.round_trips, receivers)
+            print(f"reference: {what}")
+            print(f"  p50 {_pct(ref, 0.5):.1f} us  p99 {_pct(ref, 0.99):.1f} us")
     finally:
         naming.remove_all(ns)
     return 0

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import psutil
 
+from harness.procs import signals_deferred
 from harness.stacks import REPO
 
 LOCUSTFILE = REPO / "loadtests" / "locustfile.py"
@@ -124,17 +125,23 @@ class LocustRun:
         self._history = Path(f"{spec.csv_prefix}_stats_history.csv")
         self._log_offset = 0
         self._limit_seen = False
-        with spec.log_path.open("wb") as log:
-            self.popen = subprocess.Popen(
-                locust_argv(spec),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=REPO,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                start_new_session=True,
-            )
-        self.process = psutil.Process(self.popen.pid)
+        try:
+            # Ctrl-C held until `popen` is set, so the except below can stop Locust.
+            with signals_deferred(), spec.log_path.open("wb") as log:
+                self.popen = subprocess.Popen(
+                    locust_argv(spec),
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    cwd=REPO,
+                    env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                    start_new_session=True,
+                )
+            self.process = psutil.Process(self.popen.pid)
+        except BaseException:
+            if hasattr(self, "popen"):
+                self.stop()  # __exit__ will never run for a half-built run
+            raise
 
     def __enter__(self) -> LocustRun:
         return self

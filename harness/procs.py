@@ -194,7 +194,9 @@ class Supervisor:
             raise ValueError(f"process name {name!r} is invalid or already used")
         log_path = self.run_dir / f"{name}.log"
         try:
-            with log_path.open("wb") as log:
+            # Ctrl-C between fork and registration would leave a child no teardown
+            # knows about (holding its port): hold signals until it is registered.
+            with signals_deferred(), log_path.open("wb") as log:
                 popen = subprocess.Popen(
                     list(argv),
                     stdin=subprocess.DEVNULL,
@@ -204,11 +206,11 @@ class Supervisor:
                     cwd=cwd,
                     start_new_session=True,
                 )
+                proc = Proc(name, role, list(argv), log_path, popen, ready)
+                self._procs[name] = proc
         except OSError as exc:
             self.stop()
             raise StartError(f"{name} ({role}): cannot run {argv[0]!r}: {exc}") from exc
-        proc = Proc(name, role, list(argv), log_path, popen, ready)
-        self._procs[name] = proc
         return proc
 
     def wait_ready(self, names: Iterable[str] | None = None, timeout_s: float = 30.0) -> None:

@@ -91,6 +91,7 @@ DEFAULT_PORT = 5005
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_WORKMODEL = REPO / "workmodels" / "default.json"
 MANIFEST = "stack.json"
+PORTS_FREE_TIMEOUT_S = 10.0  # after every process stopped, ports must be free by then
 
 _LOOPBACK = "127.0.0.1"
 _STATS_TTL_S = 0.2
@@ -183,9 +184,10 @@ class _Launch:
             for cleanup in self.cleanups:
                 cleanup()
             busy = []
+            deadline = time.monotonic() + PORTS_FREE_TIMEOUT_S  # one wait for all ports
             for port in self.ports:
                 try:
-                    wait_port_free(port)
+                    wait_port_free(port, timeout_s=max(0.0, deadline - time.monotonic()))
                 except TimeoutError:
                     busy.append(port)
             release_ports(p for p in self.allocated if p not in busy)

@@ -170,3 +170,57 @@ def test_harness_exit_tears_down_children(tmp_path, how, sig):
         harness.kill()
         harness.wait()
         harness.stdout.close()
+
+
+def _interrupted_popen(monkeypatch, module) -> list[subprocess.Popen]:
+    """Make `module`'s Popen deliver SIGINT to us just after the child is forked."""
+    spawned: list[subprocess.Popen] = []
+    real_popen = subprocess.Popen
+
+    def popen(*args, **kwargs):
+        child = real_popen(*args, **kwargs)
+        spawned.append(child)
+        signal.raise_signal(signal.SIGINT)  # Ctrl-C before the caller has recorded the child
+        return child
+
+    monkeypatch.setattr(module.subprocess, "Popen", popen)
+    return spawned
+
+
+def test_ctrl_c_while_a_child_is_being_started_leaves_no_child(tmp_path, monkeypatch):
+    import harness.procs
+
+    spawned = _interrupted_popen(monkeypatch, harness.procs)
+    sup = Supervisor(tmp_path / "run", grace_s=0.5)
+    with pytest.raises(KeyboardInterrupt):
+        sup.start("sleeper", [sys.executable, "-c", "import time; time.sleep(60)"], role="app")
+    assert "sleeper" in sup.procs  # recorded before the interrupt was let through
+    sup.stop()
+    (child,) = spawned
+    assert child.wait(timeout=10) is not None
+
+
+def test_ctrl_c_while_locust_is_being_started_stops_it(tmp_path, monkeypatch):
+    import harness.loadgen
+    from harness.loadgen import LocustRun, LocustSpec
+
+    spawned = _interrupted_popen(monkeypatch, harness.loadgen)
+    monkeypatch.setattr(
+        harness.loadgen,
+        "locust_argv",
+        lambda _spec: [sys.executable, "-c", "import time; time.sleep(60)"],
+    )
+    spec = LocustSpec(
+        host="http://127.0.0.1:9",
+        users=1,
+        rate=None,
+        excluded_s=0,
+        measured_s=1,
+        hdr_out=tmp_path / "h.hdr",
+        csv_prefix=tmp_path / "locust" / "x",
+        request_id_prefix="x-",
+    )
+    with pytest.raises(KeyboardInterrupt):
+        LocustRun(spec)
+    (child,) = spawned
+    assert child.poll() is not None  # stopped before the interrupt went on

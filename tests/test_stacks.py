@@ -225,6 +225,12 @@ def test_serve_interrupted_while_starting(tmp_path):
             proc.terminate()
             proc.wait(timeout=60)
     assert psutil.wait_procs(started, timeout=5)[1] == []
+    # Also none started after we looked (every Envoy's command line names the run dir).
+    assert [
+        p.pid
+        for p in psutil.process_iter(["cmdline"])
+        if str(tmp_path) in " ".join(p.info["cmdline"] or [])
+    ] == []
     assert port_is_free(port)
     assert not (tmp_path / MANIFEST).exists()  # it never became ready
 

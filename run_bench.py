@@ -9,6 +9,7 @@ with the defaults (bench.toml).
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -218,4 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # Ctrl-C stops every command cleanly at any moment, even when a non-interactive
+    # shell started us in the background with SIGINT ignored (as CI runners do).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.exit(main())

@@ -172,6 +172,14 @@ def test_harness_exit_tears_down_children(tmp_path, how, sig):
         harness.stdout.close()
 
 
+@pytest.fixture
+def sigint_raises():
+    """SIGINT raises KeyboardInterrupt here, even if pytest inherited it as ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def _interrupted_popen(monkeypatch, module) -> list[subprocess.Popen]:
     """Make `module`'s Popen deliver SIGINT to us just after the child is forked."""
     spawned: list[subprocess.Popen] = []
@@ -187,7 +195,9 @@ def _interrupted_popen(monkeypatch, module) -> list[subprocess.Popen]:
     return spawned
 
 
-def test_ctrl_c_while_a_child_is_being_started_leaves_no_child(tmp_path, monkeypatch):
+def test_ctrl_c_while_a_child_is_being_started_leaves_no_child(
+    tmp_path, monkeypatch, sigint_raises
+):
     import harness.procs
 
     spawned = _interrupted_popen(monkeypatch, harness.procs)
@@ -200,7 +210,7 @@ def test_ctrl_c_while_a_child_is_being_started_leaves_no_child(tmp_path, monkeyp
     assert child.wait(timeout=10) is not None
 
 
-def test_ctrl_c_while_locust_is_being_started_stops_it(tmp_path, monkeypatch):
+def test_ctrl_c_while_locust_is_being_started_stops_it(tmp_path, monkeypatch, sigint_raises):
     import harness.loadgen
     from harness.loadgen import LocustRun, LocustSpec
 

@@ -292,13 +292,9 @@ class DmaManager:
             try:
                 bell = ring.Doorbell.open(naming.worker_bell(self.ns, slot, gen))
                 opened.callback(bell.close)
-                sq = ring.Ring.open(
-                    naming.worker_sq(self.ns, slot, gen), space_bell=self.bell, init_timeout=0.05
-                )
+                sq = ring.Ring.open(naming.worker_sq(self.ns, slot, gen), space_bell=self.bell)
                 opened.callback(sq.close)
-                cq = ring.Ring.open(
-                    naming.worker_cq(self.ns, slot, gen), doorbell=self.bell, init_timeout=0.05
-                )
+                cq = ring.Ring.open(naming.worker_cq(self.ns, slot, gen), doorbell=self.bell)
             except (posix_ipc.ExistentialError, ring.RingCorrupt):
                 return False  # what was opened is closed on the way out
             opened.pop_all()

@@ -102,9 +102,23 @@ def worker_bell(ns: str, slot: int, gen: int) -> str:
     return worker_base(ns, slot, gen) + ".bell"
 
 
-def ring_space(ring_name: str) -> str:
-    """Semaphore a ring's producer sleeps on while the ring is full."""
-    return ring_name + ".space"
+def ring_space(ring_name: str, instance: str) -> str:
+    """Semaphore a ring's producer sleeps on while the ring is full.
+
+    `instance` is unique per ring created under `ring_name` (the ring's header
+    records the full name), so a new ring never meets a dead one's bell.
+    """
+    return f"{ring_name}.space.{instance}"
+
+
+def is_ring_space(ring_name: str, name: str) -> bool:
+    """True if `name` is a space bell of some ring created as `ring_name`."""
+    return name.startswith(ring_name + ".space.")
+
+
+def shm_path(name: str) -> Path:
+    """Where Linux shows the shared-memory segment `name` (see module docstring)."""
+    return SHM_DIR / name[1:]
 
 
 def buffer(ns: str, token: str, seq: int) -> str:

@@ -13,10 +13,11 @@ Table `/dpumesh.<ns>.registry` (native byte order, host-local):
                    works across containers sharing IPC but not PIDs),
                    name length u8, service name (<= 63 bytes UTF-8)
 
-Start order does not matter: `open_or_create` creates with O_CREAT|O_EXCL,
-writes the header and sets the magic last; losers open and wait (bounded) for
-the magic. A segment whose magic never appears belonged to a creator that died
-mid-initialisation and is replaced.
+Start order does not matter: `open_or_create` publishes the table already
+initialised (`ring.create_initialised`: built under a private name, then
+linked into place atomically), so losers simply open it and nobody waits. A
+segment at the registry's name that is not a valid table is garbage and is
+replaced.
 
 Claim/release run under a POSIX semaphore mutex `/dpumesh.<ns>.registry.lock`.
 `version` is a seqlock: odd while a writer is updating, bumped by two per
@@ -87,7 +88,6 @@ _SLOT_NAME_OFFSET = 16
 _SLOT = struct.Struct("=HHIQB63s48x")  # whole slot, for snapshots
 FREE = 0
 ACTIVE = 1
-_INIT_TIMEOUT = 1.0
 
 
 class RegistryError(Exception):
@@ -383,18 +383,13 @@ def _map(ns: str, *, create: bool, slots: int) -> tuple[mmap.mmap, posix_ipc.Sem
     """(mmap, lock semaphore) of the registry, creating both if `create`."""
     name = naming.registry(ns)
     size = _HEADER_SIZE + slots * _SLOT_SIZE
-    deadline = time.monotonic() + _INIT_TIMEOUT
     while True:
         if create:
             try:
-                shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=size)
+                mm = ring.create_initialised(name, size, lambda mm: _init_table(mm, slots))
             except posix_ipc.ExistentialError:
                 pass
             else:
-                try:
-                    mm = _init_table(shm, slots)
-                finally:
-                    shm.close_fd()
                 return mm, _open_lock(ns)
         try:
             shm = posix_ipc.SharedMemory(name)
@@ -408,15 +403,11 @@ def _map(ns: str, *, create: bool, slots: int) -> tuple[mmap.mmap, posix_ipc.Sem
             shm.close_fd()
         if mm is not None:
             return mm, _open_lock(ns)
-        if time.monotonic() >= deadline:
-            if not create:
-                raise RegistryError(f"registry {name} never initialised")
-            log.warning("registry %s never initialised (creator died): replacing it", name)
-            with contextlib.suppress(posix_ipc.ExistentialError):
-                posix_ipc.unlink_shared_memory(name)
-            deadline = time.monotonic() + _INIT_TIMEOUT
-            continue
-        time.sleep(0.001)  # start-up only: the creator is writing the header
+        if not create:
+            raise RegistryError(f"registry {name} is not a registry table")
+        log.warning("registry %s is not a registry table: replacing it", name)
+        with contextlib.suppress(posix_ipc.ExistentialError):
+            posix_ipc.unlink_shared_memory(name)
 
 
 def _open_lock(ns: str) -> posix_ipc.Semaphore:
@@ -426,15 +417,12 @@ def _open_lock(ns: str) -> posix_ipc.Semaphore:
     )
 
 
-def _init_table(shm: posix_ipc.SharedMemory, slots: int) -> mmap.mmap:
-    mm = mmap.mmap(shm.fd, shm.size)
-    _HEADER.pack_into(mm, 0, 0, _LAYOUT, _OPEN, slots, 0)
-    struct.pack_into("=I", mm, 0, _MAGIC)  # magic last: openers wait for it
-    return mm
+def _init_table(mm: mmap.mmap, slots: int) -> None:
+    _HEADER.pack_into(mm, 0, _MAGIC, _LAYOUT, _OPEN, slots, 0)
 
 
 def _check_table(shm: posix_ipc.SharedMemory) -> mmap.mmap | None:
-    """Map and validate an existing table; None if it is not initialised yet."""
+    """Map and validate an existing table; None if it is not a table at all."""
     if shm.size < _HEADER_SIZE:
         return None
     mm = mmap.mmap(shm.fd, shm.size)

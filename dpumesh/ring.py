@@ -71,7 +71,7 @@ issues a full fence and, if ``wait_seq`` differs from the last one it
 acknowledged and enough space is free, acknowledges it and posts the space
 bell once. The two fences close the store->load race (Dekker), so a wake-up is
 never lost; spurious wake-ups are re-checked. By default the space bell is a
-dedicated semaphore ``<ring>.space`` owned by the ring. A producer that
+dedicated semaphore ``<ring>.space.<instance>`` owned by the ring. A producer that
 multiplexes many rings (the dpa daemon) instead passes its own doorbell as
 ``space_bell`` and uses ``room_for``, so "space freed" simply wakes its main
 loop; such rings refuse blocking ``push`` (it would steal doorbell tokens).
@@ -109,6 +109,7 @@ import secrets
 import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import posix_ipc
@@ -121,7 +122,7 @@ _PAD = 0x0080  # ring-internal: filler up to the end of the ring
 _RING_ONLY = BUFFER | _PAD
 
 MAGIC = 0x524D5044  # "DPMR"
-VERSION = 1
+VERSION = 2  # 2: space bell names carry a per-ring instance (longer field)
 _OPEN = 1
 _CLOSED = 2
 
@@ -129,9 +130,10 @@ HEADER_SIZE = 512
 ENTRY_HEADER = struct.Struct("<HHIII")  # flags, reserved, route, length, span
 _ENTRY_SIZE = ENTRY_HEADER.size
 _NAME_FIELD = 64
+SPACE_NAME_FIELD = 128  # `<ring>.space.<token>.<seq>`
 # magic, version, state, slots, slot_size, max_payload, max_inline, options,
 # consumer doorbell name, space bell name
-_META = struct.Struct("=IHHIIQII64s64s")
+_META = struct.Struct(f"=IHHIIQII{_NAME_FIELD}s{SPACE_NAME_FIELD}s")
 _STATE_OFFSET = 6
 _OPT_OWN_SPACE = 1
 # u64 indexes into the header (each group on its own 64-byte line)
@@ -147,7 +149,6 @@ MAX_BODY = 8 * 1024 * 1024  # largest HTTP body the mesh carries by default
 DEFAULT_MAX_PAYLOAD = MAX_BODY + 64 * 1024
 INLINE_CAP = 256 * 1024
 _MAX_U32 = 0xFFFFFFFF
-_INIT_TIMEOUT = 1.0
 _buffer_seq = itertools.count()
 _BUFFER_TOKEN = secrets.token_hex(8)  # names this process's buffer segments
 
@@ -283,9 +284,9 @@ def _fence() -> None:
     _fence_lock.release()
 
 
-def _encode_name(name: str) -> bytes:
+def _encode_name(name: str, field: int = _NAME_FIELD) -> bytes:
     raw = name.encode("ascii")
-    if len(raw) >= _NAME_FIELD:
+    if len(raw) >= field:
         raise ValueError(f"name {name!r} is too long")
     return raw
 
@@ -304,6 +305,39 @@ def _decode_name(raw: bytes) -> str:
 
 def _inline_bound(slots: int, slot_size: int) -> int:
     return min(INLINE_CAP, (slots // 4) * slot_size - _ENTRY_SIZE)
+
+
+def _instance() -> str:
+    """A name part no other segment or bell of any process has used."""
+    return f"{_BUFFER_TOKEN}.{next(_buffer_seq)}"
+
+
+def create_initialised(name: str, size: int, init: Callable[[mmap.mmap], None]) -> mmap.mmap:
+    """Create segment `name` (mode 0600) already initialised by `init`; return its mapping.
+
+    The segment is built under a private buffer name, then hard-linked to
+    `name` in /dev/shm: the link is atomic and fails if `name` exists (raised
+    as posix_ipc.ExistentialError, like O_CREX). An opener therefore finds
+    either no segment or a complete one and never waits for a creator; a
+    creator that dies before the link leaves an old buffer, which stale
+    collection removes.
+    """
+    staging = naming.buffer(naming.ns_of(name), _BUFFER_TOKEN, next(_buffer_seq))
+    shm = posix_ipc.SharedMemory(staging, posix_ipc.O_CREX, mode=0o600, size=size)
+    try:
+        with contextlib.ExitStack() as on_error:
+            mm = mmap.mmap(shm.fd, size)
+            on_error.callback(mm.close)
+            init(mm)
+            try:
+                os.link(naming.shm_path(staging), naming.shm_path(name))
+            except FileExistsError:
+                raise posix_ipc.ExistentialError(f"{name} already exists") from None
+            on_error.pop_all()
+    finally:
+        shm.close_fd()
+        _unlink_shm(staging)
+    return mm
 
 
 def _read_buffer(name: str, length: int) -> bytes:
@@ -431,7 +465,7 @@ class Ring:
         for bname in (bell_name, space_name):
             if not bname.startswith(prefix):
                 raise RingCorrupt(f"{self.name}: bell {bname!r} outside namespace")
-        if self.own_space and space_name != naming.ring_space(self.name):
+        if self.own_space and not naming.is_ring_space(self.name, space_name):
             raise RingCorrupt(f"{self.name}: own space bell has the wrong name {space_name!r}")
         self._doorbell = self._bell(bell_name, doorbell, "doorbell")
         self._space = self._bell(space_name, space_bell, "space bell")
@@ -465,7 +499,7 @@ class Ring:
         """Create a new ring (mode 0600); posix_ipc.ExistentialError if it exists.
 
         `doorbell` is the consumer's; `space_bell` is the producer's bell for
-        "space freed" (default: a dedicated `<name>.space` semaphore).
+        "space freed" (default: a dedicated `<name>.space.<instance>` semaphore).
         """
         naming.ns_of(name)
         if not 4 <= slots <= 1 << 20:
@@ -480,9 +514,9 @@ class Ring:
         elif not 0 <= max_inline <= bound:
             raise ValueError(f"max_inline must be in [0, {bound}] for this geometry and limit")
         own_space = space_bell is None
-        space_name = naming.ring_space(name) if own_space else space_bell.name
+        space_name = naming.ring_space(name, _instance()) if own_space else space_bell.name
         meta = _META.pack(
-            0,  # magic last: openers wait for it
+            MAGIC,
             VERSION,
             _OPEN,
             slots,
@@ -491,33 +525,22 @@ class Ring:
             max_inline,
             _OPT_OWN_SPACE if own_space else 0,
             _encode_name(doorbell.name),
-            _encode_name(space_name),
+            _encode_name(space_name, SPACE_NAME_FIELD),
         )
-        size = HEADER_SIZE + slots * slot_size
-        shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=size)
-        try:
-            mm = mmap.mmap(shm.fd, size)
-        except BaseException:
-            shm.unlink()
-            raise
-        finally:
-            shm.close_fd()
-        created_space: Doorbell | None = None
-        try:
-            if own_space:
-                _unlink_sem(space_name)  # leftover of a dead ring of this exact name
+        with contextlib.ExitStack() as on_error:
+            created_space = None
+            if own_space:  # before the ring is visible: openers look it up by name
                 created_space = Doorbell.create(space_name)
-            mm[: len(meta)] = meta
-            struct.pack_into("=I", mm, 0, MAGIC)
+                on_error.callback(created_space.close)
+                on_error.callback(created_space.unlink)
+
+            def init(mm: mmap.mmap) -> None:
+                mm[: len(meta)] = meta
+
+            mm = create_initialised(name, HEADER_SIZE + slots * slot_size, init)
+            on_error.callback(_unlink_shm, name)
             ring = cls(name, mm, doorbell, created_space or space_bell)
-        except BaseException:
-            _unlink_shm(name)
-            if not mm.closed:
-                mm.close()
-            if created_space is not None:
-                created_space.unlink()
-                created_space.close()
-            raise
+            on_error.pop_all()
         if created_space is not None:
             ring._owned.append(created_space)
         return ring
@@ -529,29 +552,21 @@ class Ring:
         *,
         doorbell: Doorbell | None = None,
         space_bell: Doorbell | None = None,
-        init_timeout: float = _INIT_TIMEOUT,
     ) -> Ring:
         """Map an existing ring; bells not passed are opened by the names in its header.
 
-        Waits up to `init_timeout` s for a concurrent creator to finish
-        initialising; posix_ipc.ExistentialError if the ring does not exist.
+        posix_ipc.ExistentialError if the ring does not exist; RingCorrupt if its
+        header is bad (rings appear fully initialised: see `create_initialised`).
         """
         naming.ns_of(name)
-        deadline = time.monotonic() + init_timeout
-        while True:
-            shm = posix_ipc.SharedMemory(name)
-            try:
-                size = shm.size
-                mm = mmap.mmap(shm.fd, size) if size >= HEADER_SIZE else None
-            finally:
-                shm.close_fd()
-            if mm is not None:
-                if struct.unpack_from("=I", mm, 0)[0] == MAGIC:
-                    return cls(name, mm, doorbell, space_bell)
-                mm.close()
-            if time.monotonic() >= deadline:
-                raise RingCorrupt(f"{name}: not initialised (bad magic or size)")
-            time.sleep(0.001)  # start-up only: a creator is between shm_open and its header
+        shm = posix_ipc.SharedMemory(name)
+        try:
+            mm = mmap.mmap(shm.fd, shm.size) if shm.size else None
+        finally:
+            shm.close_fd()
+        if mm is None:
+            raise RingCorrupt(f"{name}: empty segment")
+        return cls(name, mm, doorbell, space_bell)
 
     @classmethod
     def open_or_create(
@@ -860,10 +875,12 @@ class Ring:
             struct.pack_into("=H", self._mm, _STATE_OFFSET, _CLOSED)
         _unlink_shm(self.name)
         if self.own_space:
-            _unlink_sem(naming.ring_space(self.name))
+            _unlink_sem(self._space.name)
 
 
 def unlink_ring(name: str) -> None:
-    """Remove a ring and its dedicated space bell by name (stale collection)."""
+    """Remove a ring and its dedicated space bells by name (stale collection)."""
     _unlink_shm(name)
-    _unlink_sem(naming.ring_space(name))
+    for obj in naming.list_objects(naming.ns_of(name)):
+        if obj.kind == naming.SEM and naming.is_ring_space(name, obj.name):
+            _unlink_sem(obj.name)

@@ -10,11 +10,19 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 
+import posix_ipc
 import psutil
 import pytest
 
 from dpumesh import naming, ring
-from dpumesh.registry import SidecarRings, WorkerEndpoint, WorkerKey
+from dpumesh.registry import (
+    DAEMON_PREFIX,
+    Registry,
+    RegistryError,
+    SidecarRings,
+    WorkerEndpoint,
+    WorkerKey,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -57,10 +65,9 @@ def start_daemon(ns: str) -> Iterator[Callable[..., subprocess.Popen]]:
             ]
         )
         procs.append(proc)
-        # ready once it has mapped sidecar_cq (its signal handlers are installed by then)
-        ready = f"/dev/shm/{naming.sidecar_cq(ns)[1:]}"
+        # ready once it holds its registry slot (its rings and signal handlers exist by then)
         deadline = time.monotonic() + 15
-        while ready not in {m.path for m in psutil.Process(proc.pid).memory_maps()}:
+        while proc.pid not in daemon_pids(ns):
             assert proc.poll() is None and time.monotonic() < deadline, "daemon did not start"
             time.sleep(0.02)
         return proc
@@ -68,6 +75,20 @@ def start_daemon(ns: str) -> Iterator[Callable[..., subprocess.Popen]]:
     yield start
     for proc in procs:
         stop(proc)
+
+
+def daemon_pids(ns: str) -> set[int]:
+    """Pids of the daemons holding a registry slot in `ns`."""
+    try:
+        reg = Registry.open(ns)
+    except (posix_ipc.ExistentialError, RegistryError):
+        return set()
+    try:
+        return {
+            i.pid for i in reg.snapshot(include_daemons=True) if i.service.startswith(DAEMON_PREFIX)
+        }
+    finally:
+        reg.close()
 
 
 def recv_until(recv: Callable[[float], tuple | None], count: int, timeout: float = 10.0) -> list:

@@ -59,8 +59,10 @@ def test_naming() -> None:
     assert not naming.is_buffer("n1", "/dpumesh.n1.buf.42.5/../x")
     assert naming.worker_of("/dpumesh.n1.w3g7.worker_cq.space") == (3, 7)
     assert naming.ns_of("/dpumesh.n1.sidecar_sq") == "n1"
-    longest = naming.ring_space(naming.worker_cq("x" * 24, 65535, 65535))
-    assert len(longest) < 64  # fits the ring header's name field
+    longest = naming.ring_space(naming.worker_cq("x" * 24, 65535, 65535), "f" * 16 + ".9" * 10)
+    assert len(longest) < ring.SPACE_NAME_FIELD  # fits the ring header's name field
+    assert naming.is_ring_space(naming.sidecar_cq("n1"), "/dpumesh.n1.sidecar_cq.space.ab.1")
+    assert not naming.is_ring_space(naming.sidecar_cq("n1"), "/dpumesh.n1.sidecar_cq")
 
 
 def test_namespace_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -221,10 +223,7 @@ def test_lock_held_by_dead_process_is_taken_over(
     lock.close()
 
 
-def test_uninitialised_registry_from_dead_creator_is_replaced(
-    ns: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(registry, "_INIT_TIMEOUT", 0.1)
+def test_uninitialised_registry_from_dead_creator_is_replaced(ns: str) -> None:
     posix_ipc.SharedMemory(naming.registry(ns), posix_ipc.O_CREX, size=4096).close_fd()
     with pytest.raises(registry.RegistryError):
         Registry.open(ns)

@@ -312,6 +312,11 @@ def _instance() -> str:
     return f"{_BUFFER_TOKEN}.{next(_buffer_seq)}"
 
 
+def _new_buffer_name(ns: str) -> str:
+    """A fresh buffer segment name of this process (see `naming.buffer`)."""
+    return naming.buffer(ns, _BUFFER_TOKEN, next(_buffer_seq))
+
+
 def create_initialised(name: str, size: int, init: Callable[[mmap.mmap], None]) -> mmap.mmap:
     """Create segment `name` (mode 0600) already initialised by `init`; return its mapping.
 
@@ -322,18 +327,18 @@ def create_initialised(name: str, size: int, init: Callable[[mmap.mmap], None]) 
     creator that dies before the link leaves an old buffer, which stale
     collection removes.
     """
-    staging = naming.buffer(naming.ns_of(name), _BUFFER_TOKEN, next(_buffer_seq))
+    staging = _new_buffer_name(naming.ns_of(name))
     shm = posix_ipc.SharedMemory(staging, posix_ipc.O_CREX, mode=0o600, size=size)
     try:
-        with contextlib.ExitStack() as on_error:
-            mm = mmap.mmap(shm.fd, size)
-            on_error.callback(mm.close)
+        mm = mmap.mmap(shm.fd, size)
+        try:
             init(mm)
-            try:
-                os.link(naming.shm_path(staging), naming.shm_path(name))
-            except FileExistsError:
-                raise posix_ipc.ExistentialError(f"{name} already exists") from None
-            on_error.pop_all()
+            os.link(naming.shm_path(staging), naming.shm_path(name))
+        except BaseException:
+            mm.close()
+            raise
+    except FileExistsError:
+        raise posix_ipc.ExistentialError(f"{name} already exists") from None
     finally:
         shm.close_fd()
         _unlink_shm(staging)
@@ -733,7 +738,7 @@ class Ring:
             self._space.wait(remaining)
 
     def _write_buffer(self, payload: bytes | bytearray | memoryview) -> str:
-        name = naming.buffer(self._buf_ns, _BUFFER_TOKEN, next(_buffer_seq))
+        name = _new_buffer_name(self._buf_ns)
         length = len(payload)
         shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=length)
         try:

@@ -23,13 +23,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 
-from harness.procs import signals_deferred
+from harness.procs import signals_deferred, spawn_session
 from harness.stacks import REPO
 
 LOCUSTFILE = REPO / "loadtests" / "locustfile.py"
@@ -125,23 +124,18 @@ class LocustRun:
         self._history = Path(f"{spec.csv_prefix}_stats_history.csv")
         self._log_offset = 0
         self._limit_seen = False
+        popen = None
         try:
-            # Ctrl-C held until `popen` is set, so the except below can stop Locust.
-            with signals_deferred(), spec.log_path.open("wb") as log:
-                self.popen = subprocess.Popen(
-                    locust_argv(spec),
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    cwd=REPO,
-                    env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                    start_new_session=True,
+            with signals_deferred():  # a Ctrl-C waits until `popen` is known, then stops it
+                popen = spawn_session(
+                    locust_argv(spec), spec.log_path, env={"PYTHONUNBUFFERED": "1"}, cwd=REPO
                 )
-            self.process = psutil.Process(self.popen.pid)
+            self.process = psutil.Process(popen.pid)
         except BaseException:
-            if hasattr(self, "popen"):
-                self.stop()  # __exit__ will never run for a half-built run
+            if popen is not None:
+                stop_session(popen)  # __exit__ never runs for a half-built run
             raise
+        self.popen = popen
 
     def __enter__(self) -> LocustRun:
         return self
@@ -181,13 +175,18 @@ class LocustRun:
 
     def stop(self, grace_s: float = 5.0) -> None:
         """End the run's session (SIGTERM, then SIGKILL) unless it already ended."""
-        if self.popen.poll() is not None:
+        stop_session(self.popen, grace_s)
+
+
+def stop_session(popen: subprocess.Popen, grace_s: float = 5.0) -> None:
+    """Signal `popen`'s session SIGTERM, then SIGKILL, until its leader has exited."""
+    if popen.poll() is not None:
+        return
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(popen.pid, sig)
+        try:
+            popen.wait(timeout=grace_s)
             return
-        for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, grace_s)):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.popen.pid, sig)
-            deadline = time.monotonic() + wait_s
-            while time.monotonic() < deadline:
-                if self.popen.poll() is not None:
-                    return
-                time.sleep(0.05)
+        except subprocess.TimeoutExpired:
+            continue

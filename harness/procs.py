@@ -196,16 +196,8 @@ class Supervisor:
         try:
             # Ctrl-C between fork and registration would leave a child no teardown
             # knows about (holding its port): hold signals until it is registered.
-            with signals_deferred(), log_path.open("wb") as log:
-                popen = subprocess.Popen(
-                    list(argv),
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    env=None if env is None else {**os.environ, **env},
-                    cwd=cwd,
-                    start_new_session=True,
-                )
+            with signals_deferred():
+                popen = spawn_session(argv, log_path, env=env, cwd=cwd)
                 proc = Proc(name, role, list(argv), log_path, popen, ready)
                 self._procs[name] = proc
         except OSError as exc:
@@ -347,6 +339,31 @@ def _wait_gone(procs: Iterable[psutil.Process], timeout_s: float) -> bool:
         if time.monotonic() > deadline:
             return False
         time.sleep(0.02)
+
+
+def spawn_session(
+    argv: Sequence[str],
+    log_path: Path,
+    *,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start `argv` in a session of its own (so its whole tree can be signalled),
+    stdin closed, stdout and stderr to `log_path`; `env` adds to this environment.
+
+    Call it under `signals_deferred()` and record the result before leaving it:
+    a Ctrl-C in between would leave a child nobody stops.
+    """
+    with log_path.open("wb") as log:
+        return subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=None if env is None else {**os.environ, **env},
+            cwd=cwd,
+            start_new_session=True,
+        )
 
 
 @contextlib.contextmanager

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import TypeVar
 
 from baselines.envoy.config import DEFAULT_CONCURRENCY
-from harness import config as bench_config
-from harness import runner
+from harness.deploy.local import DEFAULT_PORT, DEFAULT_WORKMODEL, MESHES, serve
 from harness.procs import StartError
-from harness.stacks import DEFAULT_PORT, DEFAULT_WORKMODEL, MESHES, serve
+from harness.run import config as bench_config
+from harness.run import runner
 from loadtests.options import REQUEST_MODES
 from mubench.internal import check_scale
 from reports import __main__ as reports_cli

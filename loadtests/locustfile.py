@@ -52,7 +52,7 @@ Measurement: every process (local runner or worker; never the master, which
 runs no users) records µs latencies into an HdrHistogram
 (`loadtests.recorder`), successes only, failures counted separately; at
 test stop it writes ``--hdr-out`` (worker ``N`` writes ``<stem>.wN<suffix>``)
-and a ``.json`` sidecar. Merge them with `harness.latency.load_run`.
+and a ``.json`` sidecar. Merge them with `loadtests.latency.load_run`.
 Locust's own request events are fired too, with the same precise latency in
 ms (float), so ``--csv`` and the UI charts stay available.
 
@@ -80,7 +80,7 @@ from locust.contrib.fasthttp import LocustBadStatusCode  # noqa: E402
 from locust.exception import StopUser  # noqa: E402
 from locust.runners import MasterRunner, WorkerRunner  # noqa: E402
 
-from harness import latency  # noqa: E402
+from loadtests import latency  # noqa: E402
 from loadtests import nodelay, seedjson  # noqa: E402
 from loadtests import options as opts  # noqa: E402
 from loadtests.recorder import FAIL_CONNECTION, FAIL_STATUS, Recorder  # noqa: E402

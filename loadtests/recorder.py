@@ -4,7 +4,7 @@ One `Recorder` per Locust process (local runner or worker). Users call
 `sent` just before a request goes out and `done` when its response (or
 error) is complete. At test stop `write` produces:
 
-* ``<path>``: the latency histogram (µs, `harness.latency` format): successful
+* ``<path>``: the latency histogram (µs, `loadtests.latency` format): successful
   requests only, latency measured from `schedule.reference_ns` (the intended
   send time in open loop when the send was late);
 * ``<path>.json``: the sidecar::
@@ -43,7 +43,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from harness import latency
+from loadtests import latency
 
 FAIL_STATUS = "status"
 FAIL_CONNECTION = "connection"

@@ -25,7 +25,7 @@ users: μBench's sampling (a function of the id) is the same in every stack.
 
 ``t0`` is process-local: the monotonic time at which the process's first slot
 is taken. Processes therefore do not start at exactly the same instant;
-their rates still add up to R (`harness.latency.merge_sidecars` sums
+their rates still add up to R (`loadtests.latency.merge_sidecars` sums
 per-process achieved rates for that reason).
 """
 

@@ -14,7 +14,7 @@ from html import escape
 import plotly.graph_objects as go
 from hdrh.histogram import HdrHistogram
 
-from harness import latency
+from loadtests import latency
 from reports import stats
 from reports.summary import PERCENTILES, RunSummary
 

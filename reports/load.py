@@ -19,8 +19,8 @@ from typing import Any
 
 from hdrh.histogram import HdrHistogram
 
-from harness import latency
-from harness.results import HIST_DIR, META_JSON, RESULTS_CSV, ROLES_CSV
+from harness.output.results import HIST_DIR, META_JSON, RESULTS_CSV, ROLES_CSV
+from loadtests import latency
 
 REQUIRED_RESULT_COLUMNS = (
     "mesh",

@@ -1,4 +1,4 @@
-"""Docker Compose deployment (`harness.compose`): files, offline image, the stacks in containers.
+"""Docker Compose deployment (`harness.deploy.compose.legacy`): files, offline image, the stacks in containers.
 
 The Docker tests need an engine and `docker compose` or `docker-compose`: they
 skip locally without them and fail in CI (`require_external`). The image is
@@ -23,11 +23,10 @@ import psutil
 import pytest
 
 from dpumesh.dpu_daemon import STATS_PATH as BRIDGE_STATS_PATH
-from harness import compose
-from harness.accounting import get_json
+from harness.deploy.local import DEFAULT_WORKMODEL, MESHES, REPO
+from harness.measure.accounting import get_json
 from harness.ports import free_ports
 from harness.procs import StartError
-from harness.stacks import DEFAULT_WORKMODEL, MESHES, REPO
 from tests.conftest import require_external
 
 CHECKED_IN = REPO / "compose" / "default"
@@ -93,7 +92,7 @@ def _get(port: int, path: str, request_id: str) -> tuple[int, bytes]:
 
 
 def test_checked_in_files_are_generated_from_the_default_workmodel(tmp_path: Path) -> None:
-    """compose/default/ is exactly what `python -m harness.compose generate` writes today."""
+    """compose/default/ is exactly what `python -m harness.deploy.compose.legacy generate` writes today."""
     workmodel = tmp_path / "workmodels" / "default.json"
     workmodel.parent.mkdir()
     shutil.copy(DEFAULT_WORKMODEL, workmodel)

@@ -372,7 +372,6 @@ def test_requests_cross_gateway_and_both_sidecars(tmp_path):
 
 def test_compose_envoys_get_the_configured_concurrency(tmp_path):
     require_external(_envoy_available(), "Envoy")
-    from harness import compose
 
     deployment = compose.generate("envoy", out_dir=tmp_path, envoy_concurrency=3)
     assert deployment.mesh_description.concurrency == 3

@@ -1,4 +1,4 @@
-"""harness.latency: histogram files, exact merges, percentiles, CDFs, sidecars."""
+"""loadtests.latency: histogram files, exact merges, percentiles, CDFs, sidecars."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from harness import latency
+from loadtests import latency
 
 
 def _hist(values):

@@ -25,9 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import latency
+from loadtests import latency, seedjson
 from loadtests import options as opts
-from loadtests import seedjson
 from loadtests.recorder import FAIL_CONNECTION, FAIL_STATUS, Recorder
 from loadtests.schedule import SlotSchedule, WakeupBias, reference_ns
 

@@ -1,4 +1,4 @@
-"""harness.metrics: per-role CPU deltas over a window, memory sampling, metadata."""
+"""harness.measure.metrics: per-role CPU deltas over a window, memory sampling, metadata."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from harness import latency, metrics, results
+from harness.measure import metrics
+from harness.output import results
+from loadtests import latency
 
 ROOT = Path(__file__).resolve().parents[1]
 

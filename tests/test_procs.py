@@ -211,12 +211,12 @@ def test_ctrl_c_while_a_child_is_being_started_leaves_no_child(
 
 
 def test_ctrl_c_while_locust_is_being_started_stops_it(tmp_path, monkeypatch, sigint_raises):
-    import harness.loadgen
-    from harness.loadgen import LocustRun, LocustSpec
+    import harness.run.loadgen
+    from harness.run.loadgen import LocustRun, LocustSpec
 
-    spawned = _interrupted_popen(monkeypatch, harness.loadgen)
+    spawned = _interrupted_popen(monkeypatch, harness.run.loadgen)
     monkeypatch.setattr(
-        harness.loadgen,
+        harness.run.loadgen,
         "locust_argv",
         lambda _spec: [sys.executable, "-c", "import time; time.sleep(60)"],
     )

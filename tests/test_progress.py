@@ -7,9 +7,9 @@ import io
 import pytest
 from rich.console import Console
 
-from harness import progress
-from harness.loadgen import Live
-from harness.progress import PRIOR_S, RunProgress
+from harness.output import progress
+from harness.output.progress import PRIOR_S, RunProgress
+from harness.run.loadgen import Live
 
 
 class Clock:

@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from harness import latency
+from loadtests import latency
 from reports import write_report
 from reports.__main__ import main as reports_main
 from reports.load import REQUIRED_RESULT_COLUMNS, ResultsError, load_run

@@ -14,10 +14,12 @@ import time
 import pytest
 
 from baselines.envoy.config import envoy_binary
-from harness import checks, latency, runner
-from harness.loadgen import LocustSpec
+from harness.deploy.local import MESHES, REPO, start_stack
+from harness.measure import checks
 from harness.ports import free_ports
-from harness.stacks import MESHES, REPO, start_stack
+from harness.run import runner
+from harness.run.loadgen import LocustSpec
+from loadtests import latency
 from tests.conftest import require_external
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]

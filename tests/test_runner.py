@@ -8,10 +8,13 @@ import json
 import pytest
 
 import run_bench
-from harness import callgraph, checks, config, latency, plan, results, runner, summary
-from harness.findmax import MaxSearch, is_clean
-from harness.loadgen import LocustSpec, locust_argv, parse_history
-from harness.stacks import REPO, start_stack
+from harness.deploy.local import REPO, start_stack
+from harness.measure import callgraph, checks
+from harness.output import results, summary
+from harness.run import config, plan, runner
+from harness.run.findmax import MaxSearch, is_clean
+from harness.run.loadgen import LocustSpec, locust_argv, parse_history
+from loadtests import latency
 from mubench.workmodel import load_workmodel, parse_workmodel
 
 DEFAULT_WM = REPO / "workmodels" / "default.json"
@@ -96,7 +99,6 @@ def test_cli_errors_exit_2(capsys):
 
 
 def test_stack_starter_per_mode():
-    from harness import compose
 
     assert runner.stack_starter("local") is start_stack
     assert runner.stack_starter("compose") is compose.start_stack

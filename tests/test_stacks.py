@@ -19,9 +19,9 @@ import pytest
 
 import run_bench
 from baselines.envoy.config import read_stats
+from harness.deploy.local import MANIFEST, MESHES, REPO, RunningStack, start_stack
 from harness.ports import free_ports, port_is_free
 from harness.procs import StartError
-from harness.stacks import MANIFEST, MESHES, REPO, RunningStack, start_stack
 
 pytestmark = pytest.mark.e2e
 

@@ -115,7 +115,7 @@ class MeshDescription:
     Under load connections never idle that long, so reuse is unaffected.
 
     The defaults put every Envoy on one machine's loopback. In containers
-    (`harness.compose`), `listen_address` ("0.0.0.0") is where the inbound
+    (`harness.deploy.compose.legacy`), `listen_address` ("0.0.0.0") is where the inbound
     and gateway listeners and the admin endpoint listen, so other containers
     and published ports reach them, and `service_hosts` names each service's
     sidecar host for the callee clusters (a name is resolved by DNS). The
@@ -393,19 +393,18 @@ def write_configs(desc: MeshDescription, out_dir: Path) -> dict[str, Path]:
     return paths
 
 
-def envoy_argv(desc: MeshDescription, config_path: Path) -> list[str]:
-    """Command line for one Envoy of the mesh `desc` (`--concurrency` from it).
+def envoy_args(concurrency: int, config_path: str) -> list[str]:
+    """Arguments of one Envoy of the mesh (the executable is `envoy_binary()` or an image's).
 
     `--disable-hot-restart` means no shared memory and no hot-restart domain
     socket, so any number of Envoys (ours and other runs') coexist without
     picking distinct `--base-id`s.
     """
     return [
-        envoy_binary(),
         "-c",
-        str(config_path),
+        config_path,
         "--concurrency",
-        str(desc.concurrency),
+        str(concurrency),
         "--log-level",
         "warn",
         "--disable-hot-restart",
@@ -555,18 +554,17 @@ def listener_counts(stats: Mapping[str, int], stat_prefix: str) -> dict[str, int
     return {name: stats.get(f"http.{stat_prefix}.{name}", 0) for name in LISTENER_COUNTERS}
 
 
-def mesh_counts(desc: MeshDescription) -> dict[str, dict[str, int]]:
+def mesh_counts(gateway_admin: int, sidecar_admin: Mapping[str, int]) -> dict[str, dict[str, int]]:
     """Listener counters of the whole mesh, keyed by stat prefix.
 
-    Lets a run prove its traffic crossed every proxy: `gateway`, then for each
-    service `inbound_<svc>` (calls into it) and `outbound_<svc>` (calls it made).
+    `sidecar_admin` is each service's sidecar admin port. Lets a run prove its
+    traffic crossed every proxy: `gateway`, then for each service
+    `inbound_<svc>` (calls into it) and `outbound_<svc>` (calls it made).
     """
-    gateway = read_stats(desc.gateway.admin_port, r"^http\.")
+    gateway = read_stats(gateway_admin, r"^http\.")
     counts = {GATEWAY: listener_counts(gateway, GATEWAY)}
-    for service, ports in desc.services.items():
-        stats = read_stats(ports.admin_port, r"^http\.")
-        counts[inbound_stat_prefix(service)] = listener_counts(stats, inbound_stat_prefix(service))
-        counts[outbound_stat_prefix(service)] = listener_counts(
-            stats, outbound_stat_prefix(service)
-        )
+    for service, admin in sidecar_admin.items():
+        stats = read_stats(admin, r"^http\.")
+        for prefix in (inbound_stat_prefix(service), outbound_stat_prefix(service)):
+            counts[prefix] = listener_counts(stats, prefix)
     return counts

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from harness.checks import MAX_ERROR_RATE, MIN_DELIVERY
+from harness.measure.checks import MAX_ERROR_RATE, MIN_DELIVERY
 
 BRACKET = 0.05
 

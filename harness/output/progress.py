@@ -4,7 +4,7 @@ On a terminal it is a rich `Live` panel redrawn four times a second, with
 finished levels printed above it; elsewhere (CI logs, pipes) every phase
 and every finished level is one plain line, so logs stay readable.
 
-Time left comes from the plan's estimate (`harness.plan`), corrected as the
+Time left comes from the plan's estimate (`harness.run.plan`), corrected as the
 run goes: finished steps take their real duration, the current step
 whichever is larger of its estimate and its elapsed time, and steps not yet
 started their estimate scaled by how far off the finished ones were
@@ -22,7 +22,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from harness.loadgen import Live as LiveStats
+from harness.run.loadgen import Live as LiveStats
 
 PRIOR_S = 60.0
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from harness.config import BenchConfig
+from harness.run.config import BenchConfig
 
 # Open loop needs users >= rate x worst latency; 50 ms covers this machine's
 # usual tail, and late sends are measured from their intended time anyway.

@@ -28,19 +28,17 @@ from __future__ import annotations
 
 import http.client
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from baselines.envoy.config import (
-    GATEWAY,
-    MeshDescription,
-    inbound_stat_prefix,
-    mesh_counts,
-)
+from baselines.envoy.config import GATEWAY, inbound_stat_prefix, mesh_counts, sidecar_name
 from dpumesh.dpu_daemon import STATS_PATH as BRIDGE_STATS_PATH
+from harness.stacks.model import Counters
 from mubench.http_app import STATS_PATH as APP_STATS_PATH
 
 Traffic = dict[str, Any]
+#: Where a reader finds a counter endpoint: (component, port name) -> port on 127.0.0.1.
+PortOf = Callable[[str, str], int]
 
 
 def get_json(port: int, path: str, timeout_s: float = 5.0) -> Any:
@@ -69,11 +67,13 @@ def nomesh_traffic(app_ports: Mapping[str, int], entry: str) -> Traffic:
     return _traffic(per_service[entry], per_service, {"apps": apps})
 
 
-def envoy_traffic(desc: MeshDescription, app_ports: Mapping[str, int]) -> Traffic:
+def envoy_traffic(
+    gateway_admin: int, sidecar_admin: Mapping[str, int], app_ports: Mapping[str, int]
+) -> Traffic:
     """Traffic of the Envoy stack, from every proxy's admin stats (plus the apps')."""
-    listeners = mesh_counts(desc)
+    listeners = mesh_counts(gateway_admin, sidecar_admin)
     per_service = {
-        svc: listeners[inbound_stat_prefix(svc)]["downstream_rq_total"] for svc in desc.services
+        svc: listeners[inbound_stat_prefix(svc)]["downstream_rq_total"] for svc in sidecar_admin
     }
     entry = listeners[GATEWAY]["downstream_rq_total"]
     return _traffic(entry, per_service, {"listeners": listeners, "apps": app_counters(app_ports)})
@@ -86,6 +86,23 @@ def dpumesh_traffic(bridge_port: int, services: list[str]) -> Traffic:
     per_service = {svc: counters.get(svc, {}).get("requests", 0) for svc in services}
     entry = sum(c.get("ingress", 0) for c in counters.values())
     return _traffic(entry, per_service, {"bridge": stats})
+
+
+def reader(counters: Counters, services: tuple[str, ...], entry: str, port_of: PortOf):
+    """A no-argument reader of a stack's `Traffic`, its counter endpoints resolved once.
+
+    `port_of` is the deployer's: where (component, port) is reachable from here.
+    """
+    ports = {key: port_of(*where) for key, where in counters.endpoints.items()}
+    apps = {svc: ports[f"app:{svc}"] for svc in services if f"app:{svc}" in ports}
+    if counters.kind == "dpumesh":
+        return lambda: dpumesh_traffic(ports["bridge"], list(services))
+    if counters.kind == "nomesh":
+        return lambda: nomesh_traffic(apps, entry)
+    if counters.kind == "envoy":
+        sidecars = {svc: ports[f"admin:{sidecar_name(svc)}"] for svc in services}
+        return lambda: envoy_traffic(ports[f"admin:{GATEWAY}"], sidecars, apps)
+    raise ValueError(f"no traffic reader for {counters.kind!r}")
 
 
 def since(after: Traffic, before: Traffic) -> Traffic:

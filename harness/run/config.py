@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from baselines.envoy.config import DEFAULT_CONCURRENCY
-from harness.stacks import DEFAULT_WORKMODEL, MESHES, REPO
+from harness.deploy.local import DEFAULT_WORKMODEL, MESHES, REPO
 from loadtests.options import REQUEST_MODES
 
 DEFAULT_CONFIG_FILE = REPO / "bench.toml"

@@ -29,7 +29,7 @@ from typing import Any
 
 from hdrh.histogram import HdrHistogram
 
-from harness import latency
+from loadtests import latency
 
 RESULTS_CSV = "results.csv"
 ROLES_CSV = "roles.csv"

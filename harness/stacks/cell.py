@@ -1,0 +1,112 @@
+"""The μBench cell every stack runs: its files, its plain-HTTP app, the entry service.
+
+One place for what must be identical across stacks (DESIGN §5): the same
+workmodel file, seed, scale, custom functions and worker plan.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from harness.stacks.model import Component, File, Port, Probe, Settings
+from mubench.http_app import HEALTH_PATH as APP_HEALTH_PATH
+from mubench.internal import custom_function_names
+from mubench.workmodel import Workmodel, load_workmodel, plan_processes
+
+WORKMODEL_MOUNT = "/etc/mubench/workmodel.json"
+FUNCTIONS_MOUNT = "/etc/mubench/functions"
+PUBLIC_PORT = 5005  # the bridge, gateway or entry app inside its container
+
+
+@dataclass(frozen=True)
+class Cell:
+    """A loaded workmodel with its worker plan: what every stack of one run shares."""
+
+    settings: Settings
+    workmodel: Workmodel
+    plan: dict[str, tuple[int, int]]
+    warnings: tuple[str, ...]
+
+    @property
+    def services(self) -> tuple[str, ...]:
+        return tuple(self.workmodel)
+
+    @property
+    def entry(self) -> str:
+        """μBench's convention: `s0`, or without one the first service in the file."""
+        return "s0" if "s0" in self.workmodel else self.services[0]
+
+    def files(self) -> tuple[File, ...]:
+        """The workmodel and, if any, the directory of custom functions."""
+        files = [File("workmodel", WORKMODEL_MOUNT, source=self.settings.workmodel)]
+        if self.settings.functions_dir:
+            files.append(
+                File(
+                    "functions", FUNCTIONS_MOUNT, source=self.settings.functions_dir, directory=True
+                )
+            )
+        return tuple(files)
+
+    def cell_args(self) -> tuple[str, ...]:
+        """Seed, scale and custom functions, as `mubench.http_app` takes them."""
+        functions = ("--functions-dir", "{file:functions}") if self.settings.functions_dir else ()
+        return ("--seed", str(self.settings.seed), "--scale", repr(self.settings.scale), *functions)
+
+    def cell_env(self) -> dict[str, str]:
+        """The same settings as `mubench.dpumesh_app` reads them (environment)."""
+        env = {
+            "MUBENCH_WORKMODEL": "{file:workmodel}",
+            "MUBENCH_SEED": str(self.settings.seed),
+            "MUBENCH_SCALE": repr(self.settings.scale),
+        }
+        if self.settings.functions_dir:
+            env["MUBENCH_FUNCTIONS_DIR"] = "{file:functions}"
+        return env
+
+
+def load_cell(settings: Settings) -> Cell:
+    """Load and validate the workmodel and plan its workers (`WorkmodelError` if unusable)."""
+    custom = custom_function_names(settings.functions_dir)
+    workmodel = load_workmodel(str(settings.workmodel), custom=custom)
+    plan, warnings = plan_processes(workmodel, settings.per_service_cap, settings.total_cap)
+    return Cell(settings, workmodel, plan, tuple(warnings))
+
+
+def service_port(cell: Cell, service: str, offset: int) -> int:
+    """A fixed port number for `service` (inside containers), distinct across the stack."""
+    return 20000 + 10 * cell.services.index(service) + offset
+
+
+def app_name(service: str) -> str:
+    return f"app-{service}"
+
+
+def http_app(
+    cell: Cell,
+    service: str,
+    routing: tuple[str, ...],
+    *,
+    public: bool = False,
+    network_of: str | None = None,
+) -> Component:
+    """The plain-HTTP μBench cell of one service (envoy and nomesh stacks)."""
+    workers, threads = cell.plan[service]
+    name = app_name(service)
+    number = PUBLIC_PORT if public else service_port(cell, service, 0)
+    return Component(
+        name=name,
+        role="app",
+        service=service,
+        program="python",
+        args=(
+            *("-m", "mubench.http_app", "--workmodel", "{file:workmodel}", "--service", service),
+            *("--host", "{bind}", "--port", f"{{port:{name}:http}}"),
+            *("--workers", str(workers), "--threads", str(threads)),
+            *cell.cell_args(),
+            *routing,
+        ),
+        ports={"http": Port(number, public=public, read=True)},
+        probe=Probe("http", APP_HEALTH_PATH),
+        files=cell.files(),
+        network_of=network_of,
+    )

@@ -17,10 +17,13 @@ from pathlib import Path
 from typing import TypeVar
 
 from baselines.envoy.config import DEFAULT_CONCURRENCY
-from harness.deploy.local import DEFAULT_PORT, DEFAULT_WORKMODEL, MESHES, serve
+from harness.deploy.local import serve
+from harness.names import DEFAULT_PORT, DEFAULT_WORKMODEL, MESHES, MODES
 from harness.procs import StartError
 from harness.run import config as bench_config
 from harness.run import runner
+from harness.stacks import describe
+from harness.stacks.model import Settings
 from loadtests.options import REQUEST_MODES
 from mubench.internal import check_scale
 from reports import __main__ as reports_cli
@@ -48,16 +51,14 @@ _FUNCTIONS_DIR_HELP = "directory of μBench custom internal functions (*.py)"
 
 def _serve(args: argparse.Namespace) -> int:
     run_dir = args.run_dir or Path("runs", f"serve-{args.mesh}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}")
-    serve(
-        args.mesh,
-        args.workmodel,
-        port=args.port,
-        run_dir=run_dir,
+    settings = Settings(
+        workmodel=args.workmodel.resolve(),
         seed=args.seed,
         scale=args.scale,
         envoy_concurrency=args.envoy_concurrency,
-        functions_dir=args.functions_dir,
+        functions_dir=args.functions_dir.resolve() if args.functions_dir else None,
     )
+    serve(describe(args.mesh, settings), port=args.port, run_dir=run_dir)
     return 0
 
 
@@ -168,7 +169,7 @@ def _add_run(subparsers: argparse._SubParsersAction) -> None:
     )
     add("--processes", type=int, metavar="N", help="Locust processes (N > 1: master + N workers)")
     add("--request-mode", choices=REQUEST_MODES, help="get: stochastic; trace: trace-driven POST")
-    add("--mode", choices=bench_config.MODES, help="local processes or Docker Compose")
+    add("--mode", choices=MODES, help="local processes or Docker Compose")
     add("--port", type=int, metavar="N", help="public port of each stack (0 = any free port)")
     add("--envoy-concurrency", type=_ENVOY_CONCURRENCY, metavar="N", help=_ENVOY_CONCURRENCY_HELP)
     add("--functions-dir", metavar="DIR", help=_FUNCTIONS_DIR_HELP)

@@ -17,7 +17,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from dpumesh.bench.bridge import sequential_latencies
-from harness.deploy.local import DEFAULT_WORKMODEL, MESHES, start_stack
+from harness.deploy import start_stack
+from harness.names import DEFAULT_WORKMODEL, MESHES
 from harness.ports import free_ports
 
 

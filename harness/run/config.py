@@ -20,11 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from baselines.envoy.config import DEFAULT_CONCURRENCY
-from harness.deploy.local import DEFAULT_WORKMODEL, MESHES, REPO
+from harness.names import DEFAULT_WORKMODEL, MESHES, MODES, REPO
 from loadtests.options import REQUEST_MODES
 
 DEFAULT_CONFIG_FILE = REPO / "bench.toml"
-MODES = ("local", "compose")
 
 
 class ConfigError(ValueError):

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import psutil
 
-from harness.deploy.local import REPO
+from harness.names import REPO
 from harness.procs import signals_deferred, spawn_session
 
 LOCUSTFILE = REPO / "loadtests" / "locustfile.py"

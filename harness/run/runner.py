@@ -25,12 +25,11 @@ One level (`measure_level`):
    histograms and run the self-checks (`harness.measure.checks`) with Locust's
    totals against the stack's count over the whole level.
 
-The stack starter is `harness.deploy.local.start_stack` for ``--mode local`` and
-`harness.deploy.compose.legacy.start_stack` (same signature) for ``--mode compose``. A
-stack object needs ``url``, ``entry``, ``traffic()``, ``stop()``,
-``configs``, ``manifest``, and either ``roles()`` (processes per role, for
-`RoleSampler`) or ``sampler(extra_roles=...)`` returning a sampler with the
-same ``start()``/``stop() -> WindowUsage``.
+Each stack is described once per run (`harness.stacks.describe`) and
+started by the deployer of ``--mode`` (`harness.deploy.start`), which hands
+back a `harness.deploy.RunningStack`: the runner never knows which deployer
+ran it. The fairness checklist reads every start's `stack.json`, which every
+deployer writes the same way (`harness.deploy.manifest`).
 """
 
 from __future__ import annotations
@@ -50,11 +49,13 @@ from hdrh.histogram import HdrHistogram
 from rich.console import Console
 from rich.table import Table
 
-from harness.deploy.local import REPO, start_stack
+from harness import deploy
+from harness.deploy import RunningStack
 from harness.measure import checks as chk
 from harness.measure.accounting import Traffic, since
 from harness.measure.callgraph import CycleError, expected_calls
-from harness.measure.metrics import RoleSampler, WindowUsage, machine_metadata
+from harness.measure.metrics import WindowUsage, machine_metadata
+from harness.names import REPO
 from harness.output import summary
 from harness.output.progress import RunProgress
 from harness.output.results import (
@@ -68,14 +69,15 @@ from harness.output.results import (
 from harness.ports import free_ports, release_ports
 from harness.procs import StartError
 from harness.run import plan
-from harness.run.config import BenchConfig, ConfigError
+from harness.run.config import BenchConfig
 from harness.run.findmax import MaxSearch, is_clean
 from harness.run.loadgen import Live, LocustRun, LocustSpec
 from harness.run.plan import Level, Segment
+from harness.stacks import describe
+from harness.stacks.cell import load_cell
+from harness.stacks.model import Settings, StackDescription
 from loadtests import latency
 from loadtests.options import DEFAULT_TRACE
-from mubench.internal import custom_function_names
-from mubench.workmodel import load_workmodel
 
 FIRST_REQUEST_TIMEOUT_S = 60.0
 EXIT_TIMEOUT_S = 60.0
@@ -104,25 +106,7 @@ class Measurement:
     level_traffic: Traffic  # counted by the stack over the whole Locust run
 
 
-def stack_starter(mode: str) -> Callable[..., Any]:
-    """`start_stack` of the deployment mode: local processes or Docker Compose containers."""
-    if mode == "local":
-        return start_stack
-    if mode == "compose":
-        from harness import compose  # the Docker SDK is imported only when asked for
-
-        return compose.start_stack
-    raise ConfigError(f"unknown mode {mode!r} (local or compose)")
-
-
-def window_sampler(stack: Any, loadgen: Any) -> Any:
-    """A CPU/memory sampler over the stack's roles plus the load generator's process tree."""
-    if hasattr(stack, "roles"):
-        return RoleSampler({**stack.roles(), "loadgen": [loadgen]})
-    return stack.sampler(extra_roles={"loadgen": [loadgen]})
-
-
-def _traffic(stack: Any) -> Traffic:
+def _traffic(stack: RunningStack) -> Traffic:
     """The stack's counters, retried briefly (a stats endpoint can be slow under load)."""
     for _ in range(2):
         try:
@@ -132,7 +116,9 @@ def _traffic(stack: Any) -> Traffic:
     return stack.traffic()
 
 
-def _wait_first_request(stack: Any, before: Traffic, run: LocustRun, tick: Callable) -> bool:
+def _wait_first_request(
+    stack: RunningStack, before: Traffic, run: LocustRun, tick: Callable
+) -> bool:
     """Poll the stack's entry counter until Locust's first request arrives (False: it never did)."""
     deadline = time.monotonic() + FIRST_REQUEST_TIMEOUT_S
     while time.monotonic() < deadline and not run.exited():
@@ -151,7 +137,7 @@ def _sleep(seconds: float, tick: Callable, run: LocustRun) -> None:
 
 
 def measure_level(
-    stack: Any, spec: LocustSpec, on_live: Callable[[Live | None], None] = lambda _: None
+    stack: RunningStack, spec: LocustSpec, on_live: Callable[[Live | None], None] = lambda _: None
 ) -> Measurement:
     """Run one Locust level against `stack` and measure it (see the module docstring)."""
     start = _traffic(stack)
@@ -168,7 +154,7 @@ def measure_level(
         if _wait_first_request(stack, start, run, tick):
             _sleep(spec.excluded_s, tick, run)
             before = _traffic(stack)
-            sampler = window_sampler(stack, run.process)
+            sampler = stack.sampler({"loadgen": [run.process]})
             sampler.start()
             try:
                 deadline = time.monotonic() + spec.measured_s + 30
@@ -196,11 +182,19 @@ def downstream_per_request(traffic: Traffic, entry: str) -> float | None:
     return sum(chk.observed_calls(traffic, entry).values()) / entries
 
 
-def _sha256(paths: list[Path]) -> str:
-    digest = hashlib.sha256()
-    for path in paths:
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def settings_of(config: BenchConfig) -> Settings:
+    """The stack settings a run's configuration implies (the same for every stack)."""
+    return Settings(
+        workmodel=config.workmodel,
+        seed=config.seed,
+        scale=config.scale,
+        functions_dir=config.functions_dir,
+        envoy_concurrency=config.envoy_concurrency,
+    )
 
 
 class Runner:
@@ -210,10 +204,11 @@ class Runner:
         self.config = config
         self.console = console
         self.argv = argv
-        self.start_stack = stack_starter(config.mode)
-        self.workmodel = load_workmodel(
-            str(config.workmodel), custom=custom_function_names(config.functions_dir)
-        )
+        cell = load_cell(settings_of(config))  # WorkmodelError before anything starts
+        self.workmodel = cell.workmodel
+        self.descriptions: dict[str, StackDescription] = {
+            mesh: describe(mesh, cell.settings, cell) for mesh in config.meshes
+        }
         self.results = ResultsDir(new_run_dir(config.out))
         self.rows: list[dict[str, Any]] = []
         self.checks: list[dict[str, Any]] = []
@@ -258,15 +253,11 @@ class Runner:
         self.progress.step("starting stack", seg.mesh, seg.rep, plan.stack_start_s(seg.mesh))
         port = cfg.port or free_ports(1)[0]
         try:
-            stack = self.start_stack(
-                seg.mesh,
-                cfg.workmodel,
+            stack = deploy.start(
+                cfg.mode,
+                self.descriptions[seg.mesh],
                 run_dir=self.results.stack_dir(seg.mesh, seg.rep),
                 port=port,
-                seed=cfg.seed,
-                scale=cfg.scale,
-                functions_dir=cfg.functions_dir,
-                envoy_concurrency=cfg.envoy_concurrency,
             )
         except StartError as exc:
             self._record(seg, "-", [chk.Check("stack_start", False, str(exc).splitlines()[0])])
@@ -296,7 +287,9 @@ class Runner:
                 release_ports([port])
         self._write_meta(interrupted=True)
 
-    def _level(self, stack: Any, seg: Segment, level: Level, first: bool) -> dict[str, Any]:
+    def _level(
+        self, stack: RunningStack, seg: Segment, level: Level, first: bool
+    ) -> dict[str, Any]:
         """Measure one level, judge it, append its rows; the results row."""
         cfg = self.config
         assert self.progress is not None
@@ -344,7 +337,7 @@ class Runner:
         return row
 
     def _judge(
-        self, stack: Any, level: Level, m: Measurement, derived: dict[str, Any] | None
+        self, stack: RunningStack, level: Level, m: Measurement, derived: dict[str, Any] | None
     ) -> list[chk.Check]:
         checks = [chk.loadgen_ran(m.returncode, int(m.sidecar.get("processes", 0)))]
         if m.hist is None:
@@ -365,7 +358,7 @@ class Runner:
             checks.append(chk.open_loop_delivery(level.rate, float(m.sidecar["achieved_rps"])))
         return checks
 
-    def _search_max(self, stack: Any, seg: Segment, first: bool) -> None:
+    def _search_max(self, stack: RunningStack, seg: Segment, first: bool) -> None:
         cfg = self.config
         search = MaxSearch(cfg.find_max_start, cfg.find_max_steps)
         while (rate := search.next_rate()) is not None:
@@ -403,7 +396,7 @@ class Runner:
     def _record(self, seg: Segment, level: str, checks: list[chk.Check]) -> None:
         self.checks += [c.record(seg.mesh, seg.rep, level) for c in checks]
 
-    def _note_stack(self, mesh: str, stack: Any) -> None:
+    def _note_stack(self, mesh: str, stack: RunningStack) -> None:
         """Keep the stack's manifest; publish the first start's configs under configs/<mesh>/."""
         files = {name: Path(path) for name, path in stack.configs.items()}
         manifest = Path(stack.manifest)
@@ -458,26 +451,23 @@ class Runner:
         """What every stack had in common, checked from the stacks' own manifests."""
         first = {mesh: ms[0] for mesh, ms in self.manifests.items()}
         every = [m for ms in self.manifests.values() for m in ms]
-        interpreters = {
-            p["argv"][0] for m in every for p in m.get("processes", []) if p["role"] == "app"
-        }
+        codes = {json.dumps(m.get("app_code"), sort_keys=True) for m in every}
         plans = {mesh: m.get("plan") for mesh, m in first.items()}
         seeds = {m.get("seed") for m in every}
         workmodels = {m.get("workmodel") for m in every}
         fairness: dict[str, Any] = {
             "same_app_code": {
-                "ok": len(interpreters) <= 1,
-                "interpreters": sorted(interpreters),
-                "mubench_sha256": _sha256(sorted((REPO / "mubench").glob("*.py"))),
+                "ok": len(codes) == 1 and None not in (m.get("app_code") for m in every),
+                "app_code": sorted(json.loads(c) for c in codes),
             },
             "workmodel": {
-                "ok": workmodels <= {str(self.config.workmodel)},
+                "ok": workmodels == {str(self.config.workmodel)},
                 "path": str(self.config.workmodel),
-                "sha256": _sha256([self.config.workmodel]),
+                "sha256": _sha256(self.config.workmodel),
             },
-            "seed": {"ok": seeds <= {self.config.seed}, "value": self.config.seed},
+            "seed": {"ok": seeds == {self.config.seed}, "value": self.config.seed},
             "worker_counts": {
-                "ok": len({json.dumps(p, sort_keys=True) for p in plans.values()}) <= 1,
+                "ok": len({json.dumps(p, sort_keys=True) for p in plans.values()}) == 1,
                 "per_stack": plans,
             },
             "same_load": {
@@ -485,15 +475,15 @@ class Runner:
                 "detail": "same locustfile, users, rates, durations and request ids per level",
             },
         }
-        envoys = [
-            p["argv"] for p in first.get("envoy", {}).get("processes", []) if p["role"] == "gateway"
-        ]
-        if envoys:
+        if "envoy" in first:
             from baselines.envoy.config import tuning
 
-            configs = first["envoy"].get("configs", {})
-            bootstraps = {name: json.loads(Path(p).read_text()) for name, p in configs.items()}
-            fairness["envoy_tuning"] = tuning(envoys[0], bootstraps)
+            envoy = first["envoy"]
+            gateway = [c["argv"] for c in envoy["components"] if c["role"] == "gateway"]
+            bootstraps = {
+                name: json.loads(Path(p).read_text()) for name, p in envoy["configs"].items()
+            }
+            fairness["envoy_tuning"] = tuning(gateway[0], bootstraps)
         return fairness
 
     # -- output ----------------------------------------------------------------------------

@@ -1,4 +1,10 @@
-"""Start a real DPUmesh (both daemons and worker services) for end-to-end tests."""
+"""Start a real DPUmesh piece by piece for end-to-end tests.
+
+The components are the `dpumesh` stack description's own (`harness.stacks.dpumesh`),
+rendered by the local deployer's rules (loopback, this interpreter, a namespace
+of the test's); only the order and the moment each one starts or dies is the
+test's, which is what fault tests need.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +15,15 @@ import signal
 import socket
 import struct
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 
 import posix_ipc
+
+from harness.deploy.local import LOOPBACK, NODE, program
+from harness.stacks import dpumesh
+from harness.stacks.model import Component, render
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -39,6 +48,32 @@ def corrupt(name: str, offset: int, fmt: str, value: int | bytes) -> None:
     shm.close_fd()
 
 
+class _Resolver:
+    """The local deployer's rules for one test mesh: loopback, its port, its namespace."""
+
+    def __init__(self, namespace: str, port: int) -> None:
+        self.namespace = namespace
+        self.bridge_port = port
+
+    def bind(self, component: Component) -> str:
+        return LOOPBACK
+
+    def port(self, component: Component, target: str, port: str) -> int:
+        return self.bridge_port
+
+    def host(self, component: Component, target: str) -> str:
+        return LOOPBACK
+
+    def file(self, component: Component, name: str) -> str:
+        return str(component.file(name).source)
+
+    def ipc(self, component: Component) -> str:
+        return self.namespace
+
+    def node(self, component: Component) -> str:
+        return NODE
+
+
 class Mesh:
     """dpa-daemon + dpu-daemon + `python -m dpumesh.server` per service, as subprocesses."""
 
@@ -47,13 +82,15 @@ class Mesh:
         self.tmp = tmp
         self.port = port or free_port()
         self.procs: dict[str, subprocess.Popen] = {}
-        self.env = dict(os.environ, DPUMESH_NS=namespace, PYTHONPATH=str(REPO))
+        self.env = dict(os.environ, PYTHONPATH=str(REPO))
+        self._resolver = _Resolver(namespace, self.port)
 
-    def _spawn(self, name: str, argv: list[str], **env: str) -> subprocess.Popen:
+    def _spawn(self, name: str, component: Component, **env: str) -> subprocess.Popen:
+        rendered = render(component, self._resolver)
         log = open(self.tmp / f"{name}.log", "ab")  # noqa: SIM115 - owned by the process
         proc = subprocess.Popen(
-            [sys.executable, *argv],
-            env=dict(self.env, **env),
+            [program(component.program), *rendered.args],
+            env=dict(self.env, **rendered.env, **env),
             cwd=REPO,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -63,13 +100,10 @@ class Mesh:
         return proc
 
     def start_dpa(self) -> None:
-        self._spawn("dpa", ["-m", "dpumesh.dpa_daemon", "--ns", self.ns])
+        self._spawn("dpa", dpumesh.dpa_daemon())
 
     def start_dpu(self, *extra: str) -> None:
-        self._spawn(
-            "dpu",
-            ["-m", "dpumesh.dpu_daemon", "--ns", self.ns, "--port", str(self.port), *extra],
-        )
+        self._spawn("dpu", dpumesh.dpu_daemon("s0", (), *extra))
         self.wait_http("/_dpumesh/health")
 
     def start_service(
@@ -79,14 +113,8 @@ class Mesh:
         app: str = "tests.apps.seed_app:app",
         **env: str,
     ) -> None:
-        self._spawn(
-            f"svc-{service}",
-            ["-m", "dpumesh.server", app],
-            APP=service,
-            PN=str(processes),
-            DPUMESH_THREADS=env.pop("DPUMESH_THREADS", "8"),
-            **env,
-        )
+        threads = int(env.pop("DPUMESH_THREADS", "8"))
+        self._spawn(f"svc-{service}", dpumesh.worker(service, processes, threads, app=app, env=env))
 
     def url(self, path: str = "/") -> str:
         return f"http://127.0.0.1:{self.port}{path}"

@@ -72,9 +72,10 @@ def test_graph_benchmark(tmp_path: Path) -> None:
 
 
 def test_bridge_benchmark(tmp_path: Path) -> None:
-    out, pid = run_bench(
-        "dpumesh.bench.bridge", "--requests", "50", "--warmup", "10", tmp_path=tmp_path
+    out, _ = run_bench(
+        "harness.measure.bridge_bench", "--requests", "50", "--warmup", "10", tmp_path=tmp_path
     )
-    p50, p99, count = figures(out, rf"p50 {NUMBER} us\s+p99 {NUMBER} us\s+\({NUMBER} requests\)")
+    p50, p99, count = figures(out, rf"p50 {NUMBER} us\s+p99 {NUMBER} us\s+\({NUMBER} requests")
     assert 0 < p50 <= p99 and count == 50
-    assert shm_objects(f"bench{pid}") == []
+    (namespace,) = re.findall(r"namespace (\w+)\)", out)
+    assert shm_objects(namespace) == []

@@ -121,6 +121,7 @@ class LocalStack:
         self.url = f"http://{LOOPBACK}:{resolver.ports[(desc.public[0].name, desc.public[1])]}"
         self.entry = desc.entry
         self.run_dir = resolver.run_dir
+        self.namespace = resolver.namespace  # of its IPC group, if it has one
         self.configs = configs
         self.manifest = manifest_path
         self._resolver = resolver

@@ -49,7 +49,7 @@ def build(
         "mesh": desc.mesh,
         "mode": mode,
         "url": url,
-        "workmodel": str(settings.workmodel),
+        "workmodel": settings.as_dict()["workmodel"],
         "entry": desc.entry,
         "seed": settings.seed,
         "scale": settings.scale,

@@ -11,15 +11,43 @@ the stack, not its behaviour under load.
 from __future__ import annotations
 
 import argparse
+import http.client
+import socket
 import statistics
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from dpumesh.bench.bridge import sequential_latencies
 from harness.deploy import start_stack
 from harness.names import DEFAULT_WORKMODEL, MESHES
 from harness.ports import free_ports
+
+
+def sequential_latencies(port: int, requests: int, warmup: int, path: str = "/") -> list[int]:
+    """Nanoseconds per request for `requests` sequential GETs after `warmup` untimed ones.
+
+    One keep-alive connection with TCP_NODELAY: the path length of whatever
+    listens on `port`, with no load generator in the way.
+    """
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.connect()
+    conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    timings = []
+    try:
+        for n in range(warmup + requests):
+            began = time.perf_counter_ns()
+            conn.request("GET", path)
+            resp = conn.getresponse()
+            resp.read()
+            elapsed = time.perf_counter_ns() - began
+            if resp.status != 200:
+                raise RuntimeError(f"request {n} answered {resp.status}")
+            if n >= warmup:
+                timings.append(elapsed)
+    finally:
+        conn.close()
+    return timings
 
 
 def summary(timings_ns: Sequence[int]) -> dict[str, float]:

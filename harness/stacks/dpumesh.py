@@ -13,7 +13,15 @@ from __future__ import annotations
 from dpumesh.dpu_daemon import HEALTH_PATH as BRIDGE_HEALTH_PATH
 from dpumesh.dpu_daemon import STATS_PATH as BRIDGE_STATS_PATH
 from harness.stacks.cell import PUBLIC_PORT, Cell, app_name
-from harness.stacks.model import Component, Counters, Port, Probe, StackDescription, WorkersProbe
+from harness.stacks.model import (
+    Component,
+    Counters,
+    Port,
+    Probe,
+    Settings,
+    StackDescription,
+    WorkersProbe,
+)
 
 DPA = "dpa-daemon"
 DPU = "dpu-daemon"
@@ -35,8 +43,11 @@ def dpa_daemon(*, dma_latency_us: float = 0.0, dma_gbps: float = 0.0) -> Compone
     )
 
 
-def dpu_daemon(entry: str, services: tuple[str, ...], *extra: str) -> Component:
-    """The sidecar: L7 routing, the TCP bridge on the public port, the HTTP fallback."""
+def dpu_daemon(entry: str = "s0", services: tuple[str, ...] = (), *extra: str) -> Component:
+    """The sidecar: L7 routing, the TCP bridge on the public port, the HTTP fallback.
+
+    `services` are the services it expects workers of; `extra` more daemon flags.
+    """
     expected = tuple(arg for svc in services for arg in ("--service", svc))
     return Component(
         name=DPU,
@@ -85,25 +96,36 @@ def worker(
     )
 
 
-def describe(cell: Cell) -> StackDescription:
-    settings = cell.settings
-    workers = tuple(
-        worker(svc, w, t, env=cell.cell_env(), files=cell.files())
-        for svc, (w, t) in cell.plan.items()
-    )
+def assemble(
+    settings: Settings,
+    entry: str,
+    plan: dict[str, tuple[int, int]],
+    workers: tuple[Component, ...],
+    warnings: tuple[str, ...] = (),
+) -> StackDescription:
+    """The stack around `workers`: both daemons, the bridge as the public port."""
+    services = tuple(plan)
     return StackDescription(
         mesh="dpumesh",
         settings=settings,
-        entry=cell.entry,
-        services=cell.services,
-        plan=cell.plan,
-        warnings=cell.warnings,
+        entry=entry,
+        services=services,
+        plan=plan,
+        warnings=warnings,
         components=(
             dpa_daemon(dma_latency_us=settings.dma_latency_us, dma_gbps=settings.dma_gbps),
-            dpu_daemon(cell.entry, cell.services),
+            dpu_daemon(entry, services),
             *workers,
         ),
         probe_path=BRIDGE_HEALTH_PATH,
         counters=Counters("dpumesh", {"bridge": (DPU, "public")}),
-        front=(DPU, DPA, app_name(cell.entry)),
+        front=(DPU, DPA, app_name(entry)),
     )
+
+
+def describe(cell: Cell) -> StackDescription:
+    workers = tuple(
+        worker(svc, w, t, env=cell.cell_env(), files=cell.files())
+        for svc, (w, t) in cell.plan.items()
+    )
+    return assemble(cell.settings, cell.entry, cell.plan, workers, cell.warnings)

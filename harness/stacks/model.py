@@ -165,7 +165,7 @@ class Component:
 class Settings:
     """What a stack is built from besides its mesh: the cell and the mesh's own knobs."""
 
-    workmodel: Path
+    workmodel: Path | None  # None: the stack's apps read no workmodel (test or benchmark apps)
     seed: int = 0
     scale: float = 1.0
     functions_dir: Path | None = None
@@ -177,7 +177,7 @@ class Settings:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "workmodel": str(self.workmodel),
+            "workmodel": str(self.workmodel) if self.workmodel else None,
             "seed": self.seed,
             "scale": self.scale,
             "functions_dir": str(self.functions_dir) if self.functions_dir else None,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import http.client
 import json
-import re
 import sys
 import textwrap
 from pathlib import Path
@@ -13,9 +12,11 @@ from pathlib import Path
 import pytest
 
 from baselines.envoy import config
-from baselines.envoy.runner import start_mesh
+from harness.names import DEFAULT_WORKMODEL
 from harness.ports import free_ports, release_ports, wait_port_free
 from harness.procs import Supervisor, http_ok
+from harness.stacks import describe
+from harness.stacks.model import Settings
 from mubench.http_app import KEEPALIVE_S
 from tests.conftest import require_external
 
@@ -133,18 +134,20 @@ def test_upstreams_are_http11_with_connection_reuse():
             assert common == {}
 
 
-def test_envoy_argv_carries_the_configured_concurrency():
-    desc = _description(FIXED_PORTS, concurrency=3)
-    argv = config.envoy_argv(desc, Path("/tmp/gateway.json"))
+def _argv(desc: config.MeshDescription, path: str = "gateway.json") -> list[str]:
+    """An Envoy command line of the mesh `desc`, as a deployer runs it."""
+    return ["envoy", *config.envoy_args(desc.concurrency, path)]
+
+
+def test_envoy_args_carry_the_configured_concurrency():
+    argv = config.envoy_args(3, "/tmp/gateway.json")
     assert _concurrency_flag(argv) == "3"
     assert argv[argv.index("-c") + 1] == "/tmp/gateway.json"
-    default = config.envoy_argv(_description(FIXED_PORTS), Path("x.json"))
-    assert _concurrency_flag(default) == str(config.DEFAULT_CONCURRENCY)
 
 
 def test_tuning_reads_back_the_generated_mesh():
     desc = _description(FIXED_PORTS, concurrency=3)
-    found = config.tuning(config.envoy_argv(desc, Path("gateway.json")), config.render(desc))
+    found = config.tuning(_argv(desc), config.render(desc))
     assert found == {
         "flags": ["--concurrency", "3", "--log-level", "warn", "--disable-hot-restart"],
         "envoys": ["gateway", "sidecar-s0", "sidecar-s1", "sidecar-s2"],
@@ -220,14 +223,14 @@ def test_tuning_shows_a_drifted_setting(drift):
     bootstraps = copy.deepcopy(config.render(desc))
     change, expected = DRIFTS[drift]
     change(bootstraps)
-    found = config.tuning(config.envoy_argv(desc, Path("gateway.json")), bootstraps)
+    found = config.tuning(_argv(desc), bootstraps)
     assert {k: found[k] for k in expected} == expected
     assert found["ok"] is False
 
 
 def test_tuning_without_explicit_concurrency_is_not_ok():
     desc = _description(FIXED_PORTS)
-    argv = config.envoy_argv(desc, Path("g.json"))
+    argv = _argv(desc)
     at = argv.index("--concurrency")
     del argv[at : at + 2]
     found = config.tuning(argv, config.render(desc))
@@ -236,9 +239,18 @@ def test_tuning_without_explicit_concurrency_is_not_ok():
 
 def test_generated_configs_pass_envoy_validation(tmp_path):
     require_external(_envoy_available(), "Envoy")
-    paths = config.write_configs(_description(FIXED_PORTS), tmp_path)
+    paths = _write_configs(_description(FIXED_PORTS), tmp_path)
     assert set(paths) == {"sidecar-s0", "sidecar-s1", "sidecar-s2", "gateway"}
-    assert all(p.is_file() for p in paths.values())
+
+
+def _write_configs(desc: config.MeshDescription, out: Path) -> dict[str, Path]:
+    """Every Envoy's bootstrap written to `out`, each checked by Envoy itself."""
+    paths = {}
+    for name, bootstrap in config.render(desc).items():
+        paths[name] = out / f"{name}.json"
+        paths[name].write_text(json.dumps(bootstrap))
+        config.validate(paths[name])
+    return paths
 
 
 def test_validate_raises_with_envoys_message(tmp_path):
@@ -327,7 +339,17 @@ def test_requests_cross_gateway_and_both_sidecars(tmp_path):
                 env=env,
                 ready=http_ok(f"http://127.0.0.1:{sp.app_port}/health"),
             )
-        configs = start_mesh(sup, desc, tmp_path / "envoy")
+        (tmp_path / "envoy").mkdir()
+        configs = _write_configs(desc, tmp_path / "envoy")
+        admin = {config.sidecar_name(s): p.admin_port for s, p in desc.services.items()}
+        admin[config.GATEWAY] = desc.gateway.admin_port
+        for name, path in configs.items():
+            sup.start(
+                name,
+                [config.envoy_binary(), *config.envoy_args(desc.concurrency, str(path))],
+                role="gateway" if name == config.GATEWAY else "sidecar",
+                ready=http_ok(f"http://127.0.0.1:{admin[name]}/ready"),
+            )
         sup.wait_ready(timeout_s=30)
         assert len(sup.roles()["sidecar"]) == 3 and len(sup.roles()["gateway"]) == 1
         assert {_concurrency_flag(sup.procs[name].argv) for name in configs} == {"1"}
@@ -351,7 +373,8 @@ def test_requests_cross_gateway_and_both_sidecars(tmp_path):
         assert unknown_status == 404
         assert _get(public, "/")[1]["request_id"] is None  # Envoy generated none
 
-        counts = config.mesh_counts(desc)
+        sidecars = {s: p.admin_port for s, p in desc.services.items()}
+        counts = config.mesh_counts(desc.gateway.admin_port, sidecars)
         totals = {prefix: c["downstream_rq_total"] for prefix, c in counts.items()}
         assert totals == {
             "gateway": 6,
@@ -370,11 +393,8 @@ def test_requests_cross_gateway_and_both_sidecars(tmp_path):
     release_ports(ports)
 
 
-def test_compose_envoys_get_the_configured_concurrency(tmp_path):
-    require_external(_envoy_available(), "Envoy")
-
-    deployment = compose.generate("envoy", out_dir=tmp_path, envoy_concurrency=3)
-    assert deployment.mesh_description.concurrency == 3
-    # Three sidecars and the gateway, each command line with `--concurrency 3`.
-    flags = re.findall(r'- "--concurrency"\n\s*- "(\d+)"', deployment.file.read_text())
-    assert flags == ["3"] * 4
+def test_every_envoy_of_the_description_gets_the_configured_concurrency():
+    desc = describe("envoy", Settings(workmodel=DEFAULT_WORKMODEL, envoy_concurrency=3))
+    envoys = [c for c in desc.components if c.program == "envoy"]
+    assert [c.name for c in envoys] == ["sidecar-s0", "sidecar-s1", "sidecar-s2", "gateway"]
+    assert {_concurrency_flag(list(c.args)) for c in envoys} == {"3"}

@@ -14,8 +14,9 @@ import time
 import pytest
 
 from baselines.envoy.config import envoy_binary
-from harness.deploy.local import MESHES, REPO, start_stack
+from harness.deploy import start_stack
 from harness.measure import checks
+from harness.names import MESHES, REPO
 from harness.ports import free_ports
 from harness.run import runner
 from harness.run.loadgen import LocustSpec

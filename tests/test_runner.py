@@ -8,8 +8,9 @@ import json
 import pytest
 
 import run_bench
-from harness.deploy.local import REPO, start_stack
+from harness import deploy
 from harness.measure import callgraph, checks
+from harness.names import REPO
 from harness.output import results, summary
 from harness.run import config, plan, runner
 from harness.run.findmax import MaxSearch, is_clean
@@ -98,12 +99,11 @@ def test_cli_errors_exit_2(capsys):
     assert err.startswith("error: command line: users: must be >= 1")
 
 
-def test_stack_starter_per_mode():
-
-    assert runner.stack_starter("local") is start_stack
-    assert runner.stack_starter("compose") is compose.start_stack
-    with pytest.raises(config.ConfigError, match="unknown mode"):
-        runner.stack_starter("k8s")
+def test_an_unknown_mode_is_refused_before_anything_starts(tmp_path):
+    desc = runner.describe("nomesh", runner.settings_of(config.build()))
+    with pytest.raises(ValueError, match="unknown mode 'k8s'"):
+        deploy.start("k8s", desc, run_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
 
 
 # --- plan ---------------------------------------------------------------------------------------

@@ -19,7 +19,8 @@ import pytest
 
 import run_bench
 from baselines.envoy.config import read_stats
-from harness.deploy.local import MANIFEST, MESHES, REPO, RunningStack, start_stack
+from harness.deploy import RunningStack, start_stack
+from harness.names import MANIFEST, MESHES, REPO
 from harness.ports import free_ports, port_is_free
 from harness.procs import StartError
 
@@ -49,7 +50,8 @@ def request(url: str, method: str = "GET", body: str | None = None, **headers: s
 def assert_nothing_left(manifest: dict) -> None:
     """No recorded process alive, no port bound, no shared memory of the namespace."""
     survivors = []
-    for entries in manifest["pids"].values():
+    deployment = manifest["deployment"]
+    for entries in deployment["pids"].values():
         for entry in entries:
             try:
                 proc = psutil.Process(entry["pid"])
@@ -58,9 +60,9 @@ def assert_nothing_left(manifest: dict) -> None:
             except psutil.NoSuchProcess:
                 pass
     assert survivors == []
-    assert [p for p in manifest["ports"] if not port_is_free(p)] == []
-    if "namespace" in manifest:
-        marker = f"dpumesh.{manifest['namespace']}."
+    assert [p for p in deployment["ports"] if not port_is_free(p)] == []
+    if manifest["mesh"] == "dpumesh":
+        marker = f"dpumesh.{deployment['namespace']}."
         assert [n for n in os.listdir("/dev/shm") if marker in n] == []
 
 
@@ -72,7 +74,7 @@ def envoy_concurrency(manifest: dict) -> set[str]:
     """The `--concurrency` values on the recorded command lines of a stack's Envoys."""
     return {
         p["argv"][p["argv"].index("--concurrency") + 1]
-        for p in manifest["processes"]
+        for p in manifest["components"]
         if p["role"] in ("sidecar", "gateway")
     }
 

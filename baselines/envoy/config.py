@@ -162,13 +162,6 @@ def outbound_stat_prefix(service: str) -> str:
     return f"outbound_{service}"
 
 
-def admin_ports(desc: MeshDescription) -> dict[str, int]:
-    """Admin port of every Envoy by config name (for /ready and /stats)."""
-    ports = {sidecar_name(s): p.admin_port for s, p in desc.services.items()}
-    ports[GATEWAY] = desc.gateway.admin_port
-    return ports
-
-
 def _duration(seconds: float) -> str:
     return f"{seconds:.3f}s"
 
@@ -376,21 +369,6 @@ def validate(config_path: Path) -> None:
     if done.returncode != 0:
         message = (done.stderr.strip() or done.stdout.strip())[-4000:]
         raise EnvoyConfigError(f"envoy rejected {config_path}: {message}")
-
-
-def write_configs(desc: MeshDescription, out_dir: Path) -> dict[str, Path]:
-    """Write `<name>.json` for every Envoy into `out_dir`, each validated by Envoy itself.
-
-    The files are meant to be published with the results (DESIGN §5).
-    """
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for name, config in render(desc).items():
-        path = out_dir / f"{name}.json"
-        path.write_text(json.dumps(config, indent=2) + "\n")
-        validate(path)
-        paths[name] = path
-    return paths
 
 
 def envoy_args(concurrency: int, config_path: str) -> list[str]:

@@ -73,7 +73,7 @@ def test_graph_benchmark(tmp_path: Path) -> None:
 
 def test_bridge_benchmark(tmp_path: Path) -> None:
     out, _ = run_bench(
-        "harness.measure.bridge_bench", "--requests", "50", "--warmup", "10", tmp_path=tmp_path
+        "harness.run.bridge_bench", "--requests", "50", "--warmup", "10", tmp_path=tmp_path
     )
     p50, p99, count = figures(out, rf"p50 {NUMBER} us\s+p99 {NUMBER} us\s+\({NUMBER} requests")
     assert 0 < p50 <= p99 and count == 50

@@ -7,9 +7,9 @@ import io
 import pytest
 from rich.console import Console
 
-from harness.output import progress
-from harness.output.progress import PRIOR_S, RunProgress
+from harness.run import progress
 from harness.run.loadgen import Live
+from harness.run.progress import PRIOR_S, RunProgress
 
 
 class Clock:

@@ -57,7 +57,6 @@ from harness.measure.callgraph import CycleError, expected_calls
 from harness.measure.metrics import WindowUsage, machine_metadata
 from harness.names import REPO
 from harness.output import summary
-from harness.output.progress import RunProgress
 from harness.output.results import (
     ResultsDir,
     link_latest,
@@ -73,6 +72,7 @@ from harness.run.config import BenchConfig
 from harness.run.findmax import MaxSearch, is_clean
 from harness.run.loadgen import Live, LocustRun, LocustSpec
 from harness.run.plan import Level, Segment
+from harness.run.progress import RunProgress
 from harness.stacks import describe
 from harness.stacks.cell import load_cell
 from harness.stacks.model import Settings, StackDescription

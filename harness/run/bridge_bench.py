@@ -4,7 +4,7 @@ Starts the `dpumesh` stack (its description, through the local deployer)
 with one service whose handler does nothing (`dpumesh.bench.null_app`), sends
 sequential requests over one keep-alive connection and prints p50/p99 in
 microseconds: the mesh's own path length. A micro-benchmark (numbers, no
-assertions): `python -m harness.measure.bridge_bench [--requests N]`.
+assertions): `python -m harness.run.bridge_bench [--requests N]`.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import tempfile
 from pathlib import Path
 
 from harness.deploy import local
-from harness.measure.latency_probe import sequential_latencies
 from harness.ports import free_ports, release_ports
+from harness.run.latency_probe import sequential_latencies
 from harness.stacks import dpumesh
 from harness.stacks.model import Settings
 
@@ -63,7 +63,7 @@ def measure(requests: int, warmup: int, processes: int) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> None:
     """Print bridge latency for a do-nothing handler."""
     p = argparse.ArgumentParser(
-        prog="python -m harness.measure.bridge_bench", description=__doc__.splitlines()[0]
+        prog="python -m harness.run.bridge_bench", description=__doc__.splitlines()[0]
     )
     p.add_argument("--requests", type=int, default=3000)
     p.add_argument("--warmup", type=int, default=300)

@@ -1,6 +1,6 @@
 """Latency of single sequential requests through one stack: the mesh's cost at zero load.
 
-`python -m harness.measure.latency_probe --mesh envoy` starts the stack, sends
+`python -m harness.run.latency_probe --mesh envoy` starts the stack, sends
 `--warmup` then `--requests` `GET /` one after another over one keep-alive
 connection (http.client, TCP_NODELAY), timing each with `perf_counter_ns`,
 and prints percentiles of the measured ones in microseconds. No load
@@ -64,7 +64,7 @@ def summary(timings_ns: Sequence[int]) -> dict[str, float]:
 def main(argv: Sequence[str] | None = None) -> None:
     """Start the stack, measure, print one line, tear the stack down."""
     parser = argparse.ArgumentParser(
-        prog="python -m harness.measure.latency_probe",
+        prog="python -m harness.run.latency_probe",
         description="Sequential single-request latency (GET /) through one stack.",
     )
     parser.add_argument("--mesh", required=True, choices=MESHES)

@@ -3,7 +3,7 @@
 Prints numbers; asserts nothing (timing goals belong here, not in tests).
 Run the parts on their own with `python -m dpumesh.bench.queues` and
 `python -m dpumesh.bench.graph`. The bridge end to end starts a whole stack,
-so it is the harness's: `python -m harness.measure.bridge_bench`.
+so it is the harness's: `python -m harness.run.bridge_bench`.
 """
 
 from __future__ import annotations

@@ -115,7 +115,7 @@ class MeshDescription:
     Under load connections never idle that long, so reuse is unaffected.
 
     The defaults put every Envoy on one machine's loopback. In containers
-    (`harness.deploy.compose.legacy`), `listen_address` ("0.0.0.0") is where the inbound
+    (`harness.deploy.compose`), `listen_address` ("0.0.0.0") is where the inbound
     and gateway listeners and the admin endpoint listen, so other containers
     and published ports reach them, and `service_hosts` names each service's
     sidecar host for the callee clusters (a name is resolved by DNS). The

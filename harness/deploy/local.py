@@ -37,14 +37,14 @@ import psutil
 
 from baselines.envoy.config import envoy_binary
 from dpumesh import naming
-from harness.deploy import manifest
+from harness.deploy import files, manifest
 from harness.measure import accounting
 from harness.measure.accounting import Traffic, get_json, since
 from harness.measure.metrics import RoleSampler
 from harness.names import REPO, STACK_ROLES
 from harness.ports import free_ports, port_is_free, release_ports, wait_port_free
 from harness.procs import ReadyCheck, StartError, Supervisor, http_ok, log_tail, signals_deferred
-from harness.stacks.model import Component, Probe, Rendered, StackDescription, WorkersProbe, render
+from harness.stacks.model import Component, Probe, StackDescription, WorkersProbe, render
 from mubench.fingerprint import fingerprint
 
 MODE = "local"
@@ -96,8 +96,7 @@ class LocalResolver:
         return NODE
 
     def generated_path(self, component: Component, name: str) -> Path:
-        suffix = Path(component.file(name).mount).suffix
-        return self.run_dir / "configs" / f"{component.name}{suffix}"
+        return files.generated_path(self.run_dir, component, name)
 
     def host_port(self, component: str, port: str) -> int:
         """Where the harness reaches (component, port): the same port, on loopback."""
@@ -192,7 +191,7 @@ def start(
     sup = Supervisor(run_dir)
     try:
         rendered = [render(c, resolver) for c in desc.components]
-        configs = _write_files(rendered, resolver)
+        configs = files.write_generated(rendered, run_dir)
         watch = _WorkerWatch(resolver)
         argvs = {}
         for item in rendered:
@@ -260,21 +259,6 @@ def serve(desc: StackDescription, **options: Any) -> None:
                 signal.signal(sig, handler)
         print(f"stopping the {desc.mesh} stack", flush=True)
     print("stopped", flush=True)
-
-
-def _write_files(rendered: list[Rendered], resolver: LocalResolver) -> dict[str, Path]:
-    """Write and check every generated file; their paths by component name (to publish)."""
-    written = {}
-    for item in rendered:
-        for name, content in item.files.items():
-            path = resolver.generated_path(item.component, name)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(content)
-            check = item.component.file(name).check
-            if check is not None:
-                check(path)
-            written[item.component.name] = path
-    return written
 
 
 def _ready_check(

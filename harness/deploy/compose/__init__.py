@@ -1,0 +1,100 @@
+"""The compose deployer: a stack description (`harness.stacks`) as a Docker Compose project.
+
+What runs is the description's, exactly what the local deployer runs as
+processes: each component becomes one container of one image, its command
+the rendered arguments (`render`: how addresses, ports, paths and namespaces
+are decided in containers). So, for the stacks of `harness.stacks`:
+
+* `dpumesh`: `dpa-daemon` owns the IPC namespace (`ipc: shareable`, one
+  1 GiB /dev/shm for the rings, registry and semaphores); `dpu-daemon` (the
+  bridge, published on `127.0.0.1:<port>`) and one `app-<svc>` per service
+  (`dpumesh.server`, PN workers) join it, each in its own PID namespace. The
+  workers and the DMA manager have no network at all (`network_mode: none`):
+  every request reaches them through the shared-memory queues, across
+  containers.
+* `envoy`: per service a pod: `sidecar-<svc>` owns the network namespace and
+  `app-<svc>` joins it (`network_mode: service:sidecar-<svc>`), so the app and
+  its sidecar talk over loopback; `gateway` is published on the port.
+* `nomesh`: one `app-<svc>` per service calling the others by container name;
+  the entry one is published on the port.
+
+Every container has the labels `dpumesh.role`, `dpumesh.service` and
+`dpumesh.cpu-set`. Ports inside containers are fixed (`Port.number`), so
+generated files are stable; the ports the harness reads (probes, counters)
+are published on ephemeral loopback ports, found through the Docker SDK. Only
+loopback is ever published.
+
+Modules: `cli` (Docker client, compose command), `image` (the offline image
+build), `render` (description → compose file), `stack` (the running project:
+readiness, traffic, manifest, teardown), `sampler` (CPU and memory per
+container role); `python -m harness.deploy.compose build|generate` is the
+command line.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+from harness.deploy.compose.cli import ComposeError, check_config, compose_command, docker_client
+from harness.deploy.compose.image import IMAGE, ensure_image
+from harness.deploy.compose.render import ComposeResolver, Deployment, generate
+from harness.deploy.compose.sampler import ContainerSampler
+from harness.deploy.compose.stack import ComposeStack
+from harness.ports import port_is_free
+from harness.procs import StartError
+from harness.stacks.model import StackDescription
+
+__all__ = [
+    "IMAGE",
+    "ComposeError",
+    "ComposeResolver",
+    "ComposeStack",
+    "ContainerSampler",
+    "Deployment",
+    "check_config",
+    "compose_command",
+    "docker_client",
+    "ensure_image",
+    "generate",
+    "start",
+]
+
+_projects = itertools.count()
+
+
+def start(
+    desc: StackDescription,
+    *,
+    run_dir: str | Path,
+    port: int,
+    ready_timeout_s: float = 120.0,
+    cpusets: Mapping[str, str] | None = None,
+) -> ComposeStack:
+    """Start `desc` in containers with its public port on `127.0.0.1:port`; once it answers.
+
+    The image is built (from cache after the first time) once per process.
+    The compose file and generated configs go to `run_dir`, with `stack.json`
+    and every container's log at teardown. `cpusets` as for `generate`.
+    Raises `StartError` before starting anything when the port is taken, and
+    `ComposeError` (a `StartError`) after tearing everything down.
+    """
+    for line in desc.warnings:
+        print(f"warning: {line}", file=sys.stderr)
+    if not port_is_free(port):
+        raise StartError(f"{desc.mesh} compose stack: port {port} is already in use")
+    run_dir = Path(run_dir).resolve()
+    deployment = generate(desc, run_dir, port=port, cpusets=cpusets)
+    image_id = ensure_image()
+    project = f"dpumesh-{desc.mesh}-{os.getpid()}-{next(_projects)}"
+    stack = ComposeStack(deployment, project=project, port=port, run_dir=run_dir)
+    try:
+        stack.start(ready_timeout_s)
+        stack.write_manifest(image_id)
+    except BaseException:
+        stack.stop()
+        raise
+    return stack

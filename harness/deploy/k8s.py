@@ -1,0 +1,830 @@
+"""The Kubernetes deployer: stack descriptions written as manifests (nothing here applies them).
+
+`write(descs, out_dir)` writes one directory per stack, rendered from the
+description through a `K8sResolver`; `validate_all(out_dir)` checks every
+document against the official OpenAPI schemas of Kubernetes
+`KUBERNETES_VERSION`, offline and strict (no unknown field), with the
+`kubernetes-validate` package. No cluster was ever involved: these manifests
+are validated, never applied.
+
+Layout of ``<out>/<mesh>/``:
+
+``stack.yaml``
+    Namespaces, ConfigMaps, then per pod its workload and Service, in the
+    description's start order (`kubectl apply -f` keeps document order).
+``locust/workers.yaml``
+    The Locust master Service (5557 for workers, 8089 for the web UI) and the
+    worker Deployment (one Locust process per pod, `Load.workers` pods).
+``locust/master-ui.yaml`` or ``locust/master-headless.yaml``
+    The master, apply one of them: a Deployment with the web UI, or a Job
+    that runs one headless test of `Load` and exits (its summary in the
+    Job's log). Both carry the label the Service selects.
+
+Where and how, decided here (what runs is the description's):
+
+* components sharing a network namespace (`network_of`) are containers of
+  one pod, named after the owner, and reach each other on 127.0.0.1; any
+  other component is reached by the Service of its pod,
+  ``<pod>.<namespace>.svc.cluster.local`` (always the full name: the
+  dpumesh stack spans two namespaces), at its port's fixed number; every
+  component listens on 0.0.0.0. A Service exposes every port the pod's
+  containers declare. A component whose environment has `K8S_APP` names
+  its pod that way and that is its `app` label (the seed's contract:
+  ``s0-worker``);
+* the seed's layout for dpumesh: the `dpa-daemon` and `dpu-daemon` roles
+  (`NODE_ROLES`) are DaemonSets in `dpumesh-system`, one per node; every
+  other pod is a Deployment of one replica in the stack's namespace
+  (`mubench-dpu`, `mubench-envoy`, `mubench-nomesh`), and so is Locust;
+* files come from ConfigMaps mounted read-only at their `mount`: a source
+  file (the workmodel, the functions directory) is one ConfigMap per
+  namespace shared by its readers; a generated file (an Envoy bootstrap) is
+  one ConfigMap per reader, generated with the reader's resolver and
+  checked by its `check` on a temporary copy before anything is written;
+* `{ipc}` is DPUmesh's `default` namespace (a node's /dev/shm holds one
+  mesh) and `{node}` is ``$(NODE_NAME)``, the downward API's
+  `spec.nodeName` (so ``ZONE`` names the node);
+* every pod runs as the image's user (uid `IMAGE_UID`), without privilege
+  escalation, capabilities, service-account token or service links (the
+  environment is exactly the description's, plus ``NODE_NAME`` where used);
+* labels on every object: ``app.kubernetes.io/part-of: dpumesh-bench``,
+  ``dpumesh.mesh``, ``dpumesh.role``, ``dpumesh.service``,
+  ``dpumesh.cpu-set`` (a pod's are its owner's; objects of no component,
+  like a Namespace, have empty role, service and CPU set);
+* resources per role from `RESOURCES` (a parameter), see there.
+
+Shared memory. DPUmesh's rings, registry and doorbells are POSIX shared
+memory and POSIX named semaphores: on Linux both are files in /dev/shm
+(``/dev/shm/dpumesh.default.*`` and ``/dev/shm/sem.dpumesh.default.*``).
+So every dpa-daemon, dpu-daemon and worker pod mounts the node's /dev/shm
+(`hostPath`, type Directory) at /dev/shm: the same mechanism on all of them,
+so a node's daemons and workers meet there. `hostIPC: true` would also work
+with containerd and CRI-O (a host-IPC pod gets the host's /dev/shm) but
+grants more: the host's System V shared memory, semaphores and message
+queues and its POSIX message queues, none of which DPUmesh uses. The
+hostPath grants exactly the files DPUmesh needs (and the rest of the host's
+/dev/shm: both are privileged in Pod Security terms, so the dpumesh
+namespaces are labelled `enforce: privileged`, the others `restricted`).
+The seed mounted the same hostPath, and also ran its daemons privileged
+with `hostNetwork` and `hostPID`; none of that is needed here: the bridge is
+reached through its Service and worker liveness is a heartbeat in the
+registry (CLOCK_MONOTONIC is node-wide), not a pid. The objects are created
+with mode 0600, hence one uid for every pod. Shared-memory pages are charged
+to the memory limit of the container that first touches them.
+
+Readiness. A `Probe` is an httpGet readiness probe on the named port. A
+`WorkersProbe` (a worker has no port: it is ready once it registered with
+the mesh) is a startup probe that asks the node's bridge for the stats and
+counts the service's live workers, like the local deployer; being a startup
+probe it stops once it passed, so no probe process competes with the
+measured workers during a run, and the pod is Ready from then on.
+
+The bridge Service (`dpu-daemon`, port 5005) has `internalTrafficPolicy:
+Local`, like every Service of a DaemonSet's pods: a client reaches the
+dpu-daemon of its own node, the one that shares /dev/shm with that node's
+workers (DESIGN §8: a call leaves through the local sidecar; a worker's
+startup probe must ask its own node's bridge). With the default `Cluster`
+policy, kube-proxy would spread connections over every node's dpu-daemon,
+and one on a node without the service's worker answers 503. A headless
+Service would hand clients every daemon's address with no node preference:
+the same problem. On one node (what these manifests were written for) the
+policies agree. On several nodes the load generator must run on a node
+with workers (the entry's), and a call to a service with no worker on the
+local node needs the dpu-daemon's HTTP fallback (`--route SVC=URL`) to the
+node that has one; that needs each worker pinned to a node (node affinity)
+and a per-node address for the dpu-daemons (e.g. a `hostPort`), which the
+description does not carry yet. (`externalTrafficPolicy: Local` is the same
+choice for a NodePort or LoadBalancer Service; a ClusterIP Service has none.)
+
+Validation runs `kubernetes_validate.validate(document, KUBERNETES_VERSION,
+strict=True)` on every document. That function re-reads its 1.4 MB schema
+definitions for every document (about 50 ms each); `validate` memoises the
+reads for its duration, so a directory costs one read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import re
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import kubernetes_validate
+import kubernetes_validate.utils
+import yaml
+
+from dpumesh.naming import DEFAULT_NS
+from harness.names import ROLE_CPU_SET
+from harness.stacks.model import (
+    Component,
+    File,
+    Probe,
+    Rendered,
+    StackDescription,
+    WorkersProbe,
+    placeholders,
+    render,
+)
+from loadtests.options import DEFAULT_REQUEST_ID_PREFIX, REQUEST_MODES
+
+#: The Kubernetes release whose OpenAPI schemas the manifests are checked against.
+KUBERNETES_VERSION = "1.33.0"
+IMAGE = "dpumesh-bench:latest"
+IMAGE_UID = 10001  # the image's `bench` user (compose/Dockerfile)
+PART_OF = "dpumesh-bench"
+SYSTEM_NAMESPACE = "dpumesh-system"
+#: Roles that run once per node: a DaemonSet in `SYSTEM_NAMESPACE`.
+NODE_ROLES = ("dpa-daemon", "dpu-daemon")
+ANY = "0.0.0.0"
+LOOPBACK = "127.0.0.1"
+NODE_NAME = "NODE_NAME"
+SHM = "/dev/shm"
+# The image's executables; for Envoy the real binary linked by compose/Dockerfile.
+EXECUTABLES = {"python": "python", "envoy": "/usr/local/bin/envoy"}
+LOCUSTFILE = "loadtests/locustfile.py"  # relative to the image's WORKDIR
+USER_CLASS = "HttpMeshUser"  # the runner's (harness.run.loadgen)
+LOCUST_MASTER = "locust-master"
+LOCUST_WORKER = "locust-worker"
+LOCUST_JOB = "locust-headless"
+LOCUST_PORTS = {"master": 5557, "web": 8089}
+RESULTS = "/results"  # Locust's histograms and CSVs (emptyDir)
+MAX_CONFIGMAP_BYTES = 1 << 20  # the API server's limit for one object
+
+_DNS_LABEL = re.compile(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?")
+_LABEL_VALUE = re.compile(r"(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?")
+_PORT_NAME = re.compile(r"(?=.{1,15}$)(?=.*[a-z])(?!.*--)[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_CONFIG_KEY = re.compile(r"[-._a-zA-Z0-9]{1,253}")
+_YAML_WIDTH = 1 << 16  # one line per value, however long
+# A WorkersProbe as a command: exit 0 once the bridge lists COUNT live workers of SERVICE.
+_WORKERS_CHECK = (
+    "import json, sys, urllib.request; "
+    "w = json.load(urllib.request.urlopen(sys.argv[1], timeout=2))['workers']; "
+    "sys.exit(len(w.get(sys.argv[2], [])) != int(sys.argv[3]))"
+)
+
+
+class ManifestError(ValueError):
+    """A manifest does not validate against the pinned Kubernetes schemas."""
+
+
+@dataclass(frozen=True)
+class Resources:
+    """Requests and limits of one container (Kubernetes quantities)."""
+
+    cpu_request: str
+    cpu_limit: str
+    memory_request: str
+    memory_limit: str
+
+    def spec(self) -> dict[str, dict[str, str]]:
+        return {
+            "requests": {"cpu": self.cpu_request, "memory": self.memory_request},
+            "limits": {"cpu": self.cpu_limit, "memory": self.memory_limit},
+        }
+
+
+#: Per role. `dpu` roles: request = limit in whole cores and memory, so their pods are
+#: Guaranteed and a kubelet with the static CPU manager gives them exclusive cores (the `dpu`
+#: CPU set of DESIGN §5; a DPU speed below 1 would be a fractional limit instead). Each daemon
+#: is one event loop, so one core. Host roles: small requests so a 20-service workmodel
+#: schedules on one node, limits at what they can use: an app up to `Settings.per_service_cap`
+#: (2) worker processes, an Envoy its `--concurrency` (2) worker threads. Locust: one process
+#: per pod is one core, Guaranteed so the load generator is not the bottleneck.
+RESOURCES: Mapping[str, Resources] = {
+    "app": Resources("100m", "2", "128Mi", "1Gi"),
+    "sidecar": Resources("100m", "2", "64Mi", "256Mi"),
+    "gateway": Resources("100m", "2", "64Mi", "256Mi"),
+    "dpu-daemon": Resources("1", "1", "512Mi", "512Mi"),
+    "dpa-daemon": Resources("1", "1", "256Mi", "256Mi"),
+    "loadgen": Resources("1", "1", "512Mi", "512Mi"),
+}
+
+
+@dataclass(frozen=True)
+class Load:
+    """The load of the headless master (the web UI's form starts from it too).
+
+    The same options as the runner's Locust (`harness.run.loadgen.locust_argv`):
+    `users` spawned at once, `warmup_s` sent but not recorded, then
+    `measured_s`; `rate` requests/s for the whole test (open loop), 0 = closed loop.
+    """
+
+    workers: int = 2
+    users: int = 16
+    rate: float = 0.0
+    warmup_s: int = 10
+    measured_s: int = 60
+    request_mode: str = "get"
+    request_id_prefix: str = DEFAULT_REQUEST_ID_PREFIX
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.workers <= self.users:
+            raise ValueError(f"need 1 <= workers <= users, not {self.workers} and {self.users}")
+        if self.rate < 0 or self.warmup_s < 0 or self.measured_s <= 0:
+            raise ValueError("rate and warm-up must be >= 0 and the measured time > 0")
+        if self.request_mode not in REQUEST_MODES:
+            raise ValueError(f"request mode {self.request_mode!r} not in {REQUEST_MODES}")
+
+
+def k8s_name(name: str) -> str:
+    """`name` as an object, container or volume name (service ids may have `_` and capitals)."""
+    return _checked(name.lower().replace("_", "-"), _DNS_LABEL, "name")
+
+
+def stack_namespace(mesh: str) -> str:
+    """The namespace of a stack's pods (the seed's `mubench-dpu` for dpumesh)."""
+    return "mubench-dpu" if mesh == "dpumesh" else f"mubench-{mesh}"
+
+
+class K8sResolver:
+    """Addresses, ports and paths of one stack's pods (see the module docstring)."""
+
+    def __init__(self, desc: StackDescription) -> None:
+        self.desc = desc
+
+    def bind(self, component: Component) -> str:
+        return ANY
+
+    def port(self, component: Component, target: str, port: str) -> int:
+        return self.desc.component(target).ports[port].number
+
+    def host(self, component: Component, target: str) -> str:
+        if self.desc.network_owner(component.name).name == self.desc.network_owner(target).name:
+            return LOOPBACK
+        return self.dns(target)
+
+    def file(self, component: Component, name: str) -> str:
+        return component.file(name).mount
+
+    def ipc(self, component: Component) -> str:
+        return DEFAULT_NS
+
+    def node(self, component: Component) -> str:
+        return f"$({NODE_NAME})"
+
+    def pod(self, name: str) -> str:
+        """The pod (workload and Service name) that holds component `name`."""
+        owner = self.desc.network_owner(name)
+        return k8s_name(owner.env.get("K8S_APP", owner.name))
+
+    def namespace(self, name: str) -> str:
+        """The namespace of component `name`'s pod."""
+        if self.desc.network_owner(name).role in NODE_ROLES:
+            return SYSTEM_NAMESPACE
+        return stack_namespace(self.desc.mesh)
+
+    def dns(self, name: str) -> str:
+        """The Service name of component `name`'s pod, as any pod of the cluster resolves it."""
+        return _dns(self.pod(name), self.namespace(name))
+
+
+def manifests(
+    desc: StackDescription,
+    *,
+    image: str = IMAGE,
+    locust: bool = True,
+    load: Load | None = None,
+    resources: Mapping[str, Resources] = RESOURCES,
+    pull_policy: str = "IfNotPresent",
+    check: bool = True,
+) -> dict[str, list[dict[str, Any]]]:
+    """The documents of one stack by file name (relative to its directory), in apply order.
+
+    `check=False` skips the generated files' checks (Envoy's own validation, a process each).
+    """
+    resolver = K8sResolver(desc)
+    rendered = [render(c, resolver) for c in desc.components]
+    if check:
+        _check_files(rendered)
+    build = _Build(desc, resolver, image, pull_policy, resources)
+    pods: dict[str, list[Rendered]] = {}
+    for item in rendered:
+        pods.setdefault(desc.network_owner(item.component.name).name, []).append(item)
+    workloads = [doc for members in pods.values() for doc in build.pod(members)]
+    configs = build.configmaps(rendered)
+    namespaces = sorted({resolver.namespace(c.name) for c in desc.components})
+    files = {"stack.yaml": [*build.namespaces(namespaces, pods), *configs, *workloads]}
+    if locust:
+        files |= build.locust(load or Load())
+    _check_unique([doc for docs in files.values() for doc in docs])
+    return files
+
+
+def write(
+    descs: Sequence[StackDescription],
+    out_dir: Path,
+    *,
+    image: str = IMAGE,
+    locust: bool = True,
+    load: Load | None = None,
+    resources: Mapping[str, Resources] = RESOURCES,
+    pull_policy: str = "IfNotPresent",
+    check: bool = True,
+) -> dict[str, list[Path]]:
+    """Write every stack's manifests to ``<out_dir>/<mesh>/`` (see `manifests`); paths by mesh."""
+    meshes = [d.mesh for d in descs]
+    if len(set(meshes)) != len(meshes):
+        raise ValueError(f"one description per mesh, not {meshes}")
+    of = functools.partial(
+        manifests,
+        image=image,
+        locust=locust,
+        load=load,
+        resources=resources,
+        pull_policy=pull_policy,
+        check=check,
+    )
+    stacks = [(desc, of(desc)) for desc in descs]  # every stack checked before anything is written
+    written: dict[str, list[Path]] = {}
+    for desc, files in stacks:
+        written[desc.mesh] = []
+        for name, docs in files.items():
+            path = out_dir / desc.mesh / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(_header(desc, name) + _to_yaml(docs))
+            written[desc.mesh].append(path)
+    return written
+
+
+def _to_yaml(docs: Sequence[Mapping[str, Any]]) -> str:
+    """Documents as one YAML stream, keys in their order, file contents as literal blocks."""
+    return yaml.dump_all(
+        docs, Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=_YAML_WIDTH
+    )
+
+
+def validate(path: Path, version: str = KUBERNETES_VERSION) -> int:
+    """Check every document of `path` against `version`'s schemas, strictly; how many.
+
+    Raises `ManifestError` naming the file, the object and the field.
+    """
+    docs = [doc for doc in yaml.load_all(path.read_text(), Loader=_SAFE_LOADER) if doc is not None]
+    with _schemas_memoised():
+        for doc in docs:
+            try:
+                kubernetes_validate.validate(doc, version, strict=True)
+            except kubernetes_validate.ValidationError as exc:
+                field = ".".join(str(p) for p in exc.path) or "(document)"
+                what = f"{doc.get('kind')}/{doc.get('metadata', {}).get('name')}"
+                raise ManifestError(f"{path}: {what}: {field}: {exc.message}") from None
+            except kubernetes_validate.SchemaNotFoundError as exc:
+                raise ManifestError(f"{path}: {exc.message}") from None
+    return len(docs)
+
+
+def validate_all(out_dir: Path, version: str = KUBERNETES_VERSION) -> dict[Path, int]:
+    """`validate` every ``*.yaml`` under `out_dir`; documents per file (none: `ManifestError`)."""
+    paths = sorted(out_dir.rglob("*.yaml"))
+    if not paths:
+        raise ManifestError(f"{out_dir}: no manifests")
+    with _schemas_memoised():
+        return {path: validate(path, version) for path in paths}
+
+
+class _Build:
+    """Builds the objects of one stack; `manifests` puts them in files and in order."""
+
+    def __init__(
+        self,
+        desc: StackDescription,
+        resolver: K8sResolver,
+        image: str,
+        pull_policy: str,
+        resources: Mapping[str, Resources],
+    ) -> None:
+        self.desc = desc
+        self.resolver = resolver
+        self.image = image
+        self.pull_policy = pull_policy
+        self.resources = resources
+
+    def labels(self, component: Component | None, role: str = "") -> dict[str, str]:
+        """The labels every object carries: those of `component`, or of `role`, or empty."""
+        role = component.role if component else role
+        values = {
+            "app.kubernetes.io/part-of": PART_OF,
+            "dpumesh.mesh": self.desc.mesh,
+            "dpumesh.role": role,
+            "dpumesh.service": component.service if component else "",
+            "dpumesh.cpu-set": ROLE_CPU_SET[role] if role else "",
+        }
+        return {k: _checked(v, _LABEL_VALUE, f"label {k}") for k, v in values.items()}
+
+    def container(
+        self,
+        name: str,
+        role: str,
+        command: str,
+        args: Sequence[str],
+        *,
+        env: Sequence[Mapping[str, Any]] = (),
+        ports: Mapping[str, int] | None = None,
+        mounts: Sequence[Mapping[str, Any]] = (),
+        probes: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """One container of the image (components' and Locust's alike)."""
+        if role not in self.resources:
+            raise ValueError(f"no resources for role {role!r} (have {sorted(self.resources)})")
+        spec: dict[str, Any] = {
+            "name": k8s_name(name),
+            "image": self.image,
+            "imagePullPolicy": self.pull_policy,
+            "command": [command],
+            "args": list(args),
+        }
+        if env:
+            spec["env"] = list(env)
+        if ports:
+            spec["ports"] = [
+                {
+                    "name": _checked(p, _PORT_NAME, "port name"),
+                    "containerPort": n,
+                    "protocol": "TCP",
+                }
+                for p, n in ports.items()
+            ]
+        if mounts:
+            spec["volumeMounts"] = list(mounts)
+        return {
+            **spec,
+            **(probes or {}),
+            "resources": self.resources[role].spec(),
+            "securityContext": {
+                "allowPrivilegeEscalation": False,
+                "capabilities": {"drop": ["ALL"]},
+            },
+        }
+
+    def component_container(self, item: Rendered) -> dict[str, Any]:
+        """A rendered component as its pod's container: the one place a component is rendered."""
+        c = item.component
+        env = [{"name": k, "value": v} for k, v in item.env.items()]
+        if "{node}" in placeholders([*c.args, *c.env.values()]):
+            env.insert(0, _field_env(NODE_NAME, "spec.nodeName"))  # before the $(NODE_NAME) uses
+        mounts = [
+            {
+                "name": self.configmap_name(c, f),
+                "mountPath": f.mount,
+                "readOnly": True,
+                **({} if f.directory else {"subPath": _key(f)}),
+            }
+            for f in c.files
+        ]
+        if _shares_shm(c):
+            mounts.append({"name": "shm", "mountPath": SHM})
+        return self.container(
+            c.name,
+            c.role,
+            EXECUTABLES[c.program],
+            item.args,
+            env=env,
+            ports={name: port.number for name, port in c.ports.items()},
+            mounts=mounts,
+            probes=self.probe(c),
+        )
+
+    def probe(self, c: Component) -> dict[str, Any]:
+        """`c`'s probe as the container's readiness or startup probe (see the module docstring)."""
+        probe = c.probe
+        if isinstance(probe, Probe):
+            get = {"path": probe.path, "port": probe.port}
+            return {"readinessProbe": {"httpGet": get, "periodSeconds": 5}}
+        if isinstance(probe, WorkersProbe):
+            host = self.resolver.host(c, probe.component)
+            port = self.resolver.port(c, probe.component, probe.port)
+            argv = ["python", "-c", _WORKERS_CHECK, f"http://{host}:{port}{probe.path}"]
+            check = {"exec": {"command": [*argv, probe.service, str(probe.count)]}}
+            return {
+                "startupProbe": {
+                    **check,
+                    "periodSeconds": 1,
+                    "timeoutSeconds": 3,
+                    "failureThreshold": 60,  # the local deployer's start timeout
+                }
+            }
+        return {}
+
+    def pod(self, members: Sequence[Rendered]) -> list[dict[str, Any]]:
+        """One pod's workload (its owner and the components in its network), and its Service."""
+        owner = self.desc.network_owner(members[0].component.name)
+        name = self.resolver.pod(owner.name)
+        namespace = self.resolver.namespace(owner.name)
+        labels = self.labels(owner)
+        containers = [self.component_container(item) for item in members]
+        ports = [p for c in containers for p in c.get("ports", [])]
+        if len({p["name"] for p in ports}) != len(ports):
+            raise ValueError(f"pod {name}: its containers' port names repeat")
+        configmaps = [
+            self.configmap_name(i.component, f) for i in members for f in i.component.files
+        ]
+        volumes: dict[str, dict[str, Any]] = {n: {"configMap": {"name": n}} for n in configmaps}
+        if any(_shares_shm(item.component) for item in members):
+            volumes["shm"] = {"hostPath": {"path": SHM, "type": "Directory"}}
+        per_node = owner.role in NODE_ROLES
+        kind = "DaemonSet" if per_node else "Deployment"
+        spec = _pod_spec(containers, [{"name": n, **v} for n, v in volumes.items()])
+        workload = _workload(kind, name, namespace, labels, spec)
+        if not ports:
+            return [workload]
+        service: dict[str, Any] = {
+            "selector": {"app": name},
+            "ports": [
+                {"name": p["name"], "port": p["containerPort"], "targetPort": p["name"]}
+                for p in ports
+            ],
+        }
+        if per_node:
+            service["internalTrafficPolicy"] = "Local"  # the client's node's daemon
+        return [workload, _object("v1", "Service", name, namespace, labels, spec=service)]
+
+    def configmap_name(self, component: Component, file: File) -> str:
+        """A source file's ConfigMap is shared by the namespace, a generated one is its reader's."""
+        return k8s_name(file.name if file.source else f"{component.name}-{file.name}")
+
+    def configmaps(self, rendered: Sequence[Rendered]) -> list[dict[str, Any]]:
+        """Every file the components read, as ConfigMaps (contents read or generated now)."""
+        found: dict[tuple[str, str], tuple[dict[str, str], list[Component], File]] = {}
+        for item in rendered:
+            c = item.component
+            for f in c.files:
+                key = (self.resolver.namespace(c.name), self.configmap_name(c, f))
+                if key in found:
+                    if found[key][2] != f:
+                        raise ValueError(f"{c.name}: file {f.name} differs from another reader's")
+                    found[key][1].append(c)
+                else:
+                    data = _file_data(f) if f.source else {_key(f): item.files[f.name]}
+                    found[key] = (data, [c], f)
+        return [
+            _configmap(name, namespace, self.shared_labels(readers), data)
+            for (namespace, name), (data, readers, _f) in found.items()
+        ]
+
+    def shared_labels(self, components: Sequence[Component]) -> dict[str, str]:
+        """The labels of an object several components use: theirs where they agree."""
+        labels = self.labels(components[0])
+        for c in components[1:]:
+            labels = {k: v if v == self.labels(c)[k] else "" for k, v in labels.items()}
+        return labels
+
+    def namespaces(
+        self, names: Sequence[str], pods: Mapping[str, Sequence[Rendered]]
+    ) -> list[dict[str, Any]]:
+        """The stack's Namespaces, `privileged` where a pod mounts the node's /dev/shm."""
+        privileged = {
+            self.resolver.namespace(owner)
+            for owner, members in pods.items()
+            if any(_shares_shm(item.component) for item in members)
+        }
+        docs = []
+        for name in names:
+            labels = self.labels(None)
+            level = "privileged" if name in privileged else "restricted"
+            labels["pod-security.kubernetes.io/enforce"] = level
+            docs.append(_object("v1", "Namespace", name, None, labels))
+        return docs
+
+    def locust(self, load: Load) -> dict[str, list[dict[str, Any]]]:
+        """Locust's master Service and workers, and the two ways to run the master."""
+        namespace = stack_namespace(self.desc.mesh)
+        public, port = self.desc.public
+        url = f"http://{self.resolver.dns(public.name)}:{public.ports[port].number}"
+        labels = self.labels(None, "loadgen")
+        results = {"name": "results", "mountPath": RESULTS}
+        volumes = [{"name": "results", "emptyDir": {}}]
+        worker = self.container(
+            LOCUST_WORKER,
+            "loadgen",
+            "python",
+            [
+                *("-m", "locust", "-f", LOCUSTFILE, "--worker"),
+                *("--master-host", _dns(LOCUST_MASTER, namespace)),
+                *("--master-port", str(LOCUST_PORTS["master"]), USER_CLASS),
+            ],
+            mounts=[results],
+        )
+        service = {
+            "selector": {"app": LOCUST_MASTER},
+            "ports": [{"name": p, "port": n, "targetPort": p} for p, n in LOCUST_PORTS.items()],
+        }
+        ui = self.container(
+            LOCUST_MASTER,
+            "loadgen",
+            "python",
+            _locust_master_args(load, url, headless=False),
+            ports=LOCUST_PORTS,
+            mounts=[results],
+            probes={"readinessProbe": {"httpGet": {"path": "/", "port": "web"}}},
+        )
+        headless = self.container(
+            LOCUST_MASTER,
+            "loadgen",
+            "python",
+            _locust_master_args(load, url, headless=True),
+            ports={"master": LOCUST_PORTS["master"]},
+            mounts=[results],
+        )
+        job_spec = {
+            "backoffLimit": 0,  # a failed run is a result to read, not to repeat
+            "template": {
+                "metadata": {"labels": {**labels, "app": LOCUST_MASTER}},
+                "spec": {**_pod_spec([headless], volumes), "restartPolicy": "Never"},
+            },
+        }
+        return {
+            "locust/workers.yaml": [
+                _object("v1", "Service", LOCUST_MASTER, namespace, labels, spec=service),
+                _workload(
+                    "Deployment",
+                    LOCUST_WORKER,
+                    namespace,
+                    labels,
+                    _pod_spec([worker], volumes),
+                    replicas=load.workers,
+                ),
+            ],
+            "locust/master-ui.yaml": [
+                _workload("Deployment", LOCUST_MASTER, namespace, labels, _pod_spec([ui], volumes))
+            ],
+            "locust/master-headless.yaml": [
+                _object("batch/v1", "Job", LOCUST_JOB, namespace, labels, spec=job_spec)
+            ],
+        }
+
+
+def _locust_master_args(load: Load, url: str, *, headless: bool) -> list[str]:
+    """The runner's options (`harness.run.loadgen.locust_argv`), paths in the pod."""
+    args = [
+        *("-m", "locust", "-f", LOCUSTFILE, "--master", "--host", url),
+        *("-u", str(load.users), "-r", str(load.users)),
+        *("--hdr-out", f"{RESULTS}/latency.hdr", "--warmup-s", str(load.warmup_s)),
+        *("--open-loop-rate", f"{load.rate:g}"),
+        *("--request-id-prefix", load.request_id_prefix, "--request-mode", load.request_mode),
+    ]
+    if headless:
+        args += [
+            *("--headless", "--only-summary", "--expect-workers", str(load.workers)),
+            *("-t", f"{load.warmup_s + load.measured_s}s"),
+            *("--csv", f"{RESULTS}/locust", "--csv-full-history"),
+            *("--exit-code-on-error", "0"),  # failures are results, counted in the sidecar
+        ]
+    return [*args, USER_CLASS]
+
+
+def _object(
+    api: str, kind: str, name: str, namespace: str | None, labels: Mapping[str, str], **body: Any
+) -> dict[str, Any]:
+    metadata: dict[str, Any] = {"name": name}
+    if namespace:
+        metadata["namespace"] = namespace
+    return {
+        "apiVersion": api,
+        "kind": kind,
+        "metadata": {**metadata, "labels": dict(labels)},
+        **body,
+    }
+
+
+def _workload(
+    kind: str,
+    name: str,
+    namespace: str,
+    labels: Mapping[str, str],
+    pod_spec: Mapping[str, Any],
+    *,
+    replicas: int = 1,
+) -> dict[str, Any]:
+    """A Deployment of `replicas` pods or a DaemonSet (one per node), pods labelled app=name."""
+    pod_labels = {**labels, "app": name}
+    spec: dict[str, Any] = {} if kind == "DaemonSet" else {"replicas": replicas}
+    spec |= {
+        "selector": {"matchLabels": {"app": name}},
+        "template": {"metadata": {"labels": pod_labels}, "spec": dict(pod_spec)},
+    }
+    return _object("apps/v1", kind, name, namespace, pod_labels, spec=spec)
+
+
+def _pod_spec(
+    containers: Sequence[Mapping[str, Any]], volumes: Sequence[Mapping[str, Any]]
+) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "enableServiceLinks": False,  # the environment is the description's
+        "automountServiceAccountToken": False,  # nothing here talks to the API server
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": IMAGE_UID,  # one uid: the shared-memory objects are mode 0600
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": list(containers),
+    }
+    if volumes:
+        spec["volumes"] = list(volumes)
+    return spec
+
+
+def _configmap(
+    name: str, namespace: str, labels: Mapping[str, str], data: Mapping[str, str]
+) -> dict[str, Any]:
+    size = sum(len(k) + len(v.encode()) for k, v in data.items())
+    if size > MAX_CONFIGMAP_BYTES:
+        raise ValueError(f"ConfigMap {name}: {size} bytes, over Kubernetes' {MAX_CONFIGMAP_BYTES}")
+    return _object("v1", "ConfigMap", name, namespace, labels, data=dict(data))
+
+
+def _file_data(file: File) -> dict[str, str]:
+    """A source file's ConfigMap data: the file, or a directory's top-level files."""
+    assert file.source is not None
+    if file.directory:
+        paths = sorted(p for p in file.source.iterdir() if p.is_file())
+        return {_checked(p.name, _CONFIG_KEY, "file name"): p.read_text() for p in paths}
+    return {_key(file): file.source.read_text()}
+
+
+def _key(file: File) -> str:
+    """The ConfigMap key of a single file: its name in the container."""
+    return _checked(PurePosixPath(file.mount).name, _CONFIG_KEY, "file name")
+
+
+def _shares_shm(component: Component) -> bool:
+    return component.ipc_owner or component.ipc_of is not None
+
+
+def _field_env(name: str, field: str) -> dict[str, Any]:
+    return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": field}}}
+
+
+def _dns(service: str, namespace: str) -> str:
+    return f"{service}.{namespace}.svc.cluster.local"
+
+
+def _checked(value: str, pattern: re.Pattern[str], what: str) -> str:
+    if not pattern.fullmatch(value):
+        raise ValueError(f"{what} {value!r} is not valid in Kubernetes ({pattern.pattern})")
+    return value
+
+
+def _check_files(rendered: Sequence[Rendered]) -> None:
+    """Run every generated file's check on a temporary copy (before anything is written)."""
+    with tempfile.TemporaryDirectory(prefix="k8s-files-") as tmp:
+        for item in rendered:
+            for name, content in item.files.items():
+                check = item.component.file(name).check
+                if check is not None:
+                    path = Path(tmp) / f"{item.component.name}-{_key(item.component.file(name))}"
+                    path.write_text(content)
+                    check(path)
+
+
+def _check_unique(docs: Sequence[Mapping[str, Any]]) -> None:
+    seen = set()
+    for doc in docs:
+        meta = doc["metadata"]
+        key = (doc["kind"], meta.get("namespace"), meta["name"])
+        if key in seen:
+            raise ValueError(
+                f"two objects {key}: component names collide once made Kubernetes names"
+            )
+        seen.add(key)
+
+
+def _header(desc: StackDescription, name: str) -> str:
+    s = desc.settings
+    lines = [
+        f"{desc.mesh} stack, {name}: {s.workmodel.name} (seed {s.seed}, scale {s.scale:g}).",
+        "Generated by harness.deploy.k8s; do not edit. Validated offline, never applied here.",
+        *(f"warning: {w}" for w in desc.warnings),
+    ]
+    return "".join(f"# {line}\n" for line in lines)
+
+
+# PyYAML's safe dumper and loader (what `yaml.safe_dump` and `safe_load` use), with libyaml
+# when PyYAML has it: the pure-Python loader takes seconds over a 20-service workmodel.
+_SAFE_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+_SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _Dumper(_SAFE_DUMPER):
+    """The safe dumper with multi-line strings (file contents) as `|` blocks."""
+
+
+def _represent_str(dumper: _Dumper, value: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _represent_str)
+
+
+@contextlib.contextmanager
+def _schemas_memoised() -> Iterator[None]:
+    """Read each schema file once while validating (see the module docstring)."""
+    utils = kubernetes_validate.utils
+    original = utils.schema_contents
+    utils.schema_contents = functools.cache(original)
+    try:
+        yield
+    finally:
+        utils.schema_contents = original

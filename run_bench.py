@@ -19,11 +19,11 @@ from typing import TypeVar
 from baselines.envoy.config import DEFAULT_CONCURRENCY
 from harness.deploy.local import serve
 from harness.names import DEFAULT_PORT, DEFAULT_WORKMODEL, MESHES, MODES
+from harness.placement.layout import PlacementError
 from harness.procs import StartError
 from harness.run import config as bench_config
 from harness.run import runner
 from harness.stacks import describe
-from harness.stacks.model import Settings
 from loadtests.options import REQUEST_MODES
 from mubench.internal import check_scale
 from reports import __main__ as reports_cli
@@ -49,16 +49,61 @@ _ENVOY_CONCURRENCY_HELP = "worker threads (--concurrency) of every Envoy in the 
 _FUNCTIONS_DIR_HELP = "directory of μBench custom internal functions (*.py)"
 
 
+_DPU_OPTIONS = (
+    (
+        "--placement",
+        "placement",
+        "SPEC",
+        "CPU sets: auto (default), shared, or host=0-3,dpu=4-5,loadgen=6-7",
+    ),
+    (
+        "--dpu-profile",
+        "dpu_profile",
+        "NAME",
+        "DPU model: ideal, bluefield2, bluefield3 "
+        "(default bluefield3; harness/placement/dpu-profiles.toml)",
+    ),
+    (
+        "--dpu-speed",
+        "dpu_speed",
+        "F",
+        "DPU core speed as a fraction of a host core (overrides the profile's)",
+    ),
+    (
+        "--dma-latency-us",
+        "dma_latency_us",
+        "US",
+        "DMA latency per transfer, µs (overrides the profile's)",
+    ),
+    ("--dma-gbps", "dma_gbps", "GBPS", "DMA bandwidth, Gbit/s, 0 = free (overrides the profile's)"),
+)
+
+
+def _add_dpu_options(parser: argparse.ArgumentParser) -> None:
+    """The DPU model and CPU placement options, shared by `run` and `serve` (bench.toml's rules)."""
+    for flag, key, metavar, text in _DPU_OPTIONS:
+        parser.add_argument(
+            flag, dest=key, type=_checked(bench_config.VALIDATORS[key]), metavar=metavar, help=text
+        )
+
+
 def _serve(args: argparse.Namespace) -> int:
     run_dir = args.run_dir or Path("runs", f"serve-{args.mesh}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}")
-    settings = Settings(
-        workmodel=args.workmodel.resolve(),
-        seed=args.seed,
-        scale=args.scale,
-        envoy_concurrency=args.envoy_concurrency,
-        functions_dir=args.functions_dir.resolve() if args.functions_dir else None,
+    overrides = {key: getattr(args, key) for _, key, _, _ in _DPU_OPTIONS}
+    config = bench_config.build(
+        overrides={
+            **overrides,
+            "seed": args.seed,
+            "scale": args.scale,
+            "envoy_concurrency": args.envoy_concurrency,
+            "functions_dir": args.functions_dir,
+            "workmodel": args.workmodel,
+        }
     )
-    serve(describe(args.mesh, settings), port=args.port, run_dir=run_dir)
+    with runner.prepare_placement(config) as placement:
+        print(f"model: {placement.record()['sentence']}", flush=True)
+        settings = runner.settings_of(config, placement)
+        serve(describe(args.mesh, settings), port=args.port, run_dir=run_dir, placement=placement)
     return 0
 
 
@@ -120,6 +165,7 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help="where logs and configs go (default runs/serve-<mesh>-<UTC timestamp>)",
     )
+    _add_dpu_options(parser)
     parser.set_defaults(handler=_serve)
 
 
@@ -173,7 +219,58 @@ def _add_run(subparsers: argparse._SubParsersAction) -> None:
     add("--port", type=int, metavar="N", help="public port of each stack (0 = any free port)")
     add("--envoy-concurrency", type=_ENVOY_CONCURRENCY, metavar="N", help=_ENVOY_CONCURRENCY_HELP)
     add("--functions-dir", metavar="DIR", help=_FUNCTIONS_DIR_HELP)
+    _add_dpu_options(parser)
     parser.set_defaults(handler=_run)
+
+
+def _k8s(args: argparse.Namespace) -> int:
+    from harness.deploy import k8s  # YAML and schema code only when asked for
+
+    config = bench_config.build(
+        overrides={
+            "workmodel": args.workmodel,
+            "seed": args.seed,
+            "scale": args.scale,
+            "functions_dir": args.functions_dir,
+            "meshes": bench_config.parse_list(args.meshes, "meshes") if args.meshes else None,
+        }
+    )
+    settings = runner.settings_of(config)
+    written = k8s.write([describe(mesh, settings) for mesh in config.meshes], args.out)
+    counts = k8s.validate_all(args.out)
+    for mesh, paths in written.items():
+        documents = sum(counts[p] for p in paths)
+        print(f"{mesh}: {len(paths)} files, {documents} objects under {args.out / mesh}")
+    print(f"every object validates against Kubernetes {k8s.KUBERNETES_VERSION} (strict)")
+    return 0
+
+
+def _add_k8s(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "k8s",
+        help="write Kubernetes manifests of the stacks (validated offline; nothing is applied)",
+        description=(
+            "Render each stack's description as Kubernetes manifests: dpumesh as the seed "
+            "lays it out (dpa-daemon and dpu-daemon DaemonSets in dpumesh-system, one worker "
+            "Deployment per service in mubench-dpu), envoy as app + sidecar pods with a "
+            "gateway, nomesh as plain apps, and a Locust master (web UI or headless) with "
+            "workers. Every object is checked against the official Kubernetes schemas. "
+            "README.md says how to apply them on a cluster."
+        ),
+    )
+    parser.add_argument(
+        "--workmodel",
+        type=Path,
+        default=DEFAULT_WORKMODEL,
+        metavar="PATH",
+        help="μBench workmodel.json (default: workmodels/default.json)",
+    )
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory")
+    parser.add_argument("--meshes", metavar="A,B", help=f"stacks ({','.join(MESHES)}; default all)")
+    parser.add_argument("--seed", type=int, default=0, metavar="S", help="μBench random seed")
+    parser.add_argument("--scale", type=float, default=1.0, metavar="F", help="μBench work scale")
+    parser.add_argument("--functions-dir", type=Path, metavar="DIR", help=_FUNCTIONS_DIR_HELP)
+    parser.set_defaults(handler=_k8s)
 
 
 def _add_report(subparsers: argparse._SubParsersAction) -> None:
@@ -199,6 +296,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_run(subparsers)
     _add_report(subparsers)
     _add_serve(subparsers)
+    _add_k8s(subparsers)
     return parser
 
 
@@ -212,6 +310,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:  # unusable input: ConfigError, WorkmodelError, a bad service id
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except PlacementError as exc:  # a DPU model this machine cannot give: nothing started
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except StartError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

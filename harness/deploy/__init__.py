@@ -47,6 +47,10 @@ class RunningStack(Protocol):
         """Requests that crossed the stack since it became ready."""
         ...
 
+    def pids_by_set(self) -> dict[str, list[int]]:
+        """Live pids per CPU set (`host`, `dpu`), to read back the placement in force."""
+        ...
+
     def sampler(self, extra_roles: Mapping[str, Iterable[psutil.Process]]) -> Sampler:
         """A sampler over the stack's roles plus `extra_roles` (the load generator)."""
         ...

@@ -1,104 +1,107 @@
 """The Kubernetes deployer: stack descriptions written as manifests (nothing here applies them).
 
-`write(descs, out_dir)` writes one directory per stack, rendered from the
-description through a `K8sResolver`; `validate_all(out_dir)` checks every
-document against the official OpenAPI schemas of Kubernetes
-`KUBERNETES_VERSION`, offline and strict (no unknown field), with the
-`kubernetes-validate` package. No cluster was ever involved: these manifests
-are validated, never applied.
+`write(descs, out_dir)` renders each description through a `K8sResolver` and
+writes ``<out>/<mesh>/``; `validate_all(out_dir)` checks every document
+offline against the OpenAPI schemas of Kubernetes `KUBERNETES_VERSION` with
+`kubernetes_validate.validate(doc, version, strict=True)` (unknown fields
+are errors). That is all that was exercised: no manifest was ever applied to
+a cluster, so scheduling, DNS, probes and shared memory on a real node are
+untested.
 
-Layout of ``<out>/<mesh>/``:
+Files (`kubectl apply -f` keeps document order; ``-R`` would start both masters):
 
 ``stack.yaml``
     Namespaces, ConfigMaps, then per pod its workload and Service, in the
-    description's start order (`kubectl apply -f` keeps document order).
+    description's start order.
 ``locust/workers.yaml``
     The Locust master Service (5557 for workers, 8089 for the web UI) and the
-    worker Deployment (one Locust process per pod, `Load.workers` pods).
-``locust/master-ui.yaml`` or ``locust/master-headless.yaml``
-    The master, apply one of them: a Deployment with the web UI, or a Job
-    that runs one headless test of `Load` and exits (its summary in the
-    Job's log). Both carry the label the Service selects.
+    worker Deployment (`Load.workers` pods, one Locust process each).
+``locust/master-ui.yaml`` | ``locust/master-headless.yaml``
+    The master, one of the two: a Deployment with the web UI, or a Job that
+    runs one headless test of `Load` and exits (summary in its log; each
+    worker pod keeps its histogram in /results). Both carry the label the
+    Service selects.
+
+On a cluster: load the image on every node (``docker save dpumesh-bench:latest
+| ctr -n k8s.io images import -``, or ``kind load docker-image``); ``kubectl
+apply -f <mesh>/stack.yaml``; wait until it is ready (``kubectl -n <ns> wait
+--for=condition=Available deployment --all``, ``rollout status`` for the
+DaemonSets); ``kubectl apply -f <mesh>/locust/workers.yaml -f
+<mesh>/locust/master-headless.yaml`` (or ``master-ui.yaml``, then ``kubectl
+-n <ns> port-forward svc/locust-master 8089``).
 
 Where and how, decided here (what runs is the description's):
 
 * components sharing a network namespace (`network_of`) are containers of
-  one pod, named after the owner, and reach each other on 127.0.0.1; any
-  other component is reached by the Service of its pod,
-  ``<pod>.<namespace>.svc.cluster.local`` (always the full name: the
-  dpumesh stack spans two namespaces), at its port's fixed number; every
-  component listens on 0.0.0.0. A Service exposes every port the pod's
-  containers declare. A component whose environment has `K8S_APP` names
-  its pod that way and that is its `app` label (the seed's contract:
-  ``s0-worker``);
-* the seed's layout for dpumesh: the `dpa-daemon` and `dpu-daemon` roles
-  (`NODE_ROLES`) are DaemonSets in `dpumesh-system`, one per node; every
-  other pod is a Deployment of one replica in the stack's namespace
-  (`mubench-dpu`, `mubench-envoy`, `mubench-nomesh`), and so is Locust;
-* files come from ConfigMaps mounted read-only at their `mount`: a source
-  file (the workmodel, the functions directory) is one ConfigMap per
-  namespace shared by its readers; a generated file (an Envoy bootstrap) is
-  one ConfigMap per reader, generated with the reader's resolver and
-  checked by its `check` on a temporary copy before anything is written;
+  one pod named after the owner, and reach each other on 127.0.0.1; any
+  other component is reached through its pod's Service,
+  ``<pod>.<namespace>.svc.cluster.local`` (always the full name: dpumesh
+  spans two namespaces), at its port's fixed number; everything listens on
+  0.0.0.0. A Service exposes every port its pod's containers declare. A
+  component whose environment has `K8S_APP` names its pod so, and that is
+  the pod's `app` label (the seed's ``s0-worker``);
+* the seed's layout: the `NODE_ROLES` (dpa-daemon, dpu-daemon) are
+  DaemonSets in `dpumesh-system`; every other pod is a one-replica
+  Deployment in the stack's namespace (`stack_namespace`: `mubench-dpu`,
+  `mubench-envoy`, `mubench-nomesh`), and so is Locust;
+* files are read-only ConfigMap mounts at their `mount`: a source file (the
+  workmodel, the functions directory's files) is one ConfigMap per
+  namespace, shared by its readers; a generated one (an Envoy bootstrap) is
+  one per reader, generated with its resolver and passed to its `check` on
+  a temporary copy before anything is written;
 * `{ipc}` is DPUmesh's `default` namespace (a node's /dev/shm holds one
-  mesh) and `{node}` is ``$(NODE_NAME)``, the downward API's
-  `spec.nodeName` (so ``ZONE`` names the node);
-* every pod runs as the image's user (uid `IMAGE_UID`), without privilege
+  mesh); `{node}` is ``$(NODE_NAME)``, the downward API's `spec.nodeName`
+  declared first (so ``ZONE`` names the node);
+* every pod runs as the image's user (`IMAGE_UID`) with no privilege
   escalation, capabilities, service-account token or service links (the
-  environment is exactly the description's, plus ``NODE_NAME`` where used);
+  environment is the description's, plus ``NODE_NAME`` where used);
 * labels on every object: ``app.kubernetes.io/part-of: dpumesh-bench``,
   ``dpumesh.mesh``, ``dpumesh.role``, ``dpumesh.service``,
-  ``dpumesh.cpu-set`` (a pod's are its owner's; objects of no component,
-  like a Namespace, have empty role, service and CPU set);
-* resources per role from `RESOURCES` (a parameter), see there.
+  ``dpumesh.cpu-set`` (a pod's are its owner's; a Namespace's role, service
+  and CPU set are empty); requests and limits per role from `RESOURCES`.
 
 Shared memory. DPUmesh's rings, registry and doorbells are POSIX shared
-memory and POSIX named semaphores: on Linux both are files in /dev/shm
-(``/dev/shm/dpumesh.default.*`` and ``/dev/shm/sem.dpumesh.default.*``).
-So every dpa-daemon, dpu-daemon and worker pod mounts the node's /dev/shm
-(`hostPath`, type Directory) at /dev/shm: the same mechanism on all of them,
-so a node's daemons and workers meet there. `hostIPC: true` would also work
-with containerd and CRI-O (a host-IPC pod gets the host's /dev/shm) but
-grants more: the host's System V shared memory, semaphores and message
-queues and its POSIX message queues, none of which DPUmesh uses. The
-hostPath grants exactly the files DPUmesh needs (and the rest of the host's
-/dev/shm: both are privileged in Pod Security terms, so the dpumesh
-namespaces are labelled `enforce: privileged`, the others `restricted`).
-The seed mounted the same hostPath, and also ran its daemons privileged
-with `hostNetwork` and `hostPID`; none of that is needed here: the bridge is
-reached through its Service and worker liveness is a heartbeat in the
-registry (CLOCK_MONOTONIC is node-wide), not a pid. The objects are created
-with mode 0600, hence one uid for every pod. Shared-memory pages are charged
-to the memory limit of the container that first touches them.
+memory and POSIX named semaphores, which Linux keeps as files in /dev/shm
+(``dpumesh.default.*``, ``sem.dpumesh.default.*``). So every daemon and
+worker pod mounts the node's /dev/shm (`hostPath`, type Directory) at
+/dev/shm: one mechanism on all of them. `hostIPC: true` would work too
+(containerd and CRI-O give a host-IPC pod the host's /dev/shm) but grants
+more: the host's System V shared memory, semaphores and message queues and
+its POSIX message queues, none of which DPUmesh uses. Both are privileged in
+Pod Security terms, so the dpumesh namespaces are labelled `enforce:
+privileged`, the others `restricted`. The seed mounted the same hostPath,
+and also ran its daemons privileged with `hostNetwork` and `hostPID`; none
+of that is needed: the bridge is reached through its Service, and worker
+liveness is a heartbeat in the registry (CLOCK_MONOTONIC is node-wide), not
+a pid. The objects are created mode 0600, hence one uid for every pod; their
+pages count against the memory limit of the container that first touches
+them.
 
-Readiness. A `Probe` is an httpGet readiness probe on the named port. A
-`WorkersProbe` (a worker has no port: it is ready once it registered with
-the mesh) is a startup probe that asks the node's bridge for the stats and
-counts the service's live workers, like the local deployer; being a startup
-probe it stops once it passed, so no probe process competes with the
-measured workers during a run, and the pod is Ready from then on.
+Probes. A `Probe` is an httpGet readiness probe on the named port. A
+`WorkersProbe` (a worker has no port: it is ready once registered) is a
+startup probe that asks the node's bridge for its stats and counts the
+service's live workers, as the local deployer does; it stops once passed,
+so no probe process competes with the measured workers during a run.
 
-The bridge Service (`dpu-daemon`, port 5005) has `internalTrafficPolicy:
-Local`, like every Service of a DaemonSet's pods: a client reaches the
-dpu-daemon of its own node, the one that shares /dev/shm with that node's
-workers (DESIGN §8: a call leaves through the local sidecar; a worker's
-startup probe must ask its own node's bridge). With the default `Cluster`
-policy, kube-proxy would spread connections over every node's dpu-daemon,
-and one on a node without the service's worker answers 503. A headless
-Service would hand clients every daemon's address with no node preference:
-the same problem. On one node (what these manifests were written for) the
-policies agree. On several nodes the load generator must run on a node
-with workers (the entry's), and a call to a service with no worker on the
-local node needs the dpu-daemon's HTTP fallback (`--route SVC=URL`) to the
-node that has one; that needs each worker pinned to a node (node affinity)
-and a per-node address for the dpu-daemons (e.g. a `hostPort`), which the
-description does not carry yet. (`externalTrafficPolicy: Local` is the same
-choice for a NodePort or LoadBalancer Service; a ClusterIP Service has none.)
+The bridge Service (`dpu-daemon`, 5005) has `internalTrafficPolicy: Local`,
+as every Service of a DaemonSet's pods: a client reaches the dpu-daemon of
+its own node, the one sharing /dev/shm with that node's workers (DESIGN §8:
+a call leaves through the local sidecar; a worker's startup probe must ask
+its own node's bridge). With `Cluster`, kube-proxy would spread connections
+over every node's dpu-daemon, and one on a node without the callee's worker
+answers 503; a headless Service hands out every daemon's address with no
+node preference, the same problem. On one node (what these manifests are
+for) the policies agree. On several, the load generator must run on a node
+whose bridge serves the entry, and a call to a service with no local worker
+needs the dpu-daemon's fallback (`--route SVC=URL`) to a node that has one:
+workers pinned by node affinity and a per-node bridge address (e.g. a
+`hostPort`), which the description does not carry yet.
+(`externalTrafficPolicy: Local` is the same choice for a NodePort or
+LoadBalancer Service; a ClusterIP Service has no such field.)
 
-Validation runs `kubernetes_validate.validate(document, KUBERNETES_VERSION,
-strict=True)` on every document. That function re-reads its 1.4 MB schema
-definitions for every document (about 50 ms each); `validate` memoises the
-reads for its duration, so a directory costs one read.
+`kubernetes_validate.validate` re-reads its 1.4 MB schema definitions for
+every document (about 50 ms each); `validate` memoises those reads while it
+runs, so a directory costs one read.
 """
 
 from __future__ import annotations
@@ -328,7 +331,7 @@ def write(
     meshes = [d.mesh for d in descs]
     if len(set(meshes)) != len(meshes):
         raise ValueError(f"one description per mesh, not {meshes}")
-    of = functools.partial(
+    stack_manifests = functools.partial(
         manifests,
         image=image,
         locust=locust,
@@ -337,7 +340,7 @@ def write(
         pull_policy=pull_policy,
         check=check,
     )
-    stacks = [(desc, of(desc)) for desc in descs]  # every stack checked before anything is written
+    stacks = [(d, stack_manifests(d)) for d in descs]  # all checked before anything is written
     written: dict[str, list[Path]] = {}
     for desc, files in stacks:
         written[desc.mesh] = []

@@ -41,7 +41,8 @@ from harness.deploy import files, manifest
 from harness.measure import accounting
 from harness.measure.accounting import Traffic, get_json, since
 from harness.measure.metrics import RoleSampler
-from harness.names import REPO, STACK_ROLES
+from harness.names import REPO, ROLE_CPU_SET, STACK_ROLES
+from harness.placement.apply import Placement
 from harness.ports import free_ports, port_is_free, release_ports, wait_port_free
 from harness.procs import ReadyCheck, StartError, Supervisor, http_ok, log_tail, signals_deferred
 from harness.stacks.model import Component, Probe, StackDescription, WorkersProbe, render
@@ -144,6 +145,10 @@ class LocalStack:
     def sampler(self, extra_roles: Mapping[str, Iterable[psutil.Process]]) -> RoleSampler:
         return RoleSampler({**self.roles(), **{r: list(p) for r, p in extra_roles.items()}})
 
+    def pids_by_set(self) -> dict[str, list[int]]:
+        """Live pids per CPU set, for reading back the placement in force."""
+        return pids_by_set(self._sup)
+
     def traffic(self) -> Traffic:
         """Requests that crossed the stack since it became ready (`harness.measure.accounting`)."""
         return since(self._read_traffic(), self._baseline)
@@ -174,9 +179,18 @@ def teardown(desc: StackDescription, resolver: LocalResolver, sup: Supervisor) -
 
 
 def start(
-    desc: StackDescription, *, run_dir: Path, port: int, ready_timeout_s: float = 60.0
+    desc: StackDescription,
+    *,
+    run_dir: Path,
+    port: int,
+    ready_timeout_s: float = 60.0,
+    placement: Placement | None = None,
 ) -> LocalStack:
     """Start `desc` with its public port on `127.0.0.1:port`; return once it answers.
+
+    With `placement`, every component starts on its CPU set's cores (and the
+    DPU daemons in the dpu set's cgroup); what the kernel applies is read back
+    into `stack.json` (`placement.readback`).
 
     Raises `StartError` when a process fails or is not ready within
     `ready_timeout_s` (after tearing everything down).
@@ -196,10 +210,13 @@ def start(
         argvs = {}
         for item in rendered:
             c = item.component
-            argvs[c.name] = [program(c.program), *item.args]
+            argv = [program(c.program), *item.args]
+            argvs[c.name] = argv
+            if placement is not None:
+                argv = placement.argv(argv, c.cpu_set)
             sup.start(
                 c.name,
-                argvs[c.name],
+                argv,
                 role=c.role,
                 env=dict(item.env),
                 cwd=REPO,
@@ -228,6 +245,7 @@ def start(
                 configs=configs,
                 app_code=fingerprint(),
                 deployment=_deployment(resolver, sup),
+                placement=placement and placement.read_back(pids_by_set(sup)),
             ),
         )
         return LocalStack(desc, resolver, sup, read_traffic, configs, path)
@@ -331,6 +349,15 @@ def _wait_answering(
         if time.monotonic() > deadline:
             raise fail(desc.front, f"{url} does not answer 200")
         time.sleep(0.1)
+
+
+def pids_by_set(sup: Supervisor) -> dict[str, list[int]]:
+    """The live pids of every CPU set (descendants and restarted workers included)."""
+    by_set: dict[str, list[int]] = {}
+    for role, procs in sup.roles().items():
+        if role in STACK_ROLES:
+            by_set.setdefault(ROLE_CPU_SET[role], []).extend(p.pid for p in procs)
+    return by_set
 
 
 def _deployment(resolver: LocalResolver, sup: Supervisor) -> dict[str, Any]:

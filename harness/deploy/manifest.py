@@ -42,6 +42,7 @@ def build(
     configs: Mapping[str, Path],
     app_code: Mapping[str, Any],
     deployment: Mapping[str, Any],
+    placement: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The manifest of one started stack (see the module docstring)."""
     settings = desc.settings
@@ -60,6 +61,7 @@ def build(
         "configs": {name: str(path) for name, path in configs.items()},
         "components": list(components),
         "deployment": dict(deployment),
+        "placement": None if placement is None else dict(placement),
     }
 
 

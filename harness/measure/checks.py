@@ -19,6 +19,9 @@ and flagged. *Info* checks record findings that are results, not faults
   calls, counted by the mesh itself: Envoy sidecars' inbound listeners, the
   DPUmesh bridge's per-service counters, the apps' own counters for nomesh.
 * `open_loop_delivery` (info): achieved / offered >= 0.98.
+* `placement`: every process and thread of the stack has exactly its CPU set's
+  CPUs, and the DPU daemons the dpu set's CPU bandwidth, as read back from the
+  kernel after the level (`harness.placement.apply.Placement.verify`).
 """
 
 from __future__ import annotations
@@ -139,3 +142,11 @@ def open_loop_delivery(offered_rps: float, achieved_rps: float) -> Check:
         f"sustained if >= {MIN_DELIVERY:.0%})",
         info=True,
     )
+
+
+def placement(mismatches: list[str], layout: str) -> Check:
+    """The CPU layout and DPU bandwidth in force match the run's (`layout` as text)."""
+    if not mismatches:
+        return Check("placement", True, f"every process on its CPU set ({layout})")
+    more = f" (+{len(mismatches) - 1} more)" if len(mismatches) > 1 else ""
+    return Check("placement", False, f"{mismatches[0]}{more}")

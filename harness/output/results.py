@@ -37,6 +37,7 @@ META_JSON = "meta.json"
 HIST_DIR = "hist"
 LATEST = "latest"
 
+DPU_MODEL_COLUMNS = ("placement", "dpu_profile", "dpu_speed", "dma_latency_us", "dma_gbps")
 RESULT_COLUMNS = (
     "mesh",
     "mode",
@@ -67,6 +68,11 @@ RESULT_COLUMNS = (
     "rss_host_mb",
     "rss_offload_mb",
     "downstream_calls_per_req",
+    "placement",
+    "dpu_profile",
+    "dpu_speed",
+    "dma_latency_us",
+    "dma_gbps",
     "checks_ok",
     "checks",
 )
@@ -216,10 +222,14 @@ def result_row(
     sidecar: Mapping[str, Any],
     usage: Mapping[str, Any] | None,
     downstream_calls_per_req: float | None,
+    dpu_model: Mapping[str, Any],
     checks_ok: bool,
     failed_checks: list[str],
 ) -> dict[str, Any]:
-    """One results.csv row; `usage` is `WindowUsage.derive(...)` (None: not measured)."""
+    """One results.csv row; `usage` is `WindowUsage.derive(...)` (None: not measured).
+
+    `dpu_model` is `Placement.record()`: the placement and DPU model in force.
+    """
     usage = usage or {}
     return {
         "mesh": mesh,
@@ -251,6 +261,7 @@ def result_row(
         "rss_host_mb": usage.get("rss_host_mb"),
         "rss_offload_mb": usage.get("rss_offload_mb"),
         "downstream_calls_per_req": downstream_calls_per_req,
+        **{key: dpu_model[key] for key in DPU_MODEL_COLUMNS},
         "checks_ok": checks_ok,
         "checks": ";".join(failed_checks),
     }

@@ -21,6 +21,9 @@ from typing import Any
 
 from baselines.envoy.config import DEFAULT_CONCURRENCY
 from harness.names import DEFAULT_WORKMODEL, MESHES, MODES, REPO
+from harness.placement.layout import PlacementError, parse_layout
+from harness.placement.profiles import get_profile
+from harness.placement.readback import online_cpus
 from loadtests.options import REQUEST_MODES
 
 DEFAULT_CONFIG_FILE = REPO / "bench.toml"
@@ -55,6 +58,11 @@ class BenchConfig:
     scale: float = 1.0
     envoy_concurrency: int = DEFAULT_CONCURRENCY
     functions_dir: Path | None = None
+    placement: str = "auto"
+    dpu_profile: str = "bluefield3"
+    dpu_speed: float | None = None  # None: the profile's
+    dma_latency_us: float | None = None
+    dma_gbps: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready (paths as strings, tuples as lists)."""
@@ -118,7 +126,7 @@ def build(
     checked = {}
     for key, value in merged.items():
         try:
-            checked[key] = _VALIDATORS[key](value)
+            checked[key] = VALIDATORS[key](value)
         except ConfigError as exc:
             raise ConfigError(f"{origin[key]}: {key}: {exc}") from None
     return BenchConfig(**checked)
@@ -164,6 +172,44 @@ def _positive_float(value: Any) -> float:
     if not math.isfinite(number) or number <= 0:
         raise ConfigError(f"must be a positive number, not {value!r}")
     return number
+
+
+def _non_negative_float(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ConfigError(f"must be a number, not {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"must be a number, not {value!r}") from None
+    if not math.isfinite(number) or number < 0:
+        raise ConfigError(f"must be a number >= 0, not {value!r}")
+    return number
+
+
+def from_profile(check: Callable[[Any], float]) -> Callable[[Any], float | None]:
+    """A DPU model override: a number, or "profile" (None) for the DPU profile's own value."""
+
+    def parse(value: Any) -> float | None:
+        return None if value in ("profile", None) else check(value)
+
+    return parse
+
+
+def _placement(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"must be shared, auto or host=..,dpu=..,loadgen=.., not {value!r}")
+    try:
+        parse_layout(value, online_cpus())
+    except PlacementError as exc:
+        raise ConfigError(str(exc)) from None
+    return value
+
+
+def _profile(value: Any) -> str:
+    try:
+        return get_profile(value).name
+    except PlacementError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _bool(value: Any) -> bool:
@@ -227,7 +273,7 @@ def _existing_file(value: Any) -> Path:
     return path
 
 
-_VALIDATORS: dict[str, Any] = {
+VALIDATORS: dict[str, Any] = {
     "workmodel": _existing_file,
     "meshes": _meshes,
     "users": whole_number(1),
@@ -249,4 +295,9 @@ _VALIDATORS: dict[str, Any] = {
     "scale": _positive_float,
     "envoy_concurrency": whole_number(1),
     "functions_dir": _directory_or_none,
+    "placement": _placement,
+    "dpu_profile": _profile,
+    "dpu_speed": from_profile(_positive_float),
+    "dma_latency_us": from_profile(_non_negative_float),
+    "dma_gbps": from_profile(_non_negative_float),
 }

@@ -29,6 +29,7 @@ from pathlib import Path
 import psutil
 
 from harness.names import REPO
+from harness.placement.launch import wrap_argv
 from harness.procs import signals_deferred, spawn_session
 
 LOCUSTFILE = REPO / "loadtests" / "locustfile.py"
@@ -51,6 +52,7 @@ class LocustSpec:
     request_id_prefix: str
     request_mode: str = "get"
     processes: int = 1
+    cpus: frozenset[int] | None = None  # the loadgen CPU set (None: unrestricted)
 
     @property
     def run_s(self) -> int:
@@ -127,9 +129,8 @@ class LocustRun:
         popen = None
         try:
             with signals_deferred():  # a Ctrl-C waits until `popen` is known, then stops it
-                popen = spawn_session(
-                    locust_argv(spec), spec.log_path, env={"PYTHONUNBUFFERED": "1"}, cwd=REPO
-                )
+                argv = wrap_argv(locust_argv(spec), spec.cpus)
+                popen = spawn_session(argv, spec.log_path, env={"PYTHONUNBUFFERED": "1"}, cwd=REPO)
             self.process = psutil.Process(popen.pid)
         except BaseException:
             if popen is not None:

@@ -65,6 +65,7 @@ from harness.output.results import (
     result_row,
     role_rows,
 )
+from harness.placement.apply import Placement, prepare
 from harness.ports import free_ports, release_ports
 from harness.procs import StartError
 from harness.run import plan
@@ -186,25 +187,48 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def settings_of(config: BenchConfig) -> Settings:
-    """The stack settings a run's configuration implies (the same for every stack)."""
+def settings_of(config: BenchConfig, placement: Placement | None = None) -> Settings:
+    """The stack settings a run's configuration implies (the same for every stack).
+
+    The DMA cost is the DPU model's (`placement`), which the config's options override.
+    """
+    model = placement.model if placement else None
     return Settings(
         workmodel=config.workmodel,
         seed=config.seed,
         scale=config.scale,
         functions_dir=config.functions_dir,
         envoy_concurrency=config.envoy_concurrency,
+        dma_latency_us=model.dma_latency_us if model else 0.0,
+        dma_gbps=model.dma_gbps if model else 0.0,
+    )
+
+
+def prepare_placement(config: BenchConfig) -> Placement:
+    """The run's placement and DPU model (`PlacementError` before anything starts)."""
+    return prepare(
+        config.placement,
+        config.dpu_profile,
+        {
+            "dpu_speed": config.dpu_speed,
+            "dma_latency_us": config.dma_latency_us,
+            "dma_gbps": config.dma_gbps,
+        },
     )
 
 
 class Runner:
     """One run: a results directory, the plan, and everything measured so far."""
 
-    def __init__(self, config: BenchConfig, console: Console, argv: list[str]) -> None:
+    def __init__(
+        self, config: BenchConfig, console: Console, argv: list[str], placement: Placement
+    ) -> None:
         self.config = config
         self.console = console
         self.argv = argv
-        cell = load_cell(settings_of(config))  # WorkmodelError before anything starts
+        self.placement = placement
+        self.dpu_model = placement.record()
+        cell = load_cell(settings_of(config, placement))  # WorkmodelError before anything starts
         self.workmodel = cell.workmodel
         self.descriptions: dict[str, StackDescription] = {
             mesh: describe(mesh, cell.settings, cell) for mesh in config.meshes
@@ -258,6 +282,7 @@ class Runner:
                 self.descriptions[seg.mesh],
                 run_dir=self.results.stack_dir(seg.mesh, seg.rep),
                 port=port,
+                placement=self.placement,
             )
         except StartError as exc:
             self._record(seg, "-", [chk.Check("stack_start", False, str(exc).splitlines()[0])])
@@ -307,11 +332,14 @@ class Runner:
             request_id_prefix=plan.request_id_prefix(seg.rep, level),
             request_mode=cfg.request_mode,
             processes=cfg.processes,
+            cpus=self.placement.cpus("loadgen"),
         )
         m = measure_level(stack, spec, self.progress.live)
+        placed = self.placement.verify(stack.pids_by_set())
         summ = latency.summarize(m.hist if m.hist is not None else latency.new_histogram())
         derived = m.usage.derive(requests=m.window_requests) if m.usage is not None else None
         checks = self._judge(stack, level, m, derived)
+        checks.append(chk.placement(placed, self.placement.layout.as_text()))
         ok, failed = chk.verdict(checks)
         row = result_row(
             mesh=seg.mesh,
@@ -325,6 +353,7 @@ class Runner:
             sidecar=m.sidecar,
             usage=derived,
             downstream_calls_per_req=downstream_per_request(m.level_traffic, stack.entry),
+            dpu_model=self.dpu_model,
             checks_ok=ok,
             failed_checks=failed,
         )
@@ -438,6 +467,12 @@ class Runner:
             "downstream_calls_per_req": calls,
             "expected_calls_per_service": self.expected,
             "expected_calls_error": self.expected_error,
+            "dpu_model": {
+                **self.dpu_model,
+                "per_stack": {
+                    mesh: [m.get("placement") for m in ms] for mesh, ms in self.manifests.items()
+                },
+            },
             "mesh_configs": self.mesh_configs,
             "fairness": self._fairness(),
             "checks_ok": self.checks_ok,
@@ -474,6 +509,8 @@ class Runner:
                 "ok": True,
                 "detail": "same locustfile, users, rates, durations and request ids per level",
             },
+            "same_host_cores": self._same_host_cores(every),
+            "load_generator": self._loadgen_isolation(),
         }
         if "envoy" in first:
             from baselines.envoy.config import tuning
@@ -486,6 +523,32 @@ class Runner:
             fairness["envoy_tuning"] = tuning(gateway[0], bootstraps)
         return fairness
 
+    def _same_host_cores(self, manifests: list[dict[str, Any]]) -> dict[str, Any]:
+        """Every stack start ran its host roles on the layout's host set, as read back."""
+        layouts = {
+            json.dumps((m.get("placement") or {}).get("layout"), sort_keys=True) for m in manifests
+        }
+        mismatches = [p for m in manifests for p in (m.get("placement") or {}).get("readback", [])]
+        return {
+            "ok": len(layouts) == 1 and not mismatches,
+            "host": self.dpu_model["layout"]["host"],
+            "placement": self.dpu_model["placement"],
+            "mismatches": mismatches[:20],
+        }
+
+    def _loadgen_isolation(self) -> dict[str, Any]:
+        """Whether Locust had cores of its own, or which sets it shared (the report says so)."""
+        pairs = [pair for pair in self.dpu_model["overlaps"] if "loadgen" in pair]
+        shared = sorted({s for pair in pairs for s in pair} - {"loadgen"})
+        cpus = self.dpu_model["layout"]["loadgen"]
+        if self.placement.layout.shared:
+            detail = "shared: every role and the load generator on every CPU"
+        elif shared:
+            detail = f"load generator on cpu {cpus}, shared with {' and '.join(shared)}"
+        else:
+            detail = f"load generator isolated on cpu {cpus}"
+        return {"ok": "host" not in shared, "shared_with": shared, "detail": detail}
+
     # -- output ----------------------------------------------------------------------------
 
     def _print_config(self) -> None:
@@ -495,6 +558,9 @@ class Runner:
             table.add_row(key, str(value))
         self.console.print(f"[bold]DPUmesh bench[/] → {self.results.path}")
         self.console.print(table)
+        self.console.print(f"model: {self.dpu_model['sentence']}", highlight=False)
+        for line in self.dpu_model["unmet"]:
+            self.console.print(f"[yellow]note:[/] {line}", highlight=False)
         levels = ", ".join(lv.name for lv in plan.sweep(cfg))
         self.console.print(
             f"plan: {len(plan.segments(cfg))} stack starts ({cfg.repeat} reps x "
@@ -564,6 +630,7 @@ def run(config: BenchConfig, argv: list[str], console: Console | None = None) ->
         console = Console()
         if not console.is_terminal:  # logs and pipes: no wrapping of the summary table
             console = Console(width=200)
-    runner = Runner(config, console, argv)
-    path = runner.run()
+    with prepare_placement(config) as placement:
+        runner = Runner(config, console, argv, placement)
+        path = runner.run()
     return path, runner.checks_ok

@@ -44,6 +44,9 @@ from harness.deploy.compose.image import IMAGE, ensure_image
 from harness.deploy.compose.render import ComposeResolver, Deployment, generate
 from harness.deploy.compose.sampler import ContainerSampler
 from harness.deploy.compose.stack import ComposeStack
+from harness.names import CPU_SETS
+from harness.placement.apply import Placement
+from harness.placement.layout import PlacementError, format_cpus
 from harness.ports import port_is_free
 from harness.procs import StartError
 from harness.stacks.model import StackDescription
@@ -73,12 +76,17 @@ def start(
     port: int,
     ready_timeout_s: float = 120.0,
     cpusets: Mapping[str, str] | None = None,
+    placement: Placement | None = None,
 ) -> ComposeStack:
     """Start `desc` in containers with its public port on `127.0.0.1:port`; once it answers.
 
     The image is built (from cache after the first time) once per process.
     The compose file and generated configs go to `run_dir`, with `stack.json`
-    and every container's log at teardown. `cpusets` as for `generate`.
+    and every container's log at teardown. `cpusets` as for `generate`, or
+    from `placement`'s layout (`cpuset:` per container, read back afterwards).
+    A DPU speed limit needs one cgroup around both daemon containers, which
+    this deployer does not make yet: such a placement is refused before
+    anything starts.
     Raises `StartError` before starting anything when the port is taken, and
     `ComposeError` (a `StartError`) after tearing everything down.
     """
@@ -86,11 +94,22 @@ def start(
         print(f"warning: {line}", file=sys.stderr)
     if not port_is_free(port):
         raise StartError(f"{desc.mesh} compose stack: port {port} is already in use")
+    if placement is not None:
+        if placement.quota_cores is not None:
+            raise PlacementError(
+                f"compose mode cannot hold the DPU at {placement.model.dpu_speed:g}x host "
+                "speed yet (one cgroup around both daemon containers); use --mode local, or "
+                "a DPU speed of 1 (e.g. --dpu-profile ideal)"
+            )
+        if not placement.layout.shared:
+            cpusets = {s: format_cpus(placement.layout.cpus(s)) for s in CPU_SETS}
     run_dir = Path(run_dir).resolve()
     deployment = generate(desc, run_dir, port=port, cpusets=cpusets)
     image_id = ensure_image()
     project = f"dpumesh-{desc.mesh}-{os.getpid()}-{next(_projects)}"
-    stack = ComposeStack(deployment, project=project, port=port, run_dir=run_dir)
+    stack = ComposeStack(
+        deployment, project=project, port=port, run_dir=run_dir, placement=placement
+    )
     try:
         stack.start(ready_timeout_s)
         stack.write_manifest(image_id)

@@ -32,7 +32,8 @@ from harness.deploy.compose.render import LABEL_ROLE, LABEL_SERVICE, LOOPBACK, D
 from harness.deploy.compose.sampler import ContainerSampler
 from harness.measure import accounting
 from harness.measure.accounting import Traffic, get_json, since
-from harness.names import MANIFEST, STACK_ROLES
+from harness.names import MANIFEST, ROLE_CPU_SET, STACK_ROLES
+from harness.placement.apply import Placement
 from harness.procs import http_ok, raise_system_exit, signals_deferred
 from harness.stacks.model import Probe, WorkersProbe
 
@@ -50,8 +51,17 @@ class ComposeStack:
     `.containers()` and `.host_port()` show the containers behind them.
     """
 
-    def __init__(self, deployment: Deployment, *, project: str, port: int, run_dir: Path) -> None:
+    def __init__(
+        self,
+        deployment: Deployment,
+        *,
+        project: str,
+        port: int,
+        run_dir: Path,
+        placement: Placement | None = None,
+    ) -> None:
         desc = deployment.desc
+        self._placement = placement
         self.mesh = desc.mesh
         self.desc = desc
         self.url = f"http://{LOOPBACK}:{port}"
@@ -217,6 +227,18 @@ class ComposeStack:
             f"{self.mesh} compose stack: {why}; logs in {self.run_dir}{''.join(tails)}"
         )
 
+    def pids_by_set(self) -> dict[str, list[int]]:
+        """Host pids of every container's processes per CPU set (Docker's `top`)."""
+        by_set: dict[str, list[int]] = {}
+        for role, containers in self.containers().items():
+            for container in containers:
+                if container.status != "running":
+                    continue
+                top = container.top(ps_args="-o pid")
+                pids = [int(row[0]) for row in top.get("Processes") or []]
+                by_set.setdefault(ROLE_CPU_SET[role], []).extend(pids)
+        return by_set
+
     def write_manifest(self, image_id: str) -> None:
         """`stack.json` (`harness.deploy.manifest`), the app code asked of a container."""
         records = [
@@ -233,6 +255,7 @@ class ComposeStack:
             configs=self.deployment.configs,
             app_code=self._app_code(),
             deployment=self._deployment(image_id),
+            placement=self._placement and self._placement.read_back(self.pids_by_set()),
         )
         manifest.write(self.run_dir, built)
 

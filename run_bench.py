@@ -307,12 +307,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = argv
     try:
         return args.handler(args)
-    except ValueError as exc:  # unusable input: ConfigError, WorkmodelError, a bad service id
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     except PlacementError as exc:  # a DPU model this machine cannot give: nothing started
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except ValueError as exc:  # unusable input: ConfigError, WorkmodelError, a bad service id
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except StartError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

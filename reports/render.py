@@ -85,6 +85,7 @@ def _run_section(summary: RunSummary, figures: page.Figures, out_dir: Path, seve
         f"{', '.join(escape(m) for m in run.meshes())}; {n_reps} repetition(s); "
         f"levels {', '.join(escape(lv) for lv in run.levels())}.</p>",
         _banners(run),
+        _model(run.meta.get("dpu_model")),
         _headline(summary),
         _overhead(summary),
         chart_html,
@@ -99,6 +100,18 @@ def _run_section(summary: RunSummary, figures: page.Figures, out_dir: Path, seve
         "</section>",
     ]
     return "\n".join(parts)
+
+
+def _model(model: dict | None) -> str:
+    """The DPU model and CPU placement in force in one sentence (DESIGN §5); what was not met."""
+    if not model:
+        return "<p class='banner warn'>No DPU model recorded (a run older than placement).</p>"
+    lines = [f"<p class='model'><b>Model.</b> {escape(model.get('sentence', ''))}.</p>"]
+    for pair in model.get("overlaps", []):
+        lines.append(f"<p class='note'>CPU sets {escape(' and '.join(pair))} share cores.</p>")
+    for unmet in model.get("unmet", []):
+        lines.append(f"<p class='banner warn'>Not met on this machine: {escape(unmet)}.</p>")
+    return "\n".join(lines)
 
 
 def _banners(run: Run) -> str:

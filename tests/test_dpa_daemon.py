@@ -305,3 +305,68 @@ def test_help() -> None:
     ).stdout
     for flag in ("--ns", "--dma-latency-us", "--dma-gbps", "--log-level"):
         assert flag in out
+
+
+def test_dma_cost_formula_counts_transfers_and_charged_time() -> None:
+    from dpumesh.dpa_daemon import DmaCost
+
+    cost = DmaCost(latency_us=2.0, gbps=8.0)  # 8 Gbit/s = 1e9 bytes/s
+    assert cost.enabled
+    assert cost.delay_s(0) == pytest.approx(2e-6)
+    assert cost.delay_s(1000) == pytest.approx(2e-6 + 1000 / 1e9)
+    assert DmaCost(gbps=1.0).delay_s(125) == pytest.approx(1e-6)  # bytes at gbps * 1e9 / 8
+    assert DmaCost(latency_us=3.0).delay_s(10**6) == pytest.approx(3e-6)
+    assert not DmaCost().enabled and not DmaCost(-1.0, -1.0).enabled
+    assert DmaCost().delay_s(10**6) == 0.0
+    sizes = [0, 1, 100, 4096, 65536]
+    for nbytes in sizes:
+        cost.charge(nbytes)
+    assert cost.transfers == len(sizes)
+    assert cost.charged_s == pytest.approx(sum(2e-6 + n / 1e9 for n in sizes))
+
+
+def test_dma_cost_charged_on_every_move_both_ways_and_from_backlogs(ns: str) -> None:
+    from dpumesh.dpa_daemon import DmaCost, DmaManager
+
+    # Driven step by step in this process: small rings force both backlogs.
+    sidecar = SidecarRings(ns, slots=8)
+    worker = WorkerEndpoint(ns, "counted", slots=4)
+    cost = DmaCost(latency_us=1.0, gbps=100.0)
+    manager = DmaManager(ns, cost)
+    moved: list[bytes] = []
+    try:
+        manager._rescan()  # attach the worker (run() does this on a registry change)
+        requests = [b"q" * n for n in (10, 200, 3000, 7000, 1, 50, 900, 4000)]
+        for payload in requests:
+            sidecar.send(payload, route=worker.key.route)
+        manager.pump()  # sidecar_cq -> worker_sq: 4 fit, 4 wait in the worker's backlog
+        assert len(manager.workers[worker.key.route].backlog) == 4
+        got = recv_until(worker.recv, 4)
+        manager.pump()  # the backlog is flushed into the freed worker_sq
+        got += recv_until(worker.recv, 4)
+        assert [p for _r, _f, p in got] == requests
+        moved += requests
+
+        replies = [b"r" * n for n in (5, 6000, 70, 800, 9, 1000, 2, 3, 4, 5)]
+        for batch in (replies[:4], replies[4:8], replies[8:]):
+            for payload in batch:
+                worker.send(payload)
+            manager.pump()  # worker_cq -> sidecar_sq, 8 slots: the last 2 wait in its backlog
+        assert len(manager._sidecar_backlog) == 2
+        back = recv_until(sidecar.recv, 8)
+        manager.pump()
+        back += recv_until(sidecar.recv, 2)
+        assert [p for _r, _f, p in back] == replies
+        moved += replies
+
+        sidecar.send(b"nobody", route=12345)  # a bounce stays in DPU memory: not charged
+        manager.pump()
+        assert recv_until(sidecar.recv, 1) == [(12345, ring.BOUNCED, b"nobody")]
+    finally:
+        manager.close()
+        worker.close()
+        sidecar.close()
+    assert manager.bounced == 1
+    assert cost.transfers == len(moved) == manager.moved - manager.bounced == 18
+    assert cost.charged_s == pytest.approx(sum(1e-6 + len(p) * 8 / 100e9 for p in moved))
+    assert cost.charged_s == pytest.approx(sum(cost.delay_s(len(p)) for p in moved))

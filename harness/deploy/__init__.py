@@ -21,6 +21,7 @@ import psutil
 from harness.measure.accounting import Traffic
 from harness.measure.metrics import WindowUsage
 from harness.names import DEFAULT_PORT, DEFAULT_WORKMODEL, MODES
+from harness.placement.apply import Placement
 from harness.stacks import describe
 from harness.stacks.model import Settings, StackDescription
 
@@ -85,9 +86,12 @@ def start_stack(
     port: int = DEFAULT_PORT,
     mode: str = "local",
     ready_timeout_s: float | None = None,
+    placement: Placement | None = None,
     **settings: Any,
 ) -> RunningStack:
     """Describe `mesh` for `workmodel` with `settings` (`Settings` fields) and start it."""
     desc = describe(mesh, Settings(workmodel=Path(workmodel).resolve(), **settings))
-    extra = {} if ready_timeout_s is None else {"ready_timeout_s": ready_timeout_s}
+    extra: dict[str, Any] = {} if ready_timeout_s is None else {"ready_timeout_s": ready_timeout_s}
+    if placement is not None:
+        extra["placement"] = placement
     return start(mode, desc, run_dir=run_dir, port=port, **extra)

@@ -355,7 +355,7 @@ def pids_by_set(sup: Supervisor) -> dict[str, list[int]]:
     """The live pids of every CPU set (descendants and restarted workers included)."""
     by_set: dict[str, list[int]] = {}
     for role, procs in sup.roles().items():
-        if role in STACK_ROLES:
+        if role in STACK_ROLES and procs:
             by_set.setdefault(ROLE_CPU_SET[role], []).extend(p.pid for p in procs)
     return by_set
 

@@ -80,8 +80,7 @@ from locust.contrib.fasthttp import LocustBadStatusCode  # noqa: E402
 from locust.exception import StopUser  # noqa: E402
 from locust.runners import MasterRunner, WorkerRunner  # noqa: E402
 
-from loadtests import latency  # noqa: E402
-from loadtests import nodelay, seedjson  # noqa: E402
+from loadtests import latency, nodelay, seedjson  # noqa: E402
 from loadtests import options as opts  # noqa: E402
 from loadtests.recorder import FAIL_CONNECTION, FAIL_STATUS, Recorder  # noqa: E402
 from loadtests.schedule import Slot, SlotSchedule, WakeupBias, reference_ns  # noqa: E402

@@ -304,6 +304,13 @@ def _row(**over):
             "rss_offload_mb": 0.0,
         },
         downstream_calls_per_req=2.0,
+        dpu_model={  # the Placement.record() keys results.csv takes
+            "placement": "host=0;dpu=1;loadgen=1",
+            "dpu_profile": "bluefield3",
+            "dpu_speed": 0.5,
+            "dma_latency_us": 1.0,
+            "dma_gbps": 504.1,
+        },
         checks_ok=True,
         failed_checks=[],
     )
@@ -323,6 +330,13 @@ def test_results_csv_has_the_contract_columns(tmp_path):
     assert set(REQUIRED_RESULT_COLUMNS) <= set(rows[0])
     for col in ("level", "checks_ok", "checks", "downstream_calls_per_req"):
         assert col in rows[0]
+    assert {k: rows[0][k] for k in results.DPU_MODEL_COLUMNS} == {
+        "placement": "host=0;dpu=1;loadgen=1",
+        "dpu_profile": "bluefield3",
+        "dpu_speed": "0.5",
+        "dma_latency_us": "1",
+        "dma_gbps": "504.1",
+    }
     assert rows[0]["offered_rps"] == ""  # closed loop
     assert rows[1]["offered_rps"] == "50"
     assert rows[0]["achieved_rps"] == "123.457"

@@ -42,11 +42,12 @@ bandwidth limit on its cores), so the wait must not burn that CPU: a spin
 would make the DMA cost and the speed limit compound. Delays from 20 us up
 are therefore slept, with the thread's timer slack set to 1 ns (the default
 50 us makes every sleep ~50 us late). Measured on these 2-core VMs (Python
-3.11): with 1 ns slack a sleep still ends 17-33 us late (p50; p99 25-90 us)
-and costs 20-25 us of kernel CPU time whatever its length, against 77 us late
-with the default slack. Below 20 us a spin costs less CPU than that and is
-exact, so shorter delays are spun. Either way a transfer costs the DPU at
-most about 20 us of CPU; a slept one shows up 17-33 us after its delay.
+3.11, sleeps of 0.2 us to 1 ms): with 1 ns slack a sleep still ends 17-33 us
+late (p50, idle machine; 22-49 us with the other core busy; p99 25-90 us idle)
+and costs 18-30 us of kernel CPU time whatever its length; with the default
+slack it ends 77-100 us late. Below 20 us a spin costs less CPU than that and
+is exact, so shorter delays are spun. Either way a transfer costs the DPU at
+most about 20-30 us of CPU; a slept one shows up 17-49 us after its delay.
 
 The daemon holds a registry slot of its own while it runs. On SIGINT/SIGTERM
 it exits 0 after discarding its backlogs and releasing that slot; if it was

@@ -121,7 +121,6 @@ def test_role_cpusets() -> None:
         "app": "host",
         "sidecar": "host",
         "gateway": "host",
-        "nodeproxy": "host",
         "dpu-daemon": "dpu",
         "dpa-daemon": "dpu",
         "loadgen": "loadgen",

@@ -20,7 +20,15 @@ from harness.placement.layout import (
     role_cpuset,
     shared_layout,
 )
-from harness.placement.profiles import DpuModel, Fit, Profile, get_profile, load_profiles, resolve
+from harness.placement.profiles import (
+    DpuModel,
+    Fit,
+    Profile,
+    Sourced,
+    get_profile,
+    load_profiles,
+    resolve,
+)
 from harness.placement.readback import (
     cgroup_limit,
     check_limit,
@@ -39,6 +47,7 @@ __all__ = [
     "Layout",
     "PlacementError",
     "Profile",
+    "Sourced",
     "auto_layout",
     "cgroup_limit",
     "check_limit",

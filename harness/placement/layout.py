@@ -22,16 +22,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-CPU_SETS = ("host", "dpu", "loadgen")
-ROLE_CPU_SET = {
-    "app": "host",
-    "sidecar": "host",
-    "gateway": "host",
-    "nodeproxy": "host",
-    "dpu-daemon": "dpu",
-    "dpa-daemon": "dpu",
-    "loadgen": "loadgen",
-}
+from harness.names import CPU_SETS, ROLE_CPU_SET
 
 _RANGE = re.compile(r"(\d+)(?:-(\d+))?")
 

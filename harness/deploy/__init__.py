@@ -22,6 +22,7 @@ from harness.measure.accounting import Traffic
 from harness.measure.metrics import WindowUsage
 from harness.names import DEFAULT_PORT, DEFAULT_WORKMODEL, MODES
 from harness.placement.apply import Placement
+from harness.placement.layout import PlacementError
 from harness.stacks import describe
 from harness.stacks.model import Settings, StackDescription
 
@@ -61,6 +62,16 @@ class RunningStack(Protocol):
     def __enter__(self) -> RunningStack: ...
 
     def __exit__(self, *exc: object) -> None: ...
+
+
+def check_placement(mode: str, placement: Placement | None) -> None:
+    """Refuse, before anything starts, a placement the deployer of `mode` cannot honour."""
+    if mode == "compose" and placement is not None and placement.quota_cores is not None:
+        raise PlacementError(
+            f"compose mode cannot hold the DPU at {placement.model.dpu_speed:g}x host speed "
+            "yet (one cgroup around both daemon containers); use --mode local, or a DPU "
+            "speed of 1 (e.g. --dpu-profile ideal)"
+        )
 
 
 def start(

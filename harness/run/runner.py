@@ -631,6 +631,7 @@ def run(config: BenchConfig, argv: list[str], console: Console | None = None) ->
         if not console.is_terminal:  # logs and pipes: no wrapping of the summary table
             console = Console(width=200)
     with prepare_placement(config) as placement:
+        deploy.check_placement(config.mode, placement)
         runner = Runner(config, console, argv, placement)
         path = runner.run()
     return path, runner.checks_ok

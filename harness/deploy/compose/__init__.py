@@ -39,14 +39,15 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+from harness.deploy import check_placement
 from harness.deploy.compose.cli import ComposeError, check_config, compose_command, docker_client
 from harness.deploy.compose.image import IMAGE, ensure_image
 from harness.deploy.compose.render import ComposeResolver, Deployment, generate
 from harness.deploy.compose.sampler import ContainerSampler
-from harness.deploy.compose.stack import ComposeStack
+from harness.deploy.compose.stack import MODE, ComposeStack
 from harness.names import CPU_SETS
 from harness.placement.apply import Placement
-from harness.placement.layout import PlacementError, format_cpus
+from harness.placement.layout import format_cpus
 from harness.ports import port_is_free
 from harness.procs import StartError
 from harness.stacks.model import StackDescription
@@ -94,15 +95,9 @@ def start(
         print(f"warning: {line}", file=sys.stderr)
     if not port_is_free(port):
         raise StartError(f"{desc.mesh} compose stack: port {port} is already in use")
-    if placement is not None:
-        if placement.quota_cores is not None:
-            raise PlacementError(
-                f"compose mode cannot hold the DPU at {placement.model.dpu_speed:g}x host "
-                "speed yet (one cgroup around both daemon containers); use --mode local, or "
-                "a DPU speed of 1 (e.g. --dpu-profile ideal)"
-            )
-        if not placement.layout.shared:
-            cpusets = {s: format_cpus(placement.layout.cpus(s)) for s in CPU_SETS}
+    check_placement(MODE, placement)
+    if placement is not None and not placement.layout.shared:
+        cpusets = {s: format_cpus(placement.layout.cpus(s)) for s in CPU_SETS}
     run_dir = Path(run_dir).resolve()
     deployment = generate(desc, run_dir, port=port, cpusets=cpusets)
     image_id = ensure_image()

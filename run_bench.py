@@ -87,24 +87,50 @@ def _add_dpu_options(parser: argparse.ArgumentParser) -> None:
         )
 
 
+def _stack_config(args: argparse.Namespace, **more: object) -> bench_config.BenchConfig:
+    """A `BenchConfig` from the stack options of `serve` or `k8s` (bench.toml's rules)."""
+    keys = ("workmodel", "seed", "scale", "envoy_concurrency", "functions_dir")
+    return bench_config.build(overrides={**{k: getattr(args, k) for k in keys}, **more})
+
+
 def _serve(args: argparse.Namespace) -> int:
     run_dir = args.run_dir or Path("runs", f"serve-{args.mesh}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}")
-    overrides = {key: getattr(args, key) for _, key, _, _ in _DPU_OPTIONS}
-    config = bench_config.build(
-        overrides={
-            **overrides,
-            "seed": args.seed,
-            "scale": args.scale,
-            "envoy_concurrency": args.envoy_concurrency,
-            "functions_dir": args.functions_dir,
-            "workmodel": args.workmodel,
-        }
-    )
+    config = _stack_config(args, **{key: getattr(args, key) for _, key, _, _ in _DPU_OPTIONS})
     with runner.prepare_placement(config) as placement:
         print(f"model: {placement.record()['sentence']}", flush=True)
         settings = runner.settings_of(config, placement)
         serve(describe(args.mesh, settings), port=args.port, run_dir=run_dir, placement=placement)
     return 0
+
+
+def _add_stack_options(parser: argparse.ArgumentParser) -> None:
+    """Workmodel and cell settings of one stack, for `serve` and `k8s`."""
+    parser.add_argument(
+        "--workmodel",
+        type=Path,
+        default=DEFAULT_WORKMODEL,
+        metavar="PATH",
+        help="μBench workmodel.json (default: workmodels/default.json)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, metavar="S", help="μBench random seed (default 0)"
+    )
+    parser.add_argument(
+        "--scale",
+        type=_checked(lambda text: check_scale(float(text))),
+        default=1.0,
+        metavar="F",
+        help="multiply the cells' pi computations and sleeps by F >= 0 (default 1; <1 for smoke "
+        "tests)",
+    )
+    parser.add_argument(
+        "--envoy-concurrency",
+        type=_ENVOY_CONCURRENCY,
+        default=DEFAULT_CONCURRENCY,
+        metavar="N",
+        help=f"{_ENVOY_CONCURRENCY_HELP} (default %(default)s)",
+    )
+    parser.add_argument("--functions-dir", type=Path, metavar="DIR", help=_FUNCTIONS_DIR_HELP)
 
 
 def _add_serve(subparsers: argparse._SubParsersAction) -> None:
@@ -126,13 +152,7 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
         help="dpumesh: DPU-offloaded mesh; envoy: Envoy sidecars + gateway; "
         "nomesh: services call each other directly (the floor)",
     )
-    parser.add_argument(
-        "--workmodel",
-        type=Path,
-        default=DEFAULT_WORKMODEL,
-        metavar="PATH",
-        help="μBench workmodel.json (default: workmodels/default.json)",
-    )
+    _add_stack_options(parser)
     parser.add_argument(
         "--port",
         type=_checked(bench_config.whole_number(1, 65535)),
@@ -140,25 +160,6 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
         metavar="N",
         help="public port on 127.0.0.1 (default %(default)s)",
     )
-    parser.add_argument(
-        "--seed", type=int, default=0, metavar="S", help="μBench random seed (default 0)"
-    )
-    parser.add_argument(
-        "--scale",
-        type=_checked(lambda text: check_scale(float(text))),
-        default=1.0,
-        metavar="F",
-        help="multiply the cells' pi computations and sleeps by F >= 0 (default 1; <1 for smoke "
-        "tests)",
-    )
-    parser.add_argument(
-        "--envoy-concurrency",
-        type=_ENVOY_CONCURRENCY,
-        default=DEFAULT_CONCURRENCY,
-        metavar="N",
-        help=f"{_ENVOY_CONCURRENCY_HELP} (default %(default)s)",
-    )
-    parser.add_argument("--functions-dir", type=Path, metavar="DIR", help=_FUNCTIONS_DIR_HELP)
     parser.add_argument(
         "--run-dir",
         type=Path,
@@ -226,15 +227,8 @@ def _add_run(subparsers: argparse._SubParsersAction) -> None:
 def _k8s(args: argparse.Namespace) -> int:
     from harness.deploy import k8s  # YAML and schema code only when asked for
 
-    config = bench_config.build(
-        overrides={
-            "workmodel": args.workmodel,
-            "seed": args.seed,
-            "scale": args.scale,
-            "functions_dir": args.functions_dir,
-            "meshes": bench_config.parse_list(args.meshes, "meshes") if args.meshes else None,
-        }
-    )
+    meshes = bench_config.parse_list(args.meshes, "meshes") if args.meshes else None
+    config = _stack_config(args, meshes=meshes)
     settings = runner.settings_of(config)
     written = k8s.write([describe(mesh, settings) for mesh in config.meshes], args.out)
     counts = k8s.validate_all(args.out)
@@ -258,18 +252,9 @@ def _add_k8s(subparsers: argparse._SubParsersAction) -> None:
             "README.md says how to apply them on a cluster."
         ),
     )
-    parser.add_argument(
-        "--workmodel",
-        type=Path,
-        default=DEFAULT_WORKMODEL,
-        metavar="PATH",
-        help="μBench workmodel.json (default: workmodels/default.json)",
-    )
+    _add_stack_options(parser)
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory")
     parser.add_argument("--meshes", metavar="A,B", help=f"stacks ({','.join(MESHES)}; default all)")
-    parser.add_argument("--seed", type=int, default=0, metavar="S", help="μBench random seed")
-    parser.add_argument("--scale", type=float, default=1.0, metavar="F", help="μBench work scale")
-    parser.add_argument("--functions-dir", type=Path, metavar="DIR", help=_FUNCTIONS_DIR_HELP)
     parser.set_defaults(handler=_k8s)
 
 

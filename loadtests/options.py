@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 REQUEST_MODES = ("get", "trace")
+#: The locustfile's user class every run starts (`loadtests.locustfile.HttpMeshUser`).
+USER_CLASS = "HttpMeshUser"
 DEFAULT_TRACE: dict[str, Any] = {"s0": [{"s1": {}}, {"s2": {}}]}
 DEFAULT_REQUEST_ID_PREFIX = "req-"
 

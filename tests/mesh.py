@@ -1,7 +1,7 @@
 """Start a real DPUmesh piece by piece for end-to-end tests.
 
 The components are the `dpumesh` stack description's own (`harness.stacks.dpumesh`),
-rendered by the local deployer's rules (loopback, this interpreter, a namespace
+rendered by the local deployer's resolver (loopback, this interpreter, a namespace
 of the test's); only the order and the moment each one starts or dies is the
 test's, which is what fault tests need.
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import posix_ipc
 
-from harness.deploy.local import LOOPBACK, NODE, program
+from harness.deploy.local import LocalResolver, program
 from harness.stacks import dpumesh
 from harness.stacks.model import Component, render
 
@@ -48,32 +48,6 @@ def corrupt(name: str, offset: int, fmt: str, value: int | bytes) -> None:
     shm.close_fd()
 
 
-class _Resolver:
-    """The local deployer's rules for one test mesh: loopback, its port, its namespace."""
-
-    def __init__(self, namespace: str, port: int) -> None:
-        self.namespace = namespace
-        self.bridge_port = port
-
-    def bind(self, component: Component) -> str:
-        return LOOPBACK
-
-    def port(self, component: Component, target: str, port: str) -> int:
-        return self.bridge_port
-
-    def host(self, component: Component, target: str) -> str:
-        return LOOPBACK
-
-    def file(self, component: Component, name: str) -> str:
-        return str(component.file(name).source)
-
-    def ipc(self, component: Component) -> str:
-        return self.namespace
-
-    def node(self, component: Component) -> str:
-        return NODE
-
-
 class Mesh:
     """dpa-daemon + dpu-daemon + `python -m dpumesh.server` per service, as subprocesses."""
 
@@ -83,7 +57,8 @@ class Mesh:
         self.port = port or free_port()
         self.procs: dict[str, subprocess.Popen] = {}
         self.env = dict(os.environ, PYTHONPATH=str(REPO))
-        self._resolver = _Resolver(namespace, self.port)
+        # Only the bridge has a port; every piece shares the test's namespace.
+        self._resolver = LocalResolver(namespace, {(dpumesh.DPU, "public"): self.port}, tmp)
 
     def _spawn(self, name: str, component: Component, **env: str) -> subprocess.Popen:
         rendered = render(component, self._resolver)

@@ -31,9 +31,11 @@ from dpumesh.dpu_daemon import STATS_PATH as BRIDGE_STATS_PATH
 from harness.deploy import compose, start_stack
 from harness.deploy.compose import cli
 from harness.deploy.compose.cli import PROJECT_LABEL, SERVICE_LABEL, project_resources
-from harness.deploy.compose.render import LABEL_CPU_SET, command
+from harness.deploy.compose.render import command
+from harness.deploy.image import LABEL_CPU_SET
 from harness.measure.accounting import get_json
 from harness.names import DEFAULT_PORT, DEFAULT_WORKMODEL, MESHES, REPO
+from harness.placement.apply import prepare
 from harness.ports import free_ports
 from harness.procs import StartError
 from harness.stacks import describe
@@ -255,11 +257,12 @@ def test_stack_answers_from_containers(
 ) -> None:
     """Requests through the published port reach every service; CPU is measured per role."""
     port = free_ports(1)[0]
-    # DPUmesh with its daemons on a core of their own (the optional cpusets), the others without.
+    # DPUmesh with its daemons on a core of their own (a placement), the others without.
     cpusets = {"dpu": "1", "host": "0"} if mesh == "dpumesh" else None
     if cpusets and (os.cpu_count() or 1) < 2:
         cpusets = None
-    with compose.start(_describe(mesh), run_dir=tmp_path, port=port, cpusets=cpusets) as stack:
+    placement = prepare("host=0,dpu=1,loadgen=1", "ideal", {}) if cpusets else None
+    with compose.start(_describe(mesh), run_dir=tmp_path, port=port, placement=placement) as stack:
         project = stack.project
         assert stack.url == f"http://127.0.0.1:{port}"
         compose.check_config(stack.deployment.file)

@@ -19,7 +19,7 @@ import yaml
 
 from harness.deploy import start_stack
 from harness.deploy.compose import generate
-from harness.deploy.compose.render import EXECUTABLES
+from harness.deploy.image import EXECUTABLES
 from harness.deploy.local import LocalResolver, program
 from harness.names import DEFAULT_PORT, DEFAULT_WORKMODEL, MESHES, REPO
 from harness.ports import free_ports, release_ports
@@ -43,7 +43,7 @@ def _describe(mesh: str, workmodel: Path) -> StackDescription:
 
 
 def _render_locally(desc: StackDescription, run_dir: Path) -> list[Rendered]:
-    resolver = LocalResolver(desc, DEFAULT_PORT, run_dir)
+    resolver = LocalResolver.allocate(desc, DEFAULT_PORT, run_dir)
     try:
         return [render(c, resolver) for c in desc.components]
     finally:
@@ -103,14 +103,12 @@ def test_a_local_start_runs_the_local_rendering(mesh: str, tmp_path: Path) -> No
     with start_stack(mesh, DEFAULT_WORKMODEL, run_dir=run_dir, port=port) as stack:
         recorded = json.loads(stack.manifest.read_text())
     desc = _describe(mesh, DEFAULT_WORKMODEL)
-    resolver = LocalResolver(desc, port, run_dir)
-    release_ports(resolver.allocated)
-    resolver.namespace = recorded["deployment"]["namespace"]
-    resolver.ports = {
+    ports = {
         (c["name"], name): number
         for c in recorded["components"]
         for name, number in c["ports"].items()
     }
+    resolver = LocalResolver(recorded["deployment"]["namespace"], ports, run_dir)
     assert [c["name"] for c in recorded["components"]] == [c.name for c in desc.components]
     for component, record in zip(desc.components, recorded["components"], strict=True):
         item = render(component, resolver)

@@ -21,11 +21,12 @@ import yaml
 
 from harness.deploy import k8s
 from harness.names import DEFAULT_WORKMODEL, MESHES, REPO
-from harness.run.loadgen import USER_CLASS, LocustSpec, locust_argv
+from harness.run.loadgen import LocustSpec, locust_argv
 from harness.stacks import describe
 from harness.stacks.cell import FUNCTIONS_MOUNT, WORKMODEL_MOUNT, app_name
 from harness.stacks.envoy import sidecar_name
 from harness.stacks.model import Settings, StackDescription, placeholders
+from loadtests.options import USER_CLASS
 
 SHARED_WORKMODELS = sorted((REPO.parent / "shared" / "workmodels").glob("*.json"))
 WORKLOADS = ("Deployment", "DaemonSet", "Job")

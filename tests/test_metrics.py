@@ -222,6 +222,7 @@ def test_derived_numbers():
         sidecar={},
         usage=d2,
         downstream_calls_per_req=None,
+        dpu_model=dict.fromkeys(results.DPU_MODEL_COLUMNS),
         checks_ok=True,
         failed_checks=[],
     )

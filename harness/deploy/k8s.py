@@ -120,6 +120,16 @@ import kubernetes_validate.utils
 import yaml
 
 from dpumesh.naming import DEFAULT_NS
+from harness.deploy import files
+from harness.deploy.image import (
+    EXECUTABLES,
+    IMAGE,
+    IMAGE_UID,
+    LABEL_CPU_SET,
+    LABEL_MESH,
+    LABEL_ROLE,
+    LABEL_SERVICE,
+)
 from harness.names import ROLE_CPU_SET
 from harness.stacks.model import (
     Component,
@@ -131,12 +141,10 @@ from harness.stacks.model import (
     placeholders,
     render,
 )
-from loadtests.options import DEFAULT_REQUEST_ID_PREFIX, REQUEST_MODES
+from loadtests.options import DEFAULT_REQUEST_ID_PREFIX, REQUEST_MODES, USER_CLASS
 
 #: The Kubernetes release whose OpenAPI schemas the manifests are checked against.
 KUBERNETES_VERSION = "1.33.0"
-IMAGE = "dpumesh-bench:latest"
-IMAGE_UID = 10001  # the image's `bench` user (compose/Dockerfile)
 PART_OF = "dpumesh-bench"
 SYSTEM_NAMESPACE = "dpumesh-system"
 #: Roles that run once per node: a DaemonSet in `SYSTEM_NAMESPACE`.
@@ -145,10 +153,7 @@ ANY = "0.0.0.0"
 LOOPBACK = "127.0.0.1"
 NODE_NAME = "NODE_NAME"
 SHM = "/dev/shm"
-# The image's executables; for Envoy the real binary linked by compose/Dockerfile.
-EXECUTABLES = {"python": "python", "envoy": "/usr/local/bin/envoy"}
 LOCUSTFILE = "loadtests/locustfile.py"  # relative to the image's WORKDIR
-USER_CLASS = "HttpMeshUser"  # the runner's (harness.run.loadgen)
 LOCUST_MASTER = "locust-master"
 LOCUST_WORKER = "locust-worker"
 LOCUST_JOB = "locust-headless"
@@ -317,34 +322,20 @@ def manifests(
 
 
 def write(
-    descs: Sequence[StackDescription],
-    out_dir: Path,
-    *,
-    image: str = IMAGE,
-    locust: bool = True,
-    load: Load | None = None,
-    resources: Mapping[str, Resources] = RESOURCES,
-    pull_policy: str = "IfNotPresent",
-    check: bool = True,
+    descs: Sequence[StackDescription], out_dir: Path, **options: Any
 ) -> dict[str, list[Path]]:
-    """Write every stack's manifests to ``<out_dir>/<mesh>/`` (see `manifests`); paths by mesh."""
+    """Write every stack's manifests to ``<out_dir>/<mesh>/``; paths by mesh.
+
+    `options` are `manifests`' keywords (image, locust, load, resources, ...).
+    """
     meshes = [d.mesh for d in descs]
     if len(set(meshes)) != len(meshes):
         raise ValueError(f"one description per mesh, not {meshes}")
-    stack_manifests = functools.partial(
-        manifests,
-        image=image,
-        locust=locust,
-        load=load,
-        resources=resources,
-        pull_policy=pull_policy,
-        check=check,
-    )
-    stacks = [(d, stack_manifests(d)) for d in descs]  # all checked before anything is written
+    stacks = [(d, manifests(d, **options)) for d in descs]  # all checked before any write
     written: dict[str, list[Path]] = {}
-    for desc, files in stacks:
+    for desc, documents in stacks:
         written[desc.mesh] = []
-        for name, docs in files.items():
+        for name, docs in documents.items():
             path = out_dir / desc.mesh / name
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(_header(desc, name) + _to_yaml(docs))
@@ -409,10 +400,10 @@ class _Build:
         role = component.role if component else role
         values = {
             "app.kubernetes.io/part-of": PART_OF,
-            "dpumesh.mesh": self.desc.mesh,
-            "dpumesh.role": role,
-            "dpumesh.service": component.service if component else "",
-            "dpumesh.cpu-set": ROLE_CPU_SET[role] if role else "",
+            LABEL_MESH: self.desc.mesh,
+            LABEL_ROLE: role,
+            LABEL_SERVICE: component.service if component else "",
+            LABEL_CPU_SET: ROLE_CPU_SET[role] if role else "",
         }
         return {k: _checked(v, _LABEL_VALUE, f"label {k}") for k, v in values.items()}
 
@@ -772,13 +763,7 @@ def _checked(value: str, pattern: re.Pattern[str], what: str) -> str:
 def _check_files(rendered: Sequence[Rendered]) -> None:
     """Run every generated file's check on a temporary copy (before anything is written)."""
     with tempfile.TemporaryDirectory(prefix="k8s-files-") as tmp:
-        for item in rendered:
-            for name, content in item.files.items():
-                check = item.component.file(name).check
-                if check is not None:
-                    path = Path(tmp) / f"{item.component.name}-{_key(item.component.file(name))}"
-                    path.write_text(content)
-                    check(path)
+        files.write_generated(rendered, Path(tmp))
 
 
 def _check_unique(docs: Sequence[Mapping[str, Any]]) -> None:

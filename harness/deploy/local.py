@@ -29,7 +29,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,17 +63,33 @@ def program(name: str) -> str:
 
 
 class LocalResolver:
-    """Addresses, ports, paths and namespaces of one local stack start."""
+    """Addresses, ports, paths and namespaces of one local stack start.
 
-    def __init__(self, desc: StackDescription, public_port: int, run_dir: Path) -> None:
-        self.desc = desc
+    `ports` maps (component, port name) to the port it binds; `allocated` are
+    those taken from `harness.ports`, released after teardown.
+    """
+
+    def __init__(
+        self,
+        namespace: str,
+        ports: Mapping[tuple[str, str], int],
+        run_dir: Path,
+        allocated: Sequence[int] = (),
+    ) -> None:
+        self.namespace = namespace
+        self.ports = dict(ports)
         self.run_dir = run_dir
-        self.namespace = f"b{os.getpid()}n{next(_namespaces)}"
+        self.allocated = list(allocated)
+
+    @classmethod
+    def allocate(cls, desc: StackDescription, public_port: int, run_dir: Path) -> LocalResolver:
+        """A fresh namespace, the public port, and a free port for every other port."""
         wanted = [(c.name, p) for c in desc.components for p, s in c.ports.items() if not s.public]
         public, public_name = desc.public
-        self.allocated = free_ports(len(wanted))
-        self.ports = {key: n for key, n in zip(wanted, self.allocated, strict=True)}
-        self.ports[(public.name, public_name)] = public_port
+        allocated = free_ports(len(wanted))
+        ports = dict(zip(wanted, allocated, strict=True))
+        ports[(public.name, public_name)] = public_port
+        return cls(f"b{os.getpid()}n{next(_namespaces)}", ports, run_dir, allocated)
 
     def bind(self, component: Component) -> str:
         return LOOPBACK
@@ -201,7 +217,7 @@ def start(
         raise StartError(f"{desc.mesh} stack: port {port} is already in use")
     run_dir = run_dir.resolve()
     deadline = time.monotonic() + ready_timeout_s
-    resolver = LocalResolver(desc, port, run_dir)
+    resolver = LocalResolver.allocate(desc, port, run_dir)
     sup = Supervisor(run_dir)
     try:
         rendered = [render(c, resolver) for c in desc.components]

@@ -76,12 +76,9 @@ class Placement:
             "layout": {s: format_cpus(self.layout.cpus(s)) for s in CPU_SETS},
             "shared": self.layout.shared,
             "overlaps": [list(pair) for pair in self.layout.overlaps()],
-            "dpu_profile": self.model.profile.name,
+            **self.model.columns(),
             "dpu_cores": self.model.dpu_cores,
             "dpu_cores_simulated": self.fit.cores,
-            "dpu_speed": self.model.dpu_speed,
-            "dma_latency_us": self.model.dma_latency_us,
-            "dma_gbps": self.model.dma_gbps,
             "dpu_quota_cores": self.quota_cores,
             "overridden": sorted(self.model.overridden),
             "unmet": list(self.fit.unmet),
@@ -123,6 +120,7 @@ def prepare(
         return Placement(layout, model, fit, None, None)
     root = cgroup_root or Path(os.environ.get(CGROUP_ROOT_ENV, str(cgroups.DEFAULT_ROOT)))
     try:
+        cgroups.remove_stale(root)  # left by a harness that was killed before it cleaned up
         group = CgroupSet.create({"dpu": (layout.dpu, quota)}, root=root)
     except PlacementError as exc:
         raise PlacementError(

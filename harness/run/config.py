@@ -162,28 +162,25 @@ def whole_number(low: int, high: int | None = None) -> Callable[[Any], int]:
     return check
 
 
-def _positive_float(value: Any) -> float:
-    if isinstance(value, bool):
-        raise ConfigError(f"must be a number, not {value!r}")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"must be a number, not {value!r}") from None
-    if not math.isfinite(number) or number <= 0:
-        raise ConfigError(f"must be a positive number, not {value!r}")
-    return number
+def finite_number(*, zero_ok: bool) -> Callable[[Any], float]:
+    """A validator of finite numbers > 0 (or >= 0 with `zero_ok`)."""
+
+    def check(value: Any) -> float:
+        if isinstance(value, bool):
+            raise ConfigError(f"must be a number, not {value!r}")
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"must be a number, not {value!r}") from None
+        if not math.isfinite(number) or number < 0 or (number == 0 and not zero_ok):
+            bound = "a number >= 0" if zero_ok else "a positive number"
+            raise ConfigError(f"must be {bound}, not {value!r}")
+        return number
+
+    return check
 
 
-def _non_negative_float(value: Any) -> float:
-    if isinstance(value, bool):
-        raise ConfigError(f"must be a number, not {value!r}")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"must be a number, not {value!r}") from None
-    if not math.isfinite(number) or number < 0:
-        raise ConfigError(f"must be a number >= 0, not {value!r}")
-    return number
+_positive_float = finite_number(zero_ok=False)
 
 
 def from_profile(check: Callable[[Any], float]) -> Callable[[Any], float | None]:
@@ -298,6 +295,6 @@ VALIDATORS: dict[str, Any] = {
     "placement": _placement,
     "dpu_profile": _profile,
     "dpu_speed": from_profile(_positive_float),
-    "dma_latency_us": from_profile(_non_negative_float),
-    "dma_gbps": from_profile(_non_negative_float),
+    "dma_latency_us": from_profile(finite_number(zero_ok=True)),
+    "dma_gbps": from_profile(finite_number(zero_ok=True)),
 }

@@ -31,11 +31,11 @@ import psutil
 from harness.names import REPO
 from harness.placement.launch import wrap_argv
 from harness.procs import signals_deferred, spawn_session
+from loadtests.options import USER_CLASS
 
 LOCUSTFILE = REPO / "loadtests" / "locustfile.py"
 LIVE_PLUGIN = Path(__file__).with_name("locust_live.py")
 TIME_LIMIT_LINE = "--run-time limit reached"
-USER_CLASS = "HttpMeshUser"
 
 
 @dataclass(frozen=True)

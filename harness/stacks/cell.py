@@ -81,6 +81,11 @@ def app_name(service: str) -> str:
     return f"app-{service}"
 
 
+def app_counters(cell: Cell) -> dict[str, tuple[str, str]]:
+    """The plain-HTTP apps' own counter endpoints (`harness.measure.accounting`)."""
+    return {f"app:{svc}": (app_name(svc), "http") for svc in cell.services}
+
+
 def http_app(
     cell: Cell,
     service: str,

@@ -13,7 +13,14 @@ from __future__ import annotations
 import json
 
 from baselines.envoy import config as envoy
-from harness.stacks.cell import PUBLIC_PORT, Cell, app_name, http_app, service_port
+from harness.stacks.cell import (
+    PUBLIC_PORT,
+    Cell,
+    app_counters,
+    app_name,
+    http_app,
+    service_port,
+)
 from harness.stacks.model import (
     Component,
     Counters,
@@ -101,7 +108,7 @@ def describe(cell: Cell) -> StackDescription:
         "admin": Port(GATEWAY_ADMIN_PORT, read=True),
     }
     components.append(_envoy(cell, GATEWAY, "gateway", gateway_ports))
-    endpoints = {f"app:{svc}": (app_name(svc), "http") for svc in cell.services}
+    endpoints = app_counters(cell)
     endpoints |= {
         f"admin:{sidecar_name(svc)}": (sidecar_name(svc), "admin") for svc in cell.services
     }

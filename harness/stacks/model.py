@@ -34,7 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from baselines.envoy.config import DEFAULT_CONCURRENCY
 from harness.names import CPU_SETS, ROLE_CPU_SET, ROLES
+from mubench.workmodel import DEFAULT_PER_SERVICE_CAP, DEFAULT_TOTAL_CAP
 
 PROGRAMS = ("python", "envoy")
 _PLACEHOLDER = re.compile(r"\{(bind|port|host|file|ipc|node)(?::([^{}:]+))?(?::([^{}:]+))?\}")
@@ -169,9 +171,9 @@ class Settings:
     seed: int = 0
     scale: float = 1.0
     functions_dir: Path | None = None
-    per_service_cap: int = 2
-    total_cap: int = 24
-    envoy_concurrency: int = 2
+    per_service_cap: int = DEFAULT_PER_SERVICE_CAP
+    total_cap: int = DEFAULT_TOTAL_CAP
+    envoy_concurrency: int = DEFAULT_CONCURRENCY
     dma_latency_us: float = 0.0
     dma_gbps: float = 0.0
 
@@ -298,11 +300,6 @@ def render(component: Component, resolver: Resolver) -> Rendered:
             if f.generate is not None
         },
     )
-
-
-def mask(text: str) -> str:
-    """`text` with the values a deployer chooses replaced by their kind (parity tests)."""
-    return _PLACEHOLDER.sub(lambda m: f"<{m.group(1)}>", text)
 
 
 def placeholders(values: Sequence[str]) -> list[str]:

@@ -6,7 +6,7 @@ so nothing sits in front of it and the public port costs nothing.
 
 from __future__ import annotations
 
-from harness.stacks.cell import Cell, app_name, http_app
+from harness.stacks.cell import Cell, app_counters, app_name, http_app
 from harness.stacks.model import Counters, StackDescription
 from mubench.http_app import HEALTH_PATH as APP_HEALTH_PATH
 
@@ -30,8 +30,6 @@ def describe(cell: Cell) -> StackDescription:
         warnings=cell.warnings,
         components=apps,
         probe_path=APP_HEALTH_PATH,
-        counters=Counters(
-            "nomesh", {f"app:{svc}": (app_name(svc), "http") for svc in cell.services}
-        ),
+        counters=Counters("nomesh", app_counters(cell)),
         front=(app_name(cell.entry),),
     )

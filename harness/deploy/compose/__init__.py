@@ -36,15 +36,15 @@ from __future__ import annotations
 import itertools
 import os
 import sys
-from collections.abc import Mapping
 from pathlib import Path
 
 from harness.deploy import check_placement
 from harness.deploy.compose.cli import ComposeError, check_config, compose_command, docker_client
-from harness.deploy.compose.image import IMAGE, ensure_image
+from harness.deploy.compose.image import ensure_image
 from harness.deploy.compose.render import ComposeResolver, Deployment, generate
 from harness.deploy.compose.sampler import ContainerSampler
 from harness.deploy.compose.stack import MODE, ComposeStack
+from harness.deploy.image import IMAGE
 from harness.names import CPU_SETS
 from harness.placement.apply import Placement
 from harness.placement.layout import format_cpus
@@ -76,15 +76,14 @@ def start(
     run_dir: str | Path,
     port: int,
     ready_timeout_s: float = 120.0,
-    cpusets: Mapping[str, str] | None = None,
     placement: Placement | None = None,
 ) -> ComposeStack:
     """Start `desc` in containers with its public port on `127.0.0.1:port`; once it answers.
 
     The image is built (from cache after the first time) once per process.
     The compose file and generated configs go to `run_dir`, with `stack.json`
-    and every container's log at teardown. `cpusets` as for `generate`, or
-    from `placement`'s layout (`cpuset:` per container, read back afterwards).
+    and every container's log at teardown. With `placement`, every container
+    gets its CPU set's `cpuset:` (read back into `stack.json` afterwards).
     A DPU speed limit needs one cgroup around both daemon containers, which
     this deployer does not make yet: such a placement is refused before
     anything starts.
@@ -96,6 +95,7 @@ def start(
     if not port_is_free(port):
         raise StartError(f"{desc.mesh} compose stack: port {port} is already in use")
     check_placement(MODE, placement)
+    cpusets = None
     if placement is not None and not placement.layout.shared:
         cpusets = {s: format_cpus(placement.layout.cpus(s)) for s in CPU_SETS}
     run_dir = Path(run_dir).resolve()

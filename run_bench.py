@@ -20,6 +20,7 @@ from baselines.envoy.config import DEFAULT_CONCURRENCY
 from harness.deploy.local import serve
 from harness.names import DEFAULT_PORT, DEFAULT_WORKMODEL, MESHES, MODES
 from harness.placement.layout import PlacementError
+from harness.placement.profiles import resolve
 from harness.procs import StartError
 from harness.run import config as bench_config
 from harness.run import runner
@@ -228,9 +229,13 @@ def _k8s(args: argparse.Namespace) -> int:
     from harness.deploy import k8s  # YAML and schema code only when asked for
 
     meshes = bench_config.parse_list(args.meshes, "meshes") if args.meshes else None
-    config = _stack_config(args, meshes=meshes)
+    config = _stack_config(
+        args, meshes=meshes, dpu_profile=args.dpu_profile, dpu_speed=args.dpu_speed
+    )
+    model = resolve(config.dpu_profile, {"dpu_speed": config.dpu_speed})
     settings = runner.settings_of(config)
-    written = k8s.write([describe(mesh, settings) for mesh in config.meshes], args.out)
+    descs = [describe(mesh, settings) for mesh in config.meshes]
+    written = k8s.write(descs, args.out, resources=k8s.resources_for(model))
     counts = k8s.validate_all(args.out)
     for mesh, paths in written.items():
         documents = sum(counts[p] for p in paths)
@@ -255,6 +260,9 @@ def _add_k8s(subparsers: argparse._SubParsersAction) -> None:
     _add_stack_options(parser)
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory")
     parser.add_argument("--meshes", metavar="A,B", help=f"stacks ({','.join(MESHES)}; default all)")
+    for flag, key, metavar, text in _DPU_OPTIONS:
+        if key in ("dpu_profile", "dpu_speed"):  # the DPU daemons' CPU limits
+            parser.add_argument(flag, dest=key, metavar=metavar, help=text)
     parser.set_defaults(handler=_k8s)
 
 

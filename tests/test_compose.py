@@ -35,6 +35,7 @@ from harness.deploy.compose.render import command
 from harness.deploy.image import LABEL_CPU_SET
 from harness.measure.accounting import get_json
 from harness.names import DEFAULT_PORT, DEFAULT_WORKMODEL, MESHES, REPO
+from harness.placement import readback
 from harness.placement.apply import prepare
 from harness.ports import free_ports
 from harness.procs import StartError
@@ -342,7 +343,6 @@ def test_short_compose_run_writes_results_with_container_cpu(
     out = tmp_path / "results"
     args = ["--mode", "compose", "--duration", "4", "--warmup", "2", "--repeat", "1"]
     args += ["--users", "4", "--rate", "", "--meshes", "dpumesh,envoy", "--out", str(out)]
-    args += ["--dpu-profile", "ideal"]  # compose pins CPU sets; it holds no DPU speed below 1
     proc = subprocess.Popen(
         [sys.executable, "run_bench.py", "run", *args],
         cwd=REPO,
@@ -365,3 +365,27 @@ def test_short_compose_run_writes_results_with_container_cpu(
     assert {("envoy", "app"), ("envoy", "sidecar"), ("envoy", "gateway")} <= roles
     for mesh in ("dpumesh", "envoy"):  # compose projects are named after the runner's pid
         assert _leftovers(engine, f"dpumesh-{mesh}-{proc.pid}-") == []
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_the_dpu_containers_share_one_cpu_bandwidth_limit(
+    engine: docker.DockerClient, image: str, tmp_path: Path
+) -> None:
+    """A DPU speed below 1: both daemon containers under the placement's cgroup, read back."""
+    require_external((os.cpu_count() or 1) >= 2 and os.geteuid() == 0, "two CPUs and root")
+    with prepare("host=0,dpu=1,loadgen=1", "ideal", {"dpu_speed": 0.5}) as placement:
+        name, parent = placement.group.name, placement.group.parent_path("dpu")
+        with compose.start(
+            _describe("dpumesh"), run_dir=tmp_path, port=free_ports(1)[0], placement=placement
+        ) as stack:
+            recorded = json.loads(stack.manifest.read_text())["placement"]
+            daemons = stack.containers()["dpu-daemon"] + stack.containers()["dpa-daemon"]
+            parents = {c.attrs["HostConfig"]["CgroupParent"] for c in daemons}
+            pids = stack.pids_by_set()["dpu"]
+            limits = {readback.cgroup_limit(pid, placement.group.hierarchy) for pid in pids}
+    assert parents == {parent}
+    assert recorded["readback"] == [] and recorded["dpu_quota_cores"] == 0.5
+    assert pids and limits == {0.5}
+    # Docker made the parent in every hierarchy it uses; nothing of it is left.
+    assert [p for p in Path("/sys/fs/cgroup").glob(f"*/{name}")] == []

@@ -21,6 +21,7 @@ import yaml
 
 from harness.deploy import k8s
 from harness.names import DEFAULT_WORKMODEL, MESHES, REPO
+from harness.placement.profiles import resolve
 from harness.run.loadgen import LocustSpec, locust_argv
 from harness.stacks import describe
 from harness.stacks.cell import FUNCTIONS_MOUNT, WORKMODEL_MOUNT, app_name
@@ -489,3 +490,13 @@ def test_names_and_parameters_are_checked(tmp_path: Path) -> None:
         k8s.write(descs[1:2], tmp_path, check=False, resources={"app": k8s.RESOURCES["app"]})
     with pytest.raises(ValueError, match="workers <= users"):
         k8s.Load(workers=4, users=2)
+
+
+def test_the_dpu_daemons_limits_follow_the_dpu_model():
+    """Half the model's DPU capacity each, at most the one core an event loop uses."""
+    slow = k8s.resources_for(resolve("ideal", {"dpu_speed": 0.25}))
+    assert {slow[r].cpu_request for r in k8s.DPU_ROLES} == {"125m"}
+    assert {slow[r].cpu_limit for r in k8s.DPU_ROLES} == {"125m"}
+    assert slow["app"] == k8s.RESOURCES["app"] and slow["loadgen"] == k8s.RESOURCES["loadgen"]
+    big = k8s.resources_for(resolve("bluefield3", {}))  # 0.5 x 16 cores: capped at one each
+    assert {big[r].cpu_limit for r in k8s.DPU_ROLES} == {"1000m"}

@@ -126,6 +126,23 @@ def test_run_writes_the_results_contract(short_run):
     assert "self-checks: all" in res.stdout and "dpumesh/envoy at closed-4" in res.stdout
 
 
+def test_an_auto_placement_run_records_its_dpu_model(short_run):
+    """The default (auto, bluefield3): CSV columns, meta.json's layout as read back, headline."""
+    res, run_dir = short_run
+    model = json.loads((run_dir / "meta.json").read_text())["dpu_model"]
+    layout = model["placement"]
+    assert layout != "shared" and model["dpu_profile"] == "bluefield3"
+    for r in _rows(run_dir):
+        assert (r["placement"], r["dpu_profile"]) == (layout, "bluefield3")
+        assert (r["dpu_speed"], r["dma_latency_us"], r["dma_gbps"]) == ("0.5", "1", "504.1")
+    for mesh, starts in model["per_stack"].items():
+        assert [s["placement"] for s in starts] == [layout], mesh
+        assert [s["readback"] for s in starts] == [[]], mesh
+    sentence = model["sentence"]
+    assert sentence.startswith("DPU: ") and f"model: {sentence}" in res.stdout
+    assert f"<b>Model.</b> {sentence}." in (run_dir / "report.html").read_text()
+
+
 def test_run_checks_itself_and_records_why(short_run):
     _, run_dir = short_run
     meta = json.loads((run_dir / "meta.json").read_text())

@@ -65,12 +65,21 @@ class RunningStack(Protocol):
 
 
 def check_placement(mode: str, placement: Placement | None) -> None:
-    """Refuse, before anything starts, a placement the deployer of `mode` cannot honour."""
-    if mode == "compose" and placement is not None and placement.quota_cores is not None:
+    """Refuse, before anything starts, a placement the deployer of `mode` cannot honour.
+
+    Compose holds the DPU speed by making the daemons' containers under the
+    placement's cgroup, which needs Docker's `cgroupfs` cgroup driver (the
+    `systemd` one takes only slices as parents).
+    """
+    if mode != "compose" or placement is None or placement.group is None:
+        return
+    from harness.deploy.compose.cli import docker_client  # the Docker SDK only when asked for
+
+    driver = docker_client().info().get("CgroupDriver")
+    if driver != "cgroupfs":
         raise PlacementError(
-            f"compose mode cannot hold the DPU at {placement.model.dpu_speed:g}x host speed "
-            "yet (one cgroup around both daemon containers); use --mode local, or a DPU "
-            "speed of 1 (e.g. --dpu-profile ideal)"
+            f"compose mode cannot hold the DPU at {placement.model.dpu_speed:g}x host speed: "
+            f"Docker's cgroup driver is {driver!r}, not 'cgroupfs'; use --mode local"
         )
 
 

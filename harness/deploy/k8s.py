@@ -111,7 +111,7 @@ import functools
 import re
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -131,6 +131,7 @@ from harness.deploy.image import (
     LABEL_SERVICE,
 )
 from harness.names import ROLE_CPU_SET
+from harness.placement.profiles import DpuModel
 from harness.stacks.model import (
     Component,
     File,
@@ -149,6 +150,7 @@ PART_OF = "dpumesh-bench"
 SYSTEM_NAMESPACE = "dpumesh-system"
 #: Roles that run once per node: a DaemonSet in `SYSTEM_NAMESPACE`.
 NODE_ROLES = ("dpa-daemon", "dpu-daemon")
+DPU_ROLES = tuple(role for role, cpu_set in ROLE_CPU_SET.items() if cpu_set == "dpu")
 ANY = "0.0.0.0"
 LOOPBACK = "127.0.0.1"
 NODE_NAME = "NODE_NAME"
@@ -209,6 +211,24 @@ RESOURCES: Mapping[str, Resources] = {
     "dpa-daemon": Resources("1", "1", "256Mi", "256Mi"),
     "loadgen": Resources("1", "1", "512Mi", "512Mi"),
 }
+
+
+def resources_for(
+    model: DpuModel, base: Mapping[str, Resources] = RESOURCES
+) -> dict[str, Resources]:
+    """`base` with the DPU daemons' CPU taken from a DPU model (DESIGN §5).
+
+    The model gives the DPU `dpu_speed` x `dpu_cores` host cores of work. A
+    cluster has no one limit over two pods, so each daemon gets half of it,
+    capped at the one core its single event loop can use; request = limit keeps
+    the pods Guaranteed. (A speed below 1 on one core gives a fractional limit.)
+    """
+    share = min(1.0, model.dpu_speed * model.dpu_cores / len(DPU_ROLES))
+    cpu = f"{max(1, round(share * 1000))}m"
+    return {
+        role: replace(spec, cpu_request=cpu, cpu_limit=cpu) if role in DPU_ROLES else spec
+        for role, spec in base.items()
+    }
 
 
 @dataclass(frozen=True)

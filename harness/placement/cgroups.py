@@ -28,7 +28,7 @@ import re
 import secrets
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.placement.layout import CPU_SETS, PlacementError, format_cpus
@@ -57,6 +57,10 @@ class Hierarchy:
     version: int
     cpu: Path
     cpuset: Path
+    # Every other hierarchy of a v1 (or hybrid) machine: a container runtime asked for a
+    # cgroup parent of ours makes it there too (memory, pids, the unified one...), so
+    # removal looks there as well.
+    others: tuple[Path, ...] = field(default=(), compare=False)
 
     @property
     def dirs(self) -> tuple[Path, ...]:
@@ -92,7 +96,8 @@ def detect(root: Path = DEFAULT_ROOT, mounts: Iterable[Mount] | None = None) -> 
             have |= controllers
     v1 = {c: m.path for m in under if m.fstype == "cgroup" for c in m.options & {"cpu", "cpuset"}}
     if len(v1) == 2:
-        return Hierarchy(1, v1["cpu"], v1["cpuset"])
+        others = {m.path for m in under if m.fstype in ("cgroup", "cgroup2")} - set(v1.values())
+        return Hierarchy(1, v1["cpu"], v1["cpuset"], tuple(sorted(others)))
     have |= set(v1)
     if not under:
         raise PlacementError(f"no cgroup mounted at {root} (cgroup v1 cpu or v2 cpu.max needed)")
@@ -193,15 +198,24 @@ class CgroupSet:
         """Cores of CPU bandwidth in force on a set's cgroup (None = unlimited)."""
         return limit_at(self.hierarchy.cpu / self.name / set_name, self.hierarchy.version)
 
+    def parent_path(self, set_name: str) -> str:
+        """A set's cgroup relative to the hierarchy roots: a container's `cgroup_parent`.
+
+        A container made under it shares the set's CPU bandwidth with every other
+        process in it (Docker's cgroupfs driver makes `<parent>/<container id>`).
+        """
+        self.procs_files(set_name)  # the set exists
+        return f"/{self.name}/{set_name}"
+
     def remove(self) -> None:
-        """Move any remaining tasks to the parent, then remove the cgroups; idempotent."""
-        for base in self.hierarchy.dirs:
+        """Move any remaining tasks to the parent, then remove the cgroups; idempotent.
+
+        Directories below ours (a container runtime's, in any hierarchy) go first.
+        """
+        for base in (*self.hierarchy.dirs, *self.hierarchy.others):
             top = base / self.name
-            if not top.is_dir():
-                continue
-            for child in [p for p in top.iterdir() if p.is_dir()]:
-                _rmdir(child, base)
-            _rmdir(top, base)
+            if top.is_dir():
+                _rmtree(top, base)
 
     def __enter__(self) -> CgroupSet:
         return self
@@ -232,6 +246,13 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # alive, owned by someone else
         pass
     return True
+
+
+def _rmtree(cgroup: Path, root: Path) -> None:
+    """Remove `cgroup` and every cgroup below it, deepest first (tasks go to `root`)."""
+    for child in [p for p in cgroup.iterdir() if p.is_dir()]:
+        _rmtree(child, root)
+    _rmdir(cgroup, root)
 
 
 def _rmdir(cgroup: Path, parent: Path) -> None:

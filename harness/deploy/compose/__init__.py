@@ -84,9 +84,8 @@ def start(
     The compose file and generated configs go to `run_dir`, with `stack.json`
     and every container's log at teardown. With `placement`, every container
     gets its CPU set's `cpuset:` (read back into `stack.json` afterwards).
-    A DPU speed limit needs one cgroup around both daemon containers, which
-    this deployer does not make yet: such a placement is refused before
-    anything starts.
+    The DPU daemons' containers are made under the placement's dpu cgroup
+    (`cgroup_parent:`), so they share its CPU bandwidth as local processes do.
     Raises `StartError` before starting anything when the port is taken, and
     `ComposeError` (a `StartError`) after tearing everything down.
     """
@@ -95,11 +94,13 @@ def start(
     if not port_is_free(port):
         raise StartError(f"{desc.mesh} compose stack: port {port} is already in use")
     check_placement(MODE, placement)
-    cpusets = None
+    cpusets = cgroup_parents = None
     if placement is not None and not placement.layout.shared:
         cpusets = {s: format_cpus(placement.layout.cpus(s)) for s in CPU_SETS}
+    if placement is not None and placement.group is not None:
+        cgroup_parents = {"dpu": placement.group.parent_path("dpu")}
     run_dir = Path(run_dir).resolve()
-    deployment = generate(desc, run_dir, port=port, cpusets=cpusets)
+    deployment = generate(desc, run_dir, port=port, cpusets=cpusets, cgroup_parents=cgroup_parents)
     image_id = ensure_image()
     project = f"dpumesh-{desc.mesh}-{os.getpid()}-{next(_projects)}"
     stack = ComposeStack(

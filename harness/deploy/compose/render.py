@@ -19,7 +19,9 @@ Where and how, decided here (what runs is the description's):
   loopback only: the public one on the caller's port, every `read` one on an
   ephemeral port (found through the Docker SDK);
 * labels `dpumesh.role`, `dpumesh.service` and `dpumesh.cpu-set` name what a
-  container is; with `cpusets`, its CPU set's cores become its `cpuset:`.
+  container is; with `cpusets`, its CPU set's cores become its `cpuset:`, and
+  with `cgroup_parents` its set's cgroup its `cgroup_parent:` (so the DPU
+  daemons' containers share one CPU bandwidth limit, the DPU speed).
 """
 
 from __future__ import annotations
@@ -98,23 +100,29 @@ def generate(
     port: int,
     image: str = IMAGE,
     cpusets: Mapping[str, str] | None = None,
+    cgroup_parents: Mapping[str, str] | None = None,
 ) -> Deployment:
     """Write `<out_dir>/<mesh>.yml` (and checked `configs/*`) running `desc` on `127.0.0.1:port`.
 
     `cpusets` maps CPU-set names (`harness.names.CPU_SETS`) to cpuset strings
-    ("0", "1-2"); a component whose set is not in it is not pinned. Raises
+    ("0", "1-2"); a component whose set is not in it is not pinned.
+    `cgroup_parents` maps them to a cgroup path (`CgroupSet.parent_path`). Raises
     what a file's `check` raises (`EnvoyConfigError`) for a rejected config.
     """
-    unknown = set(cpusets or {}) - set(CPU_SETS)
-    if unknown:
-        raise ValueError(f"unknown CPU sets {sorted(unknown)} (known: {', '.join(CPU_SETS)})")
+    per_set: dict[str, dict[str, str]] = {s: {} for s in CPU_SETS}
+    for key, values in (("cpuset", cpusets), ("cgroup_parent", cgroup_parents)):
+        unknown = set(values or {}) - set(CPU_SETS)
+        if unknown:
+            raise ValueError(f"unknown CPU sets {sorted(unknown)} (known: {', '.join(CPU_SETS)})")
+        for cpu_set, value in (values or {}).items():
+            per_set[cpu_set][key] = value
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     resolver = ComposeResolver(desc, out)
     rendered = [render(c, resolver) for c in desc.components]
     configs = files.write_generated(rendered, out)
     services = {
-        item.component.name: _service(item, resolver, port, image, cpusets or {})
+        item.component.name: _service(item, resolver, port, image, per_set[item.component.cpu_set])
         for item in rendered
     }
     file = out / f"{desc.mesh}.yml"
@@ -137,7 +145,7 @@ def generate(
 
 
 def _service(
-    item: Rendered, resolver: ComposeResolver, port: int, image: str, cpusets: Mapping[str, str]
+    item: Rendered, resolver: ComposeResolver, port: int, image: str, placed: Mapping[str, str]
 ) -> dict[str, Any]:
     """The compose service of one rendered component (see the module docstring)."""
     c = item.component
@@ -146,8 +154,7 @@ def _service(
         spec["environment"] = dict(item.env)
     spec["labels"] = {LABEL_ROLE: c.role, LABEL_SERVICE: c.service, LABEL_CPU_SET: c.cpu_set}
     spec["init"] = True  # a real PID 1: signals reach the program, children are reaped
-    if c.cpu_set in cpusets:
-        spec["cpuset"] = cpusets[c.cpu_set]
+    spec.update(placed)  # cpuset, cgroup_parent of the component's CPU set
     mounts = [
         _mount(f.source or resolver.generated_path(c, f.name), f.mount, resolver.out_dir)
         for f in c.files

@@ -17,6 +17,7 @@ from harness.deploy import start_stack
 from harness.names import MESHES, REPO
 from harness.placement import readback
 from harness.placement.apply import prepare
+from harness.placement.layout import format_cpus
 from harness.ports import free_ports, port_is_free
 from tests.conftest import require_external
 
@@ -50,6 +51,9 @@ def test_every_process_and_thread_runs_on_its_cpu_set(mesh, tmp_path):
             wanted = placement.layout.cpus(cpu_set)
             assert {c for t in threads.values() for c in t.values()} == {wanted}, cpu_set
     assert manifest["placement"]["readback"] == []
+    assert manifest["placement"]["observed"] == {
+        cpu_set: [format_cpus(placement.layout.cpus(cpu_set))] for cpu_set in by_set
+    }
     assert manifest["placement"]["placement"] == placement.layout.as_text()
 
 

@@ -86,8 +86,16 @@ class Placement:
         }
 
     def read_back(self, pids_by_set: Mapping[str, Iterable[int]]) -> dict[str, Any]:
-        """`record()` plus every mismatch found in the running processes (`stack.json`)."""
-        return {**self.record(), "readback": self.verify(pids_by_set)}
+        """`record()`, the CPUs each set's threads are allowed as read from /proc, and every
+        mismatch with the layout (`stack.json`)."""
+        pids = {cpu_set: list(p) for cpu_set, p in pids_by_set.items()}
+        observed = {
+            cpu_set: sorted(
+                {format_cpus(c) for t in readback.observe(p).values() for c in t.values()}
+            )
+            for cpu_set, p in pids.items()
+        }
+        return {**self.record(), "observed": observed, "readback": self.verify(pids)}
 
     def close(self) -> None:
         if self.group is not None:

@@ -23,7 +23,7 @@ from harness.placement.layout import PlacementError
 from harness.placement.profiles import resolve
 from harness.procs import StartError
 from harness.run import config as bench_config
-from harness.run import runner
+from harness.run import plan, runner
 from harness.stacks import describe
 from loadtests.options import REQUEST_MODES
 from mubench.internal import check_scale
@@ -171,37 +171,134 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_serve)
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run_config(args: argparse.Namespace) -> bench_config.BenchConfig:
+    """The config of `run` or `whatif`: bench.toml (or --config), --quick, the options."""
     overrides = {key: getattr(args, key, None) for key in bench_config.KEYS}
-    if args.meshes is not None:
+    if getattr(args, "meshes", None) is not None:
         overrides["meshes"] = bench_config.parse_list(args.meshes, "meshes")
-    if args.rates is not None:
+    if args.rates is not None and args.rates != "auto":
         overrides["rates"] = bench_config.parse_list(args.rates, "rate")
-    config = bench_config.load(args.config, overrides)
+    return bench_config.load(args.config, overrides, quick=args.quick)
+
+
+def _run(args: argparse.Namespace) -> int:
+    config = _run_config(args)
     _, checks_ok = runner.run(config, ["run_bench.py", *(args.argv or [])])
     return 0 if checks_ok else 1
+
+
+_RUN_DESCRIPTION = (
+    "Start each stack once for a short closed-loop calibration, which sets one open-loop "
+    "ladder of rates for every stack reaching past the fastest one's capacity; then start "
+    "each stack in turn (repetitions interleaved across stacks), drive it with Locust (a "
+    "closed-loop level, then the ladder until two rates in a row are not clean, then a "
+    "refinement between its highest clean and lowest unclean rate), measure µs latency "
+    "histograms and CPU/memory per role over the measurement window, check the run "
+    "against itself, and write results/<UTC timestamp>/ (results.csv, roles.csv, "
+    "meta.json, hist/, locust/, configs/, report.html) plus results/latest. Settings come "
+    "from --config (default bench.toml, which documents each), then --quick, then these "
+    "options. Exit status 1 when a self-check failed (the results are still written)."
+)
 
 
 def _add_run(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "run",
         help="run the side-by-side comparison (the default command)",
+        description=_RUN_DESCRIPTION,
+    )
+    parser.add_argument(
+        "--meshes", metavar="A,B", help=f"stacks to compare, in order ({','.join(MESHES)})"
+    )
+    _add_run_options(parser)
+    parser.set_defaults(handler=_run)
+
+
+def _whatif(args: argparse.Namespace) -> int:
+    values = [float(v) for v in bench_config.parse_list(args.values, "values")]
+    baselines = bench_config.parse_list(args.baselines, "baselines")
+    for mesh in baselines:
+        if mesh not in MESHES:
+            raise bench_config.ConfigError(f"--baselines: unknown stack {mesh!r}")
+    compared = plan.whatif_stacks(baselines, args.param, values)
+    args.meshes = ",".join([*baselines, "dpumesh"])  # what meta.json's config says was run
+    config = _run_config(args)
+    whatif = {
+        "param": args.param,
+        "stack": "dpumesh",
+        "values": {s.label: dict(s.overrides)[args.param] for s in compared if s.overrides},
+        "baselines": baselines,
+    }
+    _, checks_ok = runner.run(
+        config, ["run_bench.py", *(args.argv or [])], compared=compared, whatif=whatif
+    )
+    return 0 if checks_ok else 1
+
+
+def _add_whatif(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "whatif",
+        help="sweep one DPU model parameter: dpumesh at every value, the baselines once",
         description=(
-            "Start each stack in turn (repetitions interleaved across stacks), drive it with "
-            "Locust (a closed-loop level, then open-loop rates), measure µs latency "
-            "histograms and CPU/memory per role over the measurement window, check the run "
-            "against itself, and write results/<UTC timestamp>/ (results.csv, roles.csv, "
-            "meta.json, hist/, locust/, configs/) plus results/latest. Settings come from "
-            "--config (default bench.toml, which documents each), overridden by these "
-            "options. Exit status 1 when a self-check failed (the results are still written)."
+            "A run (see `run --help`) whose stacks are the baselines, measured once per "
+            "repetition, and dpumesh at every value of one DPU model parameter, each value "
+            "its own stack (labelled dpumesh@PARAM=VALUE: its own DPU cgroup or DMA cost). "
+            "The report adds a sensitivity chart: dpumesh's advantage over envoy (max clean "
+            "throughput, p99 and host CPU per request at a common rate) against the value, "
+            "with the break-even point marked. dpu_speed above 1 and dpu_cores above the "
+            "dpu set's CPUs are recorded but cannot be given by this machine: the report "
+            "says so."
         ),
     )
+    parser.add_argument(
+        "--param", required=True, choices=plan.WHATIF_PARAMS, help="the DPU model parameter"
+    )
+    parser.add_argument(
+        "--values",
+        required=True,
+        metavar="V1,V2",
+        type=_checked(_whatif_values),
+        help="its values (at least one; e.g. 0.25,0.5,1,2)",
+    )
+    parser.add_argument(
+        "--baselines",
+        default="envoy,nomesh",
+        metavar="A,B",
+        help="stacks measured once (default envoy,nomesh)",
+    )
+    _add_run_options(parser)
+    parser.set_defaults(handler=_whatif)
+
+
+def _whatif_values(text: str) -> str:
+    """The --values list, checked to be finite numbers >= 0 (the parameter checks the rest)."""
+    check = bench_config.finite_number(zero_ok=True)
+    for item in bench_config.parse_list(text, "values"):
+        check(item)
+    return text
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    """The options of `run` and `whatif`, each a bench.toml key (documented there)."""
     add = parser.add_argument
     add("--config", type=Path, metavar="FILE", help="TOML settings (default: bench.toml)")
+    add(
+        "--quick",
+        action="store_true",
+        help="a rough look in about 2 minutes: "
+        + ", ".join(f"{k}={v}" for k, v in bench_config.QUICK.items()),
+    )
     add("--workmodel", metavar="PATH", help="μBench workmodel.json")
-    add("--meshes", metavar="A,B", help=f"stacks to compare, in order ({','.join(MESHES)})")
-    add("--users", type=int, metavar="U", help="closed-loop users")
-    add("--rate", dest="rates", metavar="R1,R2", help="open-loop rates in req/s ('' = none)")
+    add("--users", type=int, metavar="U", help="closed-loop users (calibration too)")
+    add(
+        "--rate",
+        dest="rates",
+        metavar="R1,R2",
+        help="open-loop rates in req/s instead of the calibrated ladder ('auto'; '' = none)",
+    )
+    add("--ladder-rates", type=int, metavar="N", help="rates in the calibrated ladder")
+    add("--refine", type=int, metavar="N", help="refinement probes per stack and repetition")
+    add("--calibrate", type=int, metavar="S", help="measured seconds of each calibration")
     add("--duration", type=int, metavar="S", help="measured seconds per level")
     add("--warmup", type=int, metavar="S", help="warm-up seconds after each stack start")
     add("--settle", type=int, metavar="S", help="excluded seconds at the start of other levels")
@@ -209,20 +306,14 @@ def _add_run(subparsers: argparse._SubParsersAction) -> None:
     add("--seed", type=int, metavar="S", help="μBench random seed")
     add("--out", metavar="DIR", help="results root (a timestamped directory goes inside)")
     add("--slo-p99-ms", type=float, metavar="MS", help="p99 objective for max clean throughput")
-    add(
-        "--find-max",
-        action="store_true",
-        default=None,  # absent: the config file decides
-        help="also search each stack's max clean throughput (rows 'max-<rate>')",
-    )
     add("--processes", type=int, metavar="N", help="Locust processes (N > 1: master + N workers)")
     add("--request-mode", choices=REQUEST_MODES, help="get: stochastic; trace: trace-driven POST")
     add("--mode", choices=MODES, help="local processes or Docker Compose")
     add("--port", type=int, metavar="N", help="public port of each stack (0 = any free port)")
+    add("--scale", type=float, metavar="F", help="multiply the cells' pi computations and sleeps")
     add("--envoy-concurrency", type=_ENVOY_CONCURRENCY, metavar="N", help=_ENVOY_CONCURRENCY_HELP)
     add("--functions-dir", metavar="DIR", help=_FUNCTIONS_DIR_HELP)
     _add_dpu_options(parser)
-    parser.set_defaults(handler=_run)
 
 
 def _k8s(args: argparse.Namespace) -> int:
@@ -287,6 +378,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     _add_run(subparsers)
+    _add_whatif(subparsers)
     _add_report(subparsers)
     _add_serve(subparsers)
     _add_k8s(subparsers)

@@ -25,8 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--level",
         metavar="NAME",
-        help="load level of the headline, e.g. closed-16 (default: the closed-loop level "
-        "every stack ran, else the lowest open-loop rate)",
+        help="load level of the headline's latency and CPU, e.g. closed-16 (default: the "
+        "common rate, the highest ladder rate every stack ran clean; without one, the "
+        "closed-loop level every stack ran)",
     )
 
 

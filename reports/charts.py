@@ -2,12 +2,14 @@
 
 Text that comes from result files (stack, level, run and role names) is
 HTML-escaped before it reaches plotly, whose labels accept a subset of HTML.
+Shapes and annotations are avoided: on a log axis plotly wants their
+coordinates as log10, so reference lines are drawn as traces.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from html import escape
 
@@ -15,8 +17,10 @@ import plotly.graph_objects as go
 from hdrh.histogram import HdrHistogram
 
 from loadtests import latency
-from reports import stats
-from reports.summary import PERCENTILES, RunSummary
+from reports import page, stats
+from reports.load import split_stack, stack_order
+from reports.summary import PERCENTILES, THROUGHPUT, RunSummary
+from reports.whatif import ADVANTAGES, Sensitivity
 
 #: Fixed stack colours (Okabe-Ito, colour-blind safe); unknown stacks take the spares.
 STACK_COLOURS = {
@@ -40,11 +44,37 @@ ROLE_PATTERNS = {
 FONT = "system-ui, -apple-system, 'Segoe UI', Roboto, 'DejaVu Sans', sans-serif"
 
 
-def colour(mesh: str) -> str:
-    """The stack's colour, the same in every chart of every report."""
-    if mesh in STACK_COLOURS:
-        return STACK_COLOURS[mesh]
-    return SPARE_COLOURS[sum(map(ord, mesh)) % len(SPARE_COLOURS)]
+#: Colour and marker of each what-if advantage series (keys of `reports.whatif.ADVANTAGES`).
+ADVANTAGE_STYLE = {
+    "throughput": ("#0072B2", "circle"),
+    "p99": ("#CC79A7", "square"),
+    "cpu_host": ("#E69F00", "diamond"),
+}
+SLO_COLOUR = "#B00020"
+
+
+def colour(stack: str, shown: Iterable[str] = ()) -> str:
+    """The stack's colour, the same in every chart of a report.
+
+    A what-if variant (``dpumesh@dpu_speed=0.5``) takes its mesh's hue, shaded
+    dark to light by its rank among that mesh's variants in `shown` (the
+    stacks drawn together), so variants are told apart and still read as dpumesh.
+    """
+    mesh, variant = split_stack(stack)
+    key = mesh if variant else stack
+    base = STACK_COLOURS.get(key) or SPARE_COLOURS[sum(map(ord, key)) % len(SPARE_COLOURS)]
+    if not variant:
+        return base
+    variants = [s for s in stack_order({*shown, stack}) if split_stack(s)[0] == mesh and "@" in s]
+    return _shade(base, variants.index(stack), len(variants))
+
+
+def _shade(hex_colour: str, index: int, count: int) -> str:
+    """`hex_colour` darkened (first of `count`) through lightened (last)."""
+    t = -0.45 + 0.95 * index / (count - 1) if count > 1 else 0.0
+    rgb = [int(hex_colour[i : i + 2], 16) for i in (1, 3, 5)]
+    mixed = [c * (1 + t) if t < 0 else c + (255 - c) * t for c in rgb]
+    return "#" + "".join(f"{round(c):02X}" for c in mixed)
 
 
 def _figure(title: str, x_title: str, y_title: str, height: int = 460) -> go.Figure:
@@ -67,7 +97,7 @@ def _figure(title: str, x_title: str, y_title: str, height: int = 460) -> go.Fig
 class CdfSeries:
     """One curve of a CDF chart: a stack's merged histogram, optionally of one of several runs."""
 
-    mesh: str
+    stack: str
     hist: HdrHistogram
     run_label: str = ""
     run_index: int = 0
@@ -76,9 +106,10 @@ class CdfSeries:
 def cdf_figure(series: Sequence[CdfSeries], title: str) -> go.Figure:
     """Latency CDF per stack from merged histograms (log x in µs)."""
     fig = _figure(title, "latency (µs, log scale)", "fraction of requests ≤ latency")
+    shown = [s.stack for s in series]
     for s in series:
         points = latency.cdf(s.hist)
-        name = escape(s.mesh + (f" ({s.run_label})" if s.run_label else ""))
+        name = escape(s.stack + (f" ({s.run_label})" if s.run_label else ""))
         fig.add_trace(
             go.Scatter(
                 x=[v for v, _ in points],
@@ -86,7 +117,7 @@ def cdf_figure(series: Sequence[CdfSeries], title: str) -> go.Figure:
                 mode="lines",
                 name=name,
                 line={
-                    "color": colour(s.mesh),
+                    "color": colour(s.stack, shown),
                     "dash": RUN_DASHES[s.run_index % len(RUN_DASHES)],
                     "shape": "hv",
                 },
@@ -106,15 +137,15 @@ def percentile_figure(summary: RunSummary) -> go.Figure:
         "latency (µs, log scale)",
     )
     labels = [m.label.replace(" latency", "") for m in PERCENTILES]
-    for mesh, stack in summary.stacks.items():
+    for label, stack in summary.stacks.items():
         ests = [stack.values[m.key] for m in PERCENTILES]
         whiskers = [_whiskers(e) for e in ests]
         fig.add_trace(
             go.Bar(
                 x=labels,
                 y=[e.value for e in ests],
-                name=escape(mesh),
-                marker_color=colour(mesh),
+                name=escape(label),
+                marker_color=colour(label, summary.stacks),
                 error_y={
                     "type": "data",
                     "symmetric": False,
@@ -123,7 +154,7 @@ def percentile_figure(summary: RunSummary) -> go.Figure:
                     "color": "#333",
                 },
                 customdata=[[_ci_text(e)] for e in ests],
-                hovertemplate=f"{escape(mesh)} %{{x}}: %{{y:,.0f}} µs<br>%{{customdata[0]}}"
+                hovertemplate=f"{escape(label)} %{{x}}: %{{y:,.0f}} µs<br>%{{customdata[0]}}"
                 "<extra></extra>",
             )
         )
@@ -133,49 +164,63 @@ def percentile_figure(summary: RunSummary) -> go.Figure:
 
 
 def rate_latency_figure(summary: RunSummary) -> go.Figure:
-    """p50 and p99 against offered rate (open loop), SLO line and each stack's knee."""
+    """p50 and p99 against offered rate (open loop), SLO line and each stack's knee.
+
+    Every measured rate is drawn (ladder and refinement probes), median over
+    the repetitions that ran it. The knee marker sits at the stack's max clean
+    throughput (median over repetitions, on its p99 curve); a stack clean at
+    the ladder's top gets a triangle labelled "≥ top" instead of the star.
+    """
     slo = summary.run.slo_p99_ms
     fig = _figure(
         "Latency vs offered rate (open loop, median over repetitions): p99 solid, p50 dotted,"
-        " ★ = max clean throughput",
+        " ★ = max clean throughput, ▲ = clean at the top rate (≥)",
         "offered rate (requests/s)",
         "latency (ms, log scale)",
     )
-    for mesh, stack in summary.stacks.items():
+    for label, stack in summary.stacks.items():
         if not stack.curve:
             continue
+        tint, group = colour(label, summary.stacks), escape(label)
         x = [p.offered_rps for p in stack.curve]
         for field, dash in (("p99_us", "solid"), ("p50_us", "dot")):
-            label = escape(f"{mesh} {field[:3]}")
+            name = escape(f"{label} {field[:3]}")
             fig.add_trace(
                 go.Scatter(
                     x=x,
                     y=[getattr(p, field) / 1000 for p in stack.curve],
                     mode="lines+markers",
-                    name=label,
-                    legendgroup=escape(mesh),
-                    line={"color": colour(mesh), "dash": dash},
-                    hovertemplate=f"{label}: %{{y:,.3f}} ms at %{{x:,}} req/s<extra></extra>",
+                    name=name,
+                    legendgroup=group,
+                    line={"color": tint, "dash": dash},
+                    hovertemplate=f"{name}: %{{y:,.3f}} ms at %{{x:,}} req/s<extra></extra>",
                 )
             )
-        if stack.knee is not None:
-            fig.add_trace(
-                go.Scatter(
-                    x=[stack.knee.offered_rps],
-                    y=[stack.knee.p99_us / 1000],
-                    mode="markers",
-                    name=escape(f"{mesh} knee"),
-                    legendgroup=escape(mesh),
-                    marker={
-                        "symbol": "star",
-                        "size": 18,
-                        "color": colour(mesh),
-                        "line": {"color": "#000", "width": 1},
-                    },
-                    hovertemplate=escape(mesh) + " max clean throughput: %{x:,} req/s"
-                    " (p99 %{y:,.3f} ms)<extra></extra>",
-                )
+        best = stack.values[THROUGHPUT.key]
+        if not best.value:
+            continue
+        top = best.bound == "≥"
+        fig.add_trace(
+            go.Scatter(
+                x=[best.value],
+                y=[_p99_at(stack.curve, best.value) / 1000],
+                mode="markers+text" if top else "markers",
+                text=["≥ top"] if top else None,
+                textposition="top center",
+                name=escape(f"{label} max clean"),
+                legendgroup=group,
+                marker={
+                    "symbol": "triangle-up" if top else "star",
+                    "size": 16 if top else 18,
+                    "color": tint,
+                    "line": {"color": "#000", "width": 1},
+                },
+                hovertemplate=f"{group} max clean throughput: "
+                f"{escape(page.bounded(best, 'req/s'))}"
+                + (" (clean at the ladder's top: a lower bound)" if top else "")
+                + " (p99 %{y:,.3f} ms)<extra></extra>",
             )
+        )
     rates = [p.offered_rps for s in summary.stacks.values() for p in s.curve]
     if slo is not None and rates:
         fig.add_trace(
@@ -184,12 +229,109 @@ def rate_latency_figure(summary: RunSummary) -> go.Figure:
                 y=[slo, slo],
                 mode="lines",
                 name=f"SLO: p99 ≤ {slo:g} ms",
-                line={"color": "#B00020", "dash": "dash"},
+                line={"color": SLO_COLOUR, "dash": "dash"},
                 hovertemplate=f"SLO p99 {slo:g} ms<extra></extra>",
             )
         )
     _log_scale(fig, "y")
     return fig
+
+
+def _p99_at(curve: Sequence[stats.LevelPoint], rate: float) -> float:
+    """The p99 curve at `rate`: geometric between neighbours (a straight line on a log axis)."""
+    below = [p for p in curve if p.offered_rps <= rate] or curve[:1]
+    above = [p for p in curve if p.offered_rps >= rate] or curve[-1:]
+    lo, hi = below[-1], above[0]
+    if hi.offered_rps == lo.offered_rps:
+        return lo.p99_us
+    t = (rate - lo.offered_rps) / (hi.offered_rps - lo.offered_rps)
+    return lo.p99_us * (hi.p99_us / lo.p99_us) ** t
+
+
+def sensitivity_figure(sens: Sensitivity) -> go.Figure:
+    """dpumesh's advantages over the baseline against the swept value, break-even marked.
+
+    Each series is oriented so that > 1 means dpumesh is better; whiskers are
+    95 % bootstrap intervals. Hollow markers: variants whose DPU model this
+    machine could not give (`Variant.unmet`); triangles: bounds (a maximum at
+    the ladder's top).
+    """
+    param = escape(sens.param)
+    fig = _figure(
+        f"What-if: dpumesh's advantage over {escape(sens.baseline)} against {param}"
+        " (> 1: dpumesh better)",
+        param + (" (log scale)" if sens.log_x else ""),
+        "advantage (ratio, > 1: dpumesh better)",
+    )
+    fig.update_layout(legend={"title": {"text": "advantage"}})
+    ys: list[float] = [1.0]
+    for _, key, _, _ in ADVANTAGES:
+        tint, symbol = ADVANTAGE_STYLE[key]
+        shown = [(v, e) for v in sens.variants if (e := v.advantages[key]).value is not None]
+        if not shown:
+            continue
+        whiskers = [_whiskers(e) for _, e in shown]
+        name = escape(sens.label(key))
+        ys += [y for _, e in shown for y in (e.value, e.low, e.high) if y is not None]
+        fig.add_trace(
+            go.Scatter(
+                x=[v.value for v, _ in shown],
+                y=[e.value for _, e in shown],
+                mode="lines+markers",
+                name=name,
+                line={"color": tint},
+                marker={
+                    "size": 11,
+                    "color": tint,
+                    "symbol": [
+                        _bound_symbol(symbol, e.bound) + ("-open" if v.unmet else "")
+                        for v, e in shown
+                    ],
+                    "line": {"color": tint, "width": 2},
+                },
+                error_y={
+                    "type": "data",
+                    "symmetric": False,
+                    "array": [w[0] for w in whiskers],
+                    "arrayminus": [w[1] for w in whiskers],
+                    "color": tint,
+                },
+                customdata=[[escape(v.label), escape(page.factor(e))] for v, e in shown],
+                hovertemplate=f"{name}<br>%{{customdata[0]}}: %{{customdata[1]}}<extra></extra>",
+            )
+        )
+    values = [v.value for v in sens.variants]
+    if values:
+        fig.add_trace(
+            go.Scatter(
+                x=[min(values), max(values)],
+                y=[1, 1],
+                mode="lines",
+                name="break-even (= 1)",
+                line={"color": "#555", "dash": "dash"},
+                hoverinfo="skip",
+            )
+        )
+    for x in sens.break_even.crossings:
+        fig.add_trace(
+            go.Scatter(
+                x=[x, x],
+                y=[min(ys), max(ys)],
+                mode="lines+text",
+                text=["", f"break-even ≈ {x:.3g}"],
+                textposition="top right",
+                name=f"throughput break-even: {param} ≈ {x:.3g}",
+                line={"color": SLO_COLOUR, "dash": "dot"},
+                hovertemplate=f"throughput ratio = 1 at {param} ≈ {x:.3g}<extra></extra>",
+            )
+        )
+    if sens.log_x:
+        _log_scale(fig, "x")
+    return fig
+
+
+def _bound_symbol(symbol: str, bound: stats.Bound) -> str:
+    return {"": symbol, "≥": "triangle-up", "≤": "triangle-down"}[bound]
 
 
 def throughput_figure(summary: RunSummary) -> go.Figure:
@@ -200,7 +342,7 @@ def throughput_figure(summary: RunSummary) -> go.Figure:
         "achieved rate (requests/s)",
     )
     top = 0.0
-    for mesh, stack in summary.stacks.items():
+    for label, stack in summary.stacks.items():
         if not stack.curve:
             continue
         top = max(top, *(p.offered_rps for p in stack.curve))
@@ -209,9 +351,9 @@ def throughput_figure(summary: RunSummary) -> go.Figure:
                 x=[p.offered_rps for p in stack.curve],
                 y=[p.achieved_rps for p in stack.curve],
                 mode="lines+markers",
-                name=escape(mesh),
-                line={"color": colour(mesh)},
-                hovertemplate=f"{escape(mesh)}: %{{y:,.1f}} achieved at %{{x:,}} offered req/s"
+                name=escape(label),
+                line={"color": colour(label, summary.stacks)},
+                hovertemplate=f"{escape(label)}: %{{y:,.1f}} achieved at %{{x:,}} offered req/s"
                 "<extra></extra>",
             )
         )
@@ -237,24 +379,24 @@ def roles_figure(summary: RunSummary, field: str, title: str, y_title: str) -> g
     """
     fig = _figure(title, "stack / side", y_title)
     rows = [r for r in summary.run.roles if r.level == summary.level]
-    meshes = [m for m in summary.stacks if any(r.mesh == m for r in rows)]
+    stacks = [s for s in summary.stacks if any(r.stack == s for r in rows)]
     order = {role: i for i, role in enumerate(ROLE_PATTERNS)}
     roles = sorted({r.role for r in rows}, key=lambda r: (order.get(r, len(order)), r))
     for role in roles:
         xs: list[list[str]] = [[], []]
         ys: list[float] = []
         colours: list[str] = []
-        for mesh in meshes:
+        for stack in stacks:
             by_side: dict[str, list[float]] = {}
             for r in rows:
                 value = getattr(r, field)
-                if r.mesh == mesh and r.role == role and value is not None:
+                if r.stack == stack and r.role == role and value is not None:
                     by_side.setdefault(r.side, []).append(value)
             for side, values in sorted(by_side.items()):
-                xs[0].append(escape(mesh))
+                xs[0].append(escape(stack))
                 xs[1].append(escape(side))
                 ys.append(stats.median(values))
-                colours.append(colour(mesh))
+                colours.append(colour(stack, summary.stacks))
         if not ys:
             continue
         fig.add_trace(

@@ -1,10 +1,14 @@
 """Read one results directory (DESIGN §6) into typed rows.
 
 The runner writes ``results.csv`` (stack x repetition x load level),
-``roles.csv`` (... x role), ``hist/<mesh>-rep<rep>-<level>.hdr`` and
+``roles.csv`` (... x role), ``hist/<stack>-rep<rep>-<level>.hdr`` and
 ``meta.json``. Only ``results.csv`` is indispensable: anything else that is
 missing or unreadable is recorded in `Run.problems`, which the report shows
 at the top instead of failing or hiding it.
+
+Rows are keyed by their *stack* label: the mesh in an ordinary run,
+``dpumesh@dpu_speed=0.5`` for a what-if variant (results written before the
+``stack`` column existed: the mesh).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Any
 
 from hdrh.histogram import HdrHistogram
 
-from harness.output.results import HIST_DIR, META_JSON, RESULTS_CSV, ROLES_CSV
+from harness.output.results import DPU_MODEL_VALUES, HIST_DIR, META_JSON, RESULTS_CSV, ROLES_CSV
 from loadtests import latency
 
 REQUIRED_RESULT_COLUMNS = (
@@ -56,8 +60,10 @@ REQUIRED_ROLE_COLUMNS = (
     "rss_max_mb",
 )
 
-#: Display order of the known stacks; others follow alphabetically.
+#: Display order of the known meshes; others follow alphabetically.
 MESH_ORDER = ("dpumesh", "envoy", "nodeproxy", "nomesh")
+#: The DPU model values a row may carry (those in force for that row's stack).
+MODEL_COLUMNS = DPU_MODEL_VALUES
 
 
 class ResultsError(ValueError):
@@ -69,6 +75,7 @@ class ResultRow:
     """One stack x repetition x load level (results.csv); None = empty cell."""
 
     mesh: str
+    stack: str
     mode: str
     workmodel: str
     rep: int
@@ -92,6 +99,10 @@ class ResultRow:
     checks_ok: bool | None = None
     failed_checks: tuple[str, ...] = ()
     downstream_calls_per_req: float | None = None
+    dpu_speed: float | None = None
+    dma_latency_us: float | None = None
+    dma_gbps: float | None = None
+    dpu_cores: float | None = None
 
     @property
     def open_loop(self) -> bool:
@@ -104,6 +115,7 @@ class RoleRow:
     """CPU and memory of one role in one stack x repetition x level (roles.csv)."""
 
     mesh: str
+    stack: str
     rep: int
     level: str
     role: str
@@ -145,8 +157,39 @@ class Run:
         """The p99 latency objective of the run, None when meta.json does not give it."""
         return self.config_number("slo_p99_ms")
 
-    def meshes(self) -> list[str]:
-        return mesh_order({r.mesh for r in self.rows})
+    def stacks(self) -> list[str]:
+        """The stack labels of the run in display order."""
+        return stack_order({r.stack for r in self.rows})
+
+    @property
+    def whatif(self) -> dict[str, Any] | None:
+        """meta.json's what-if record (param, values per label, models), None in other runs."""
+        record = self.meta.get("whatif")
+        return record if isinstance(record, dict) else None
+
+    @property
+    def ladder_top(self) -> float | None:
+        """The ladder's top rate: meta.json ``ladder.top``, else the highest offered rate."""
+        ladder = self.meta.get("ladder")
+        top = ladder.get("top") if isinstance(ladder, dict) else None
+        if isinstance(top, int | float) and not isinstance(top, bool):
+            return float(top)
+        return max((r.offered_rps for r in self.rows if r.offered_rps is not None), default=None)
+
+    def ladder_levels(self) -> dict[float, str]:
+        """Offered rate -> level name of the common ladder's levels (``open-<R>``)."""
+        return {
+            r.offered_rps: r.level
+            for r in self.rows
+            if r.offered_rps is not None and r.level.startswith("open-")
+        }
+
+    def recorded_at_top(self, stack: str) -> bool | None:
+        """meta.json's ``max_clean_throughput[stack].at_top``; None when not recorded."""
+        record = self.meta.get("max_clean_throughput")
+        entry = record.get(stack) if isinstance(record, dict) else None
+        value = entry.get("at_top") if isinstance(entry, dict) else None
+        return value if isinstance(value, bool) else None
 
     def levels(self) -> list[str]:
         """Level names, closed loop by users then open loop by offered rate."""
@@ -155,46 +198,70 @@ class Run:
             first.setdefault(r.level, r)
         return sorted(first, key=lambda name: _level_sort_key(first[name]))
 
-    def rows_at(self, mesh: str, level: str) -> list[ResultRow]:
-        """The repetitions of `mesh` at `level`, ordered by repetition."""
+    def rows_at(self, stack: str, level: str) -> list[ResultRow]:
+        """The repetitions of `stack` at `level`, ordered by repetition."""
         return sorted(
-            (r for r in self.rows if r.mesh == mesh and r.level == level), key=lambda r: r.rep
+            (r for r in self.rows if r.stack == stack and r.level == level), key=lambda r: r.rep
         )
 
     def is_open_loop(self, level: str) -> bool:
         return any(r.open_loop for r in self.rows if r.level == level)
 
-    def hist_path(self, mesh: str, rep: int, level: str) -> Path:
-        return self.path / HIST_DIR / f"{mesh}-rep{rep}-{level}.hdr"
+    def hist_path(self, stack: str, rep: int, level: str) -> Path:
+        return self.path / HIST_DIR / f"{stack}-rep{rep}-{level}.hdr"
 
-    def merged_histogram(self, mesh: str, level: str) -> HdrHistogram | None:
-        """All repetitions' histograms of `mesh` at `level`, merged exactly; None if none.
+    def merged_histogram(self, stack: str, level: str) -> HdrHistogram | None:
+        """All repetitions' histograms of `stack` at `level`, merged exactly; None if none.
 
         Missing or unreadable files are added to `problems`.
         """
         files: list[Path] = []
-        for row in self.rows_at(mesh, level):
-            found = latency.histogram_files(self.hist_path(mesh, row.rep, level))
+        for row in self.rows_at(stack, level):
+            found = latency.histogram_files(self.hist_path(stack, row.rep, level))
             if not found:
-                self._problem(f"histogram missing: {self.hist_path(mesh, row.rep, level).name}")
+                self.problem(f"histogram missing: {self.hist_path(stack, row.rep, level).name}")
             files.extend(found)
         if not files:
             return None
         try:
             return latency.load_merged(files)
         except (OSError, ValueError, IndexError) as exc:
-            self._problem(f"histogram unreadable for {mesh} at {level}: {exc}")
+            self.problem(f"histogram unreadable for {stack} at {level}: {exc}")
             return None
 
-    def _problem(self, text: str) -> None:
+    def problem(self, text: str) -> None:
+        """Record a problem with the data (once), for the report's banner."""
         if text not in self.problems:
             self.problems.append(text)
 
 
-def mesh_order(meshes: Iterable[str]) -> list[str]:
-    """`meshes` in the fixed display order (known stacks first)."""
+def split_stack(label: str) -> tuple[str, str]:
+    """(mesh, variant) of a stack label: ``dpumesh@dpu_speed=0.5`` -> dpumesh, dpu_speed=0.5."""
+    mesh, _, variant = label.partition("@")
+    return mesh, variant
+
+
+def _variant_key(variant: str) -> tuple[tuple[float, str], ...]:
+    """Sort key of ``param=value,...``: numerically by value, so 2 comes before 10."""
+    key = []
+    for item in variant.split(","):
+        name, _, value = item.partition("=")
+        try:
+            key.append((float(value), name))
+        except ValueError:
+            key.append((math.inf, item))
+    return tuple(key)
+
+
+def stack_order(stacks: Iterable[str]) -> list[str]:
+    """`stacks` in the fixed display order: known meshes first, each one's variants by value."""
     known = {m: i for i, m in enumerate(MESH_ORDER)}
-    return sorted(set(meshes), key=lambda m: (known.get(m, len(known)), m))
+
+    def key(label: str) -> tuple[int, str, bool, tuple[tuple[float, str], ...]]:
+        mesh, variant = split_stack(label)
+        return (known.get(mesh, len(known)), mesh, bool(variant), _variant_key(variant))
+
+    return sorted(set(stacks), key=key)
 
 
 def level_name(users: int | None, offered_rps: float | None) -> str:
@@ -245,8 +312,10 @@ def _result_row(rec: dict[str, str]) -> ResultRow:
         users = _int(rec["users"])
         offered = _float(rec["offered_rps"])
         failed = (rec.get("checks") or "").strip()
+        mesh = rec["mesh"].strip()
         return ResultRow(
-            mesh=rec["mesh"].strip(),
+            mesh=mesh,
+            stack=(rec.get("stack") or "").strip() or mesh,
             mode=rec["mode"].strip(),
             workmodel=rec["workmodel"].strip(),
             rep=int(rec["rep"]),
@@ -270,6 +339,7 @@ def _result_row(rec: dict[str, str]) -> ResultRow:
             checks_ok=_bool(rec.get("checks_ok")),
             failed_checks=tuple(c.strip() for c in failed.split(";") if c.strip()),
             downstream_calls_per_req=_float(rec.get("downstream_calls_per_req")),
+            **{name: _float(rec.get(name)) for name in MODEL_COLUMNS},
         )
     except ValueError as exc:
         raise ResultsError(f"{RESULTS_CSV}: bad row {rec!r}: {exc}") from exc
@@ -277,8 +347,10 @@ def _result_row(rec: dict[str, str]) -> ResultRow:
 
 def _role_row(rec: dict[str, str]) -> RoleRow:
     try:
+        mesh = rec["mesh"].strip()
         return RoleRow(
-            mesh=rec["mesh"].strip(),
+            mesh=mesh,
+            stack=(rec.get("stack") or "").strip() or mesh,
             rep=int(rec["rep"]),
             level=rec["level"].strip(),
             role=rec["role"].strip(),

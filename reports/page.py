@@ -60,24 +60,49 @@ def number(value: float | None, unit: str = "") -> str:
     return f"{text} {unit}".rstrip()
 
 
+def bounded(e: Estimate, unit: str = "", zero_is_na: bool = False) -> str:
+    """The value as plain text, "≥ 1,000 req/s" for a bound, "n/a" when there is none."""
+    if e.value is None or (zero_is_na and e.value == 0):
+        return "n/a"
+    return f"{e.bound} {number(e.value, unit)}".lstrip()
+
+
 def estimate(e: Estimate, unit: str = "", zero_is_na: bool = False) -> str:
     """Value with its 95 % CI in brackets (or why there is none) as HTML."""
 
     def show(v: float | None) -> str:
         return "n/a" if v is None or (zero_is_na and v == 0) else number(v)
 
-    if e.value is None or (zero_is_na and e.value == 0):
-        return "n/a"
-    ci = f"[{show(e.low)}–{show(e.high)}]" if e.has_ci else f"no CI, n={e.n}"
-    return f"{escape(number(e.value, unit))} <span class='ci'>{escape(ci)}</span>"
+    text = bounded(e, unit, zero_is_na)
+    if text == "n/a":
+        return text
+    if e.bound:
+        ci = f"{_bound_word(e.bound)} bound, n={e.n}"
+    else:
+        ci = f"[{show(e.low)}–{show(e.high)}]" if e.has_ci else f"no CI, n={e.n}"
+    return f"{escape(text)} <span class='ci'>{escape(ci)}</span>"
+
+
+def factor(e: Estimate) -> str:
+    """A ratio as plain text: "×1.42 [1.30–1.55]", "×≥1.42 (lower bound)", "—" if undefined."""
+    if e.value is None:
+        return "—"
+    if e.bound:
+        return f"×{e.bound}{e.value:.2f} ({_bound_word(e.bound)} bound)"
+    ci = f" [{e.low:.2f}–{e.high:.2f}]" if e.has_ci else f" (no CI, n={e.n})"
+    return f"×{e.value:.2f}{ci}"
+
+
+def _bound_word(bound: str) -> str:
+    return "lower" if bound == "≥" else "upper"
 
 
 def ratio(e: Estimate, against: str) -> str:
-    """ "×0.62 vs envoy [0.60–0.65]" as HTML, "—" when the ratio is undefined."""
+    """ "×0.62 vs envoy [0.60–0.65]" (or "×≥1.50 vs envoy") as HTML, "—" when undefined."""
     if e.value is None:
         return f"<div class='ratio'>× — vs {escape(against)}</div>"
     ci = f" <span class='ci'>[{e.low:.2f}–{e.high:.2f}]</span>" if e.has_ci else ""
-    return f"<div class='ratio'>×{e.value:.2f} vs {escape(against)}{ci}</div>"
+    return f"<div class='ratio'>×{e.bound}{e.value:.2f} vs {escape(against)}{ci}</div>"
 
 
 def swatch(colour: str) -> str:

@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from reports import charts, page, stats
+from harness.measure import speed
+from reports import charts, page, stats, whatif
 from reports.load import META_JSON, RESULTS_CSV, ROLES_CSV, Run, load_run
-from reports.summary import HEADLINE, THROUGHPUT, RunSummary, compare_runs, summarize
+from reports.summary import HEADLINE, P50, THROUGHPUT, RunSummary, compare_runs, summarize
 
 REPORT_HTML = "report.html"
 
@@ -27,9 +28,16 @@ METHODS = f"""
 confidence interval, a percentile bootstrap over repetitions ({stats.RESAMPLES} resamples,
 fixed seed). With few repetitions the interval is close to the range of the repetitions and
 under-covers (n=2: it is that range); n=1 gives none. Ratios resample both sides independently.
-<b>Max clean throughput</b>: the highest open-loop offered rate whose achieved/offered ≥
-{stats.MIN_DELIVERY}, failures/requests ≤ {stats.MAX_ERROR_RATE:.1%} and p99 ≤ the SLO, on the
-per-rate medians over repetitions. CPU-ms per request equals vCPU per 1000 req/s.
+<b>Max clean throughput</b>: per repetition, the highest open-loop offered rate (ladder and
+refinement probes) whose achieved/offered ≥ {stats.MIN_DELIVERY}, failures/requests ≤
+{stats.MAX_ERROR_RATE:.1%}, p99 ≤ the SLO and self-checks passed (0 when none: shown n/a); the
+number is the median of those over repetitions, its interval a bootstrap over repetitions. A
+median at the ladder's top rate is shown <b>≥ top</b>: that stack's knee was not reached, so it
+is a lower bound (no interval; a ratio with it is a bound too, and undetermined when both sides
+are). <b>Latency and CPU</b> in the headline are at the <b>common rate</b>: the highest ladder
+rate at which every stack's median over repetitions is clean, so every stack is compared at a
+load it carries within the SLO (without one: the closed-loop level, said so in the table's
+note). CPU-ms per request equals vCPU per 1000 req/s.
 Host CPU = app, sidecar, gateway; offload CPU = dpu-daemon, dpa-daemon (DPU on real
 hardware); the load generator is apart. MB = MiB.</p>
 """
@@ -38,8 +46,8 @@ hardware); the load generator is apart. MB = MiB.</p>
 def write_report(dirs: Sequence[Path], out: Path | None = None, level: str | None = None) -> Path:
     """Render the report of `dirs` and return its path.
 
-    `level` picks the load level of the headline (default: the closed-loop
-    level every stack ran; see `summary.headline_level`).
+    `level` picks the load level of the headline's latency and CPU (default:
+    the common rate, else the closed-loop level; see `summary.headline_level`).
     """
     if not dirs:
         raise ValueError("no results directory given")
@@ -79,14 +87,19 @@ def _run_section(summary: RunSummary, figures: page.Figures, out_dir: Path, seve
     prefix = f"{run.label}: " if several else ""
     n_reps = len({r.rep for r in run.rows})
     chart_html = _charts(summary, figures, prefix)  # first: it finds missing histograms
+    sensitivity_html = _sensitivity(summary, figures)  # and this one inconsistent variants
+    probes = [lv for lv in run.levels() if lv.startswith("refine-")]
+    levels = [lv for lv in run.levels() if lv not in probes]
+    probes_text = f" and {len(probes)} refinement probe(s)" if probes else ""
     parts = [
         f"<section><h2>Results: {escape(run.label)}</h2>",
         f"<p>Directory <code>{escape(str(run.path))}</code>; stacks "
-        f"{', '.join(escape(m) for m in run.meshes())}; {n_reps} repetition(s); "
-        f"levels {', '.join(escape(lv) for lv in run.levels())}.</p>",
+        f"{', '.join(escape(m) for m in run.stacks())}; {n_reps} repetition(s); "
+        f"levels {', '.join(escape(lv) for lv in levels)}{probes_text}.</p>",
         _banners(run),
         _model(run.meta.get("dpu_model")),
         _headline(summary),
+        sensitivity_html,
         _overhead(summary),
         chart_html,
         f"<h3>{escape(prefix)}self-checks</h3>",
@@ -128,53 +141,144 @@ def _banners(run: Run) -> str:
         out.append(f"<div class='banner ok'>All {len(checks)} self-checks passed.</div>")
     else:
         out.append("<div class='banner warn'>No self-check results were recorded.</div>")
+    out.append(_machine_speed(run.meta.get("machine_speed")))
     return "\n".join(out)
 
 
+def _machine_speed(record: dict | None) -> str:
+    """How much the host CPUs' own speed varied across stack starts, when it is notable."""
+    probes = [s["host_mloops_per_s"] for s in (record or {}).get("segments", [])]
+    varied = speed.spread(probes)
+    if varied is None or varied <= speed.NOTABLE_SPREAD:
+        return ""
+    return (
+        "<div class='banner warn'>This machine's host CPUs ran between "
+        f"{min(probes):.0f} and {max(probes):.0f} M loop iterations/s across the stack starts "
+        f"(a spread of {varied:.0%}; meta.json <code>machine_speed</code>): differences between "
+        "repetitions of up to that size are the machine's, not the stacks'.</div>"
+    )
+
+
 def _headline(summary: RunSummary) -> str:
-    run = summary.run
+    run, choice = summary.run, summary.headline
     head = ["stack", "mode", *(f"{m.label} ({m.unit})" for m in HEADLINE)]
     rows = []
-    for mesh, stack in summary.stacks.items():
-        cells = [page.swatch(charts.colour(mesh)) + escape(mesh), escape(stack.modes)]
+    for label, stack in summary.stacks.items():
+        swatch = page.swatch(charts.colour(label, summary.stacks))
+        cells = [swatch + escape(label), escape(stack.modes)]
         for m in HEADLINE:
             text = page.estimate(stack.values[m.key], zero_is_na=m is THROUGHPUT)
             text += "".join(page.ratio(stack.vs[b][m.key], b) for b in stack.vs)
             cells.append(text)
         rows.append(cells)
-    n = max((s.values[HEADLINE[0].key].n for s in summary.stacks.values()), default=0)
+    n = max((s.values[P50.key].n for s in summary.stacks.values()), default=0)
     slo = run.slo_p99_ms
     slo_text = (
         f"SLO p99 ≤ {slo:g} ms"
         if slo is not None
         else "<b>no slo_p99_ms in meta.json: the p99 criterion was not applied</b>"
     )
+    top = run.ladder_top
+    top_text = f"the ladder's top rate, {top:g} req/s" if top is not None else "the top rate"
+    level = f"<code>{escape(choice.level)}</code>"
+    common = " (common rate)" if choice.common_rate is not None else ""
+    why = f"Latency and CPU at level {level}: {escape(choice.why)}."
     return (
-        f"<h3>Headline at level <code>{escape(summary.level)}</code></h3>"
+        f"<h3>Headline at level {level}{common}</h3>"
+        + (f"<p class='banner warn'>{why}</p>" if choice.fallback else "")
         + page.table(head, rows, numeric_from=2)
-        + f"<p class='note'>Latency and CPU: level <code>{escape(summary.level)}</code>, median"
-        f" over up to {n} repetition(s). Max clean throughput: open-loop levels, {slo_text};"
-        " n/a = no open-loop level was clean. × = ratio to that baseline stack.</p>"
+        + f"<p class='note'>{why} Median over up to {n} repetition(s). Max clean throughput:"
+        f" each repetition's highest clean open-loop rate, median over repetitions, {slo_text};"
+        f" ≥ = clean at {top_text} (a lower bound); n/a = no open-loop rate was clean."
+        " × = ratio to that baseline stack.</p>"
     )
+
+
+def _sensitivity(summary: RunSummary, figures: page.Figures) -> str:
+    """A what-if run's sensitivity: chart, verdict, table and the variants' models."""
+    record = summary.run.whatif
+    if record is None:
+        return ""
+    sens = whatif.sensitivity(summary)
+    if sens is None:
+        return (
+            "<p class='banner warn'>What-if run without an envoy or nomesh stack: no"
+            " baseline, so no sensitivity chart.</p>"
+        )
+    base, param = escape(sens.baseline), escape(sens.param)
+    notes = []
+    if sens.baseline != "envoy":
+        notes.append(f"envoy is not in this run: dpumesh is compared with {base}.")
+    if summary.headline.fallback:
+        notes.append(
+            f"p99 and host CPU at <code>{escape(sens.level)}</code>, not at a common rate"
+            " (no ladder rate was clean for every stack)."
+        )
+    rows, unmet = [], []
+    for v in sens.variants:
+        swatch = page.swatch(charts.colour(v.label, summary.stacks))
+        model = "<b>not met</b> (see below)" if v.unmet else "met"
+        cells = [page.number(v.value), swatch + escape(v.label), model]
+        cells += [escape(page.factor(v.advantages[key])) for _, key, _, _ in whatif.ADVANTAGES]
+        rows.append(cells)
+        unmet += [f"<li><code>{escape(v.label)}</code>: {escape(u)}</li>" for u in v.unmet]
+    if unmet:
+        notes.append(
+            "Hollow markers: variants whose DPU model this machine cannot give, measured"
+            f" as far as it can:<ul>{''.join(unmet)}</ul>"
+        )
+    head = [sens.param, "stack", "model", *(sens.label(k) for _, k, _, _ in whatif.ADVANTAGES)]
+    verdict = whatif.verdict(sens.break_even, sens.param, sens.baseline)
+    chart = figures.embed(
+        charts.sensitivity_figure(sens),
+        "Every ratio is oriented so that above the dashed line (1) dpumesh is better; whiskers:"
+        f" 95% bootstrap CI; dotted red: where the throughput ratio crosses 1 (linear"
+        f" interpolation between adjacent values of {param}); triangles: bounds.",
+    )
+    return (
+        f"<h3>What-if: dpumesh's advantage over {base} against {param}</h3>"
+        f"<p class='model'><b>Break-even.</b> {escape(verdict)} (max clean throughput).</p>"
+        + chart
+        + page.table(head, rows, numeric_from=3)
+        + f"<div class='note'>p99 and host CPU at <code>{escape(sens.level)}</code>; &gt; 1"
+        " means dpumesh is better in every column. "
+        + " ".join(notes)
+        + "</div>"
+        + _variant_models(record)
+    )
+
+
+def _variant_models(record: dict[str, Any]) -> str:
+    """Each what-if variant's DPU model sentence, folded away."""
+    models = record.get("models")
+    if not isinstance(models, dict) or not models:
+        return ""
+    items = "".join(
+        f"<li><code>{escape(label)}</code>: {escape(str(m.get('sentence', '')))}</li>"
+        for label, m in models.items()
+        if isinstance(m, dict)
+    )
+    return f"<details><summary>the variants' DPU models</summary><ul>{items}</ul></details>"
 
 
 def _overhead(summary: RunSummary) -> str:
     if "nomesh" not in summary.stacks:
         return "<p class='note'>Mesh overhead per downstream call: no nomesh stack in this run.</p>"
     rows, faster_than_floor = [], []
-    for mesh, stack in summary.stacks.items():
-        if mesh == "nomesh":
+    for label, stack in summary.stacks.items():
+        if label == "nomesh":
             continue
         overhead = stack.overhead_per_call
         if overhead is not None and overhead.value is not None and overhead.value < 0:
-            faster_than_floor.append(mesh)
+            faster_than_floor.append(label)
         calls = (
             f"{page.number(stack.calls_per_req)} ({escape(stack.calls_source)})"
             if stack.calls_per_req
             else "unknown (no downstream_calls_per_req in results.csv or meta.json config)"
         )
         value = page.estimate(stack.overhead_per_call, "µs") if stack.overhead_per_call else "n/a"
-        rows.append([page.swatch(charts.colour(mesh)) + escape(mesh), calls, value])
+        swatch = page.swatch(charts.colour(label, summary.stacks))
+        rows.append([swatch + escape(label), calls, value])
     return (
         "<h3>Mesh overhead per downstream call</h3>"
         + page.table(["stack", "downstream calls per request", "(p50 − nomesh p50) / calls"], rows)
@@ -201,10 +305,10 @@ def _below_floor_note(meshes: list[str]) -> str:
 def _charts(summary: RunSummary, figures: page.Figures, prefix: str) -> str:
     run, level = summary.run, summary.level
     series = []
-    for mesh in summary.stacks:
-        hist = run.merged_histogram(mesh, level)
+    for stack in summary.stacks:
+        hist = run.merged_histogram(stack, level)
         if hist is not None:
-            series.append(charts.CdfSeries(mesh, hist))
+            series.append(charts.CdfSeries(stack, hist))
     out = [f"<h3>{escape(prefix)}charts</h3>"]
     if series:
         cdf = charts.cdf_figure(
@@ -223,7 +327,9 @@ def _charts(summary: RunSummary, figures: page.Figures, prefix: str) -> str:
         out.append(
             figures.embed(
                 charts.rate_latency_figure(summary),
-                "Dashed red line: the p99 SLO. ★: the highest clean offered rate.",
+                "Dashed red line: the p99 SLO. ★: max clean throughput (median over"
+                " repetitions of each one's highest clean rate); ▲ ≥ top: clean at the"
+                " ladder's top rate, a lower bound.",
             )
         )
         out.append(
@@ -280,10 +386,10 @@ def _checks(run: Run) -> list[dict[str, Any]]:
         if r.checks_ok is not False:
             continue
         for name in r.failed_checks or ("(unnamed)",):
-            if (r.mesh, str(r.rep), r.level, name) not in known:
+            if (r.stack, str(r.rep), r.level, name) not in known:
                 checks.append(
                     {
-                        "mesh": r.mesh,
+                        "mesh": r.stack,
                         "rep": r.rep,
                         "level": r.level,
                         "name": name,
@@ -411,25 +517,26 @@ def _comparison(summaries: list[RunSummary], figures: page.Figures) -> str:
     vs_base = [compare_runs(base, s) for s in summaries[1:]]
     head = ["stack", "metric", *(f"{s.run.label} ({s.level})" for s in summaries)]
     rows = []
-    meshes = list(dict.fromkeys(m for s in summaries for m in s.stacks))
-    for mesh in meshes:
+    stacks = list(dict.fromkeys(m for s in summaries for m in s.stacks))
+    for stack in stacks:
+        swatch = page.swatch(charts.colour(stack, stacks))
         for m in HEADLINE:
-            cells = [page.swatch(charts.colour(mesh)) + escape(mesh), f"{m.label} ({m.unit})"]
+            cells = [swatch + escape(stack), f"{m.label} ({m.unit})"]
             for i, s in enumerate(summaries):
-                if mesh not in s.stacks:
+                if stack not in s.stacks:
                     cells.append("—")
                     continue
-                text = page.estimate(s.stacks[mesh].values[m.key], zero_is_na=m is THROUGHPUT)
-                if i and mesh in vs_base[i - 1]:
-                    text += page.ratio(vs_base[i - 1][mesh][m.key], base.run.label)
+                text = page.estimate(s.stacks[stack].values[m.key], zero_is_na=m is THROUGHPUT)
+                if i and stack in vs_base[i - 1]:
+                    text += page.ratio(vs_base[i - 1][stack][m.key], base.run.label)
                 cells.append(text)
             rows.append(cells)
     series = []
     for i, s in enumerate(summaries):
-        for mesh in s.stacks:
-            hist = s.run.merged_histogram(mesh, s.level)
+        for stack in s.stacks:
+            hist = s.run.merged_histogram(stack, s.level)
             if hist is not None:
-                series.append(charts.CdfSeries(mesh, hist, s.run.label, i))
+                series.append(charts.CdfSeries(stack, hist, s.run.label, i))
     cdf = charts.cdf_figure(
         series, "Latency CDF per stack and run (solid: first run, dashed/dotted: later runs)"
     )

@@ -19,10 +19,12 @@ under-covers (with 2 it *is* that range); the report prints n next to every
 interval. One repetition gives no interval. When the statistic is undefined
 in any resample (e.g. a ratio to zero), no interval is given.
 
-Maximum clean throughput (DESIGN §5): the highest offered rate whose
-achieved/offered >= 0.98, failures/requests <= 0.001 and p99 <= the SLO,
-evaluated on the per-level medians over repetitions; that level point is the
-stack's *knee*.
+Maximum clean throughput (DESIGN §5): per repetition, the highest offered
+rate whose achieved/offered >= 0.98, failures/requests <= 0.001, p99 <= the
+SLO and whose self-checks passed (the harness's rule, so the report and
+meta.json agree); 0 when no rate was clean. The statistic is the median of
+those per-repetition values. A maximum at the ladder's top rate is only a
+lower bound ("≥"): the ladder did not reach that stack's knee.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 CONFIDENCE = 0.95
 RESAMPLES = 2000
@@ -42,14 +44,23 @@ MAX_ERROR_RATE = 0.001  # failures / requests
 T = TypeVar("T")
 
 
+#: How an estimate relates to the true value: "" exact, "≥" a lower bound, "≤" an upper bound.
+Bound = Literal["", "≥", "≤"]
+
+
 @dataclass(frozen=True)
 class Estimate:
-    """A statistic over `n` repetitions with its 95 % interval (None when not estimable)."""
+    """A statistic over `n` repetitions with its 95 % interval (None when not estimable).
+
+    A bounded estimate (`bound` "≥" or "≤") has no interval: resampling a
+    censored value says nothing about where the true value lies.
+    """
 
     value: float | None
     low: float | None = None
     high: float | None = None
     n: int = 0
+    bound: Bound = ""
 
     @property
     def has_ci(self) -> bool:
@@ -107,10 +118,21 @@ def bootstrap(
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
-    """a / b, undefined (None) when either side is missing or zero."""
-    if not a or not b:
+    """a / b, undefined (None) when a side is missing or b is zero.
+
+    A zero numerator is a ratio of 0 (e.g. no clean rate against a baseline's maximum).
+    """
+    if a is None or not b:
         return None
     return a / b
+
+
+def ratio_bound(a: Bound, b: Bound) -> Bound | None:
+    """The bound of a / b from its sides' bounds; None when it is undetermined (both "≥")."""
+    if a and b:
+        return a if a != b else None
+    flip: dict[Bound, Bound] = {"": "", "≥": "≤", "≤": "≥"}
+    return a or flip[b]
 
 
 def overhead_per_call(stack: Sequence[float], base: Sequence[float], calls: float) -> Estimate:
@@ -125,21 +147,23 @@ def overhead_per_call(stack: Sequence[float], base: Sequence[float], calls: floa
 
 @dataclass(frozen=True)
 class LevelPoint:
-    """One open-loop load level: offered and achieved rate, error rate, latency (µs)."""
+    """One open-loop load level: offered and achieved rate, error rate, latency (µs), checks."""
 
     offered_rps: float
     achieved_rps: float
     error_rate: float
     p50_us: float
     p99_us: float
+    checks_ok: bool = True
 
 
 def is_clean(point: LevelPoint, slo_p99_ms: float | None) -> bool:
-    """DESIGN §5's clean level; without an SLO the latency criterion is not applied."""
+    """DESIGN §5's clean level with its self-checks passed; no SLO: latency is not judged."""
     if point.offered_rps <= 0:
         return False
     return (
-        point.achieved_rps / point.offered_rps >= MIN_DELIVERY
+        point.checks_ok
+        and point.achieved_rps / point.offered_rps >= MIN_DELIVERY
         and point.error_rate <= MAX_ERROR_RATE
         and (slo_p99_ms is None or point.p99_us <= slo_p99_ms * 1000)
     )
@@ -152,7 +176,10 @@ def knee(points: Iterable[LevelPoint], slo_p99_ms: float | None) -> LevelPoint |
 
 
 def median_curve(reps: Sequence[Sequence[LevelPoint]]) -> list[LevelPoint]:
-    """Per offered rate, the median over repetitions of every field, by rate."""
+    """Per offered rate, the median over repetitions of every field, by rate.
+
+    The median point passed its self-checks when more than half of its repetitions did.
+    """
     by_rate: dict[float, list[LevelPoint]] = {}
     for rep in reps:
         for p in rep:
@@ -164,16 +191,35 @@ def median_curve(reps: Sequence[Sequence[LevelPoint]]) -> list[LevelPoint]:
             error_rate=median(p.error_rate for p in pts),
             p50_us=median(p.p50_us for p in pts),
             p99_us=median(p.p99_us for p in pts),
+            checks_ok=2 * sum(p.checks_ok for p in pts) > len(pts),
         )
         for rate, pts in sorted(by_rate.items())
     ]
 
 
-def max_clean_throughput(reps: Sequence[Sequence[LevelPoint]], slo_p99_ms: float | None) -> float:
-    """Offered rate at the knee of the median curve; 0.0 when no level is clean.
+def max_clean_per_rep(
+    reps: Sequence[Sequence[LevelPoint]], slo_p99_ms: float | None
+) -> list[float]:
+    """Each repetition's highest clean offered rate; 0.0 for a repetition with none.
 
-    Zero (rather than None) keeps the statistic defined in every bootstrap
-    resample; the report prints it as "n/a".
+    Zero (rather than None) keeps the median defined in every bootstrap
+    resample; the report prints a median of zero as "n/a".
     """
-    point = knee(median_curve(reps), slo_p99_ms)
-    return point.offered_rps if point else 0.0
+    return [p.offered_rps if (p := knee(rep, slo_p99_ms)) else 0.0 for rep in reps]
+
+
+def at_top(max_clean: float | None, top: float | None) -> bool:
+    """Whether a maximum clean throughput is the ladder's top rate, hence only a lower bound."""
+    return bool(max_clean and top and max_clean >= top)
+
+
+def common_rate(
+    curves: Iterable[Sequence[LevelPoint]], rates: Iterable[float], slo_p99_ms: float | None
+) -> float | None:
+    """The highest of `rates` at which every curve has a clean point; None when there is none.
+
+    `rates` are the ladder's (every stack was offered them, as far as its
+    climb went); a stack without a point at a rate stopped below it.
+    """
+    clean = [{p.offered_rps for p in curve if is_clean(p, slo_p99_ms)} for curve in curves]
+    return max((r for r in rates if clean and all(r in c for c in clean)), default=None)

@@ -2,7 +2,8 @@
 
 A *metric* turns one stack's repetitions into samples (one per repetition)
 and a statistic over them, so the same bootstrap gives its value, its ratio
-to a baseline stack and its ratio between two runs.
+to a baseline stack and its ratio between two runs. Stacks are keyed by
+their label (`Run.stacks`), so what-if variants are stacks of their own.
 """
 
 from __future__ import annotations
@@ -13,30 +14,47 @@ from typing import Any
 
 from reports import stats
 from reports.load import ResultRow, ResultsError, Run
-from reports.stats import Estimate, LevelPoint
+from reports.stats import Bound, Estimate, LevelPoint
 
 BASELINES = ("envoy", "nomesh")
+#: Max clean throughput of meta.json and of results.csv agree within this (req/s).
+RECORDED_TOLERANCE_RPS = 0.5
 
 
 @dataclass(frozen=True)
 class Metric:
-    """A per-stack quantity: how to sample it per repetition and summarise the samples."""
+    """A per-stack quantity: how to sample it per repetition and summarise the samples.
+
+    `lower_bound(run, stack)` says the statistic is only a lower bound there
+    (a maximum clean throughput at the ladder's top rate).
+    """
 
     key: str
     label: str
     unit: str
-    samples: Callable[[Run, str, str], list[Any]]  # (run, mesh, level) -> per-repetition
+    samples: Callable[[Run, str, str], list[Any]]  # (run, stack, level) -> per-repetition
     stat: Callable[[Run], Callable[[Sequence[Any]], float | None]]  # run -> statistic
+    lower_bound: Callable[[Run, str], bool] | None = None
 
-    def estimate(self, run: Run, mesh: str, level: str) -> Estimate:
-        """The metric of `mesh` at `level` with its bootstrap interval over repetitions."""
+    def bound(self, run: Run, stack: str) -> Bound:
+        """ "≥" when the metric of `stack` is only a lower bound there, else "" (exact)."""
+        return "≥" if self.lower_bound is not None and self.lower_bound(run, stack) else ""
+
+    def estimate(self, run: Run, stack: str, level: str) -> Estimate:
+        """The metric of `stack` at `level` with its bootstrap interval over repetitions."""
         stat = self.stat(run)
-        return stats.bootstrap([self.samples(run, mesh, level)], lambda g: stat(g[0]))
+        e = stats.bootstrap([self.samples(run, stack, level)], lambda g: stat(g[0]))
+        return _bounded(e, self.bound(run, stack))
+
+
+def _bounded(e: Estimate, bound: Bound) -> Estimate:
+    """`e` as a bound (no interval) when `bound` says it is one."""
+    return Estimate(e.value, n=e.n, bound=bound) if bound and e.value is not None else e
 
 
 def _column(name: str) -> Callable[[Run, str, str], list[float]]:
-    def samples(run: Run, mesh: str, level: str) -> list[float]:
-        values = (getattr(r, name) for r in run.rows_at(mesh, level))
+    def samples(run: Run, stack: str, level: str) -> list[float]:
+        values = (getattr(r, name) for r in run.rows_at(stack, level))
         return [v for v in values if v is not None]
 
     return samples
@@ -52,22 +70,31 @@ def level_point(row: ResultRow) -> LevelPoint | None:
     if offered is None or achieved is None or p50 is None or p99 is None:
         return None
     error_rate = row.failures / row.requests if row.requests else 1.0
-    return LevelPoint(offered, achieved, error_rate, p50, p99)
+    return LevelPoint(offered, achieved, error_rate, p50, p99, row.checks_ok is not False)
 
 
-def open_loop_reps(run: Run, mesh: str, _level: str = "") -> list[list[LevelPoint]]:
-    """Per repetition, the open-loop level points of `mesh` (the level is irrelevant)."""
+def open_loop_reps(run: Run, stack: str) -> list[list[LevelPoint]]:
+    """Per repetition, the open-loop points (ladder and refinement) of `stack`."""
     reps: dict[int, list[LevelPoint]] = {}
     for row in run.rows:
-        point = level_point(row) if row.mesh == mesh else None
+        point = level_point(row) if row.stack == stack else None
         if point is not None:
             reps.setdefault(row.rep, []).append(point)
     return [reps[k] for k in sorted(reps)]
 
 
-def _throughput_stat(run: Run) -> Callable[[Sequence[Sequence[LevelPoint]]], float | None]:
-    slo = run.slo_p99_ms
-    return lambda reps: stats.max_clean_throughput(reps, slo)
+def _max_clean_samples(run: Run, stack: str, _level: str = "") -> list[float]:
+    """Each repetition's maximum clean throughput (the level is irrelevant)."""
+    return stats.max_clean_per_rep(open_loop_reps(run, stack), run.slo_p99_ms)
+
+
+def _max_clean_at_top(run: Run, stack: str) -> bool:
+    """meta.json's at_top when recorded, else whether the median is the ladder's top."""
+    recorded = run.recorded_at_top(stack)
+    if recorded is not None:
+        return recorded
+    samples = _max_clean_samples(run, stack)
+    return bool(samples) and stats.at_top(stats.median(samples), run.ladder_top)
 
 
 P50 = Metric("p50_us", "p50 latency", "µs", _column("p50_us"), _median_stat)
@@ -75,7 +102,12 @@ P90 = Metric("p90_us", "p90 latency", "µs", _column("p90_us"), _median_stat)
 P99 = Metric("p99_us", "p99 latency", "µs", _column("p99_us"), _median_stat)
 P999 = Metric("p999_us", "p99.9 latency", "µs", _column("p999_us"), _median_stat)
 THROUGHPUT = Metric(
-    "max_clean_rps", "max clean throughput", "req/s", open_loop_reps, _throughput_stat
+    "max_clean_rps",
+    "max clean throughput",
+    "req/s",
+    _max_clean_samples,
+    _median_stat,
+    _max_clean_at_top,
 )
 CPU_HOST = Metric(
     "cpu_host_ms_per_req", "host CPU", "ms/req", _column("cpu_host_ms_per_req"), _median_stat
@@ -89,31 +121,45 @@ CPU_OFFLOAD = Metric(
 )
 
 PERCENTILES = (P50, P90, P99, P999)
-HEADLINE = (P50, P99, THROUGHPUT, CPU_HOST, CPU_OFFLOAD)
+HEADLINE = (THROUGHPUT, P50, P99, CPU_HOST, CPU_OFFLOAD)
 
 
 def ratio_of(metric: Metric, a: tuple[Run, str, str], b: tuple[Run, str, str]) -> Estimate:
-    """metric(a) / metric(b), each given as (run, mesh, level), with a bootstrap interval."""
+    """metric(a) / metric(b), each given as (run, stack, level), with a bootstrap interval.
+
+    A side that is only a lower bound makes the ratio a bound; both: undetermined.
+    """
+    bound = stats.ratio_bound(metric.bound(*a[:2]), metric.bound(*b[:2]))
+    groups = [metric.samples(*a), metric.samples(*b)]
+    if bound is None:
+        return Estimate(None, n=min(len(g) for g in groups))
     stat_a, stat_b = metric.stat(a[0]), metric.stat(b[0])
-    return stats.bootstrap(
-        [metric.samples(*a), metric.samples(*b)],
-        lambda g: stats.ratio(stat_a(g[0]), stat_b(g[1])),
-    )
+    e = stats.bootstrap(groups, lambda g: stats.ratio(stat_a(g[0]), stat_b(g[1])))
+    return _bounded(e, bound)
 
 
 @dataclass
 class StackSummary:
     """One stack of one run: headline estimates, ratios to baselines, open-loop curve."""
 
-    mesh: str
+    label: str
     modes: str
     values: dict[str, Estimate]
-    vs: dict[str, dict[str, Estimate]]  # baseline mesh -> metric key -> ratio
+    vs: dict[str, dict[str, Estimate]]  # baseline stack -> metric key -> ratio
     curve: list[LevelPoint]
-    knee: LevelPoint | None
     calls_per_req: float | None = None
     calls_source: str = "unknown"
     overhead_per_call: Estimate | None = None
+
+
+@dataclass(frozen=True)
+class HeadlineLevel:
+    """The level the headline compares latency and CPU at, and why that one."""
+
+    level: str
+    why: str
+    common_rate: float | None = None  # the common open-loop rate, when that is the level
+    fallback: bool = False  # no common rate: a closed-loop (or lowest) level instead
 
 
 @dataclass
@@ -121,56 +167,87 @@ class RunSummary:
     """A run with the level its headline uses and a summary per stack."""
 
     run: Run
-    level: str
+    headline: HeadlineLevel
     stacks: dict[str, StackSummary] = field(default_factory=dict)
+
+    @property
+    def level(self) -> str:
+        return self.headline.level
 
     @property
     def baselines(self) -> list[str]:
         return [b for b in BASELINES if b in self.stacks]
 
 
-def headline_level(run: Run, requested: str | None = None) -> str:
-    """The level the headline compares at: `requested`, else a level every stack ran.
+def headline_level(run: Run, requested: str | None = None) -> HeadlineLevel:
+    """The level the headline compares at: `requested`, else the common rate, else a fallback.
 
-    Preference: the closed-loop level with the most users (DESIGN's headline
-    is closed loop), else the lowest open-loop rate (every stack should be
-    below saturation there, so latencies compare like with like).
+    The common rate is the highest ladder rate (``open-<R>``) at which every
+    stack's median point over repetitions is clean: the fastest load every
+    stack carried within its SLO, so latency and CPU compare like with like.
+    Without one: the closed-loop level with the most users every stack ran,
+    else the lowest level every stack ran.
     """
     levels = run.levels()
     if requested is not None:
         if requested not in levels:
             raise ResultsError(f"level {requested!r} not in {run.label}: {', '.join(levels)}")
-        return requested
-    meshes = run.meshes()
-    common = [lv for lv in levels if all(run.rows_at(m, lv) for m in meshes)] or levels
+        return HeadlineLevel(requested, "the level asked for")
+    stacks = run.stacks()
+    ladder = run.ladder_levels()
+    curves = [stats.median_curve(open_loop_reps(run, s)) for s in stacks]
+    rate = stats.common_rate(curves, ladder, run.slo_p99_ms)
+    if rate is not None:
+        why = (
+            f"the common rate, {rate:g} req/s: the highest ladder rate at which every "
+            "stack's median over repetitions was clean"
+        )
+        return HeadlineLevel(ladder[rate], why, common_rate=rate)
+    common = [lv for lv in levels if all(run.rows_at(s, lv) for s in stacks)] or levels
     closed = [lv for lv in common if not run.is_open_loop(lv)]
-    return closed[-1] if closed else common[0]
+    chosen, kind = (closed[-1], "closed-loop level") if closed else (common[0], "lowest level")
+    why = f"no ladder rate was clean for every stack, so the {kind} every stack ran"
+    return HeadlineLevel(chosen, why, fallback=True)
 
 
 def summarize(run: Run, level: str | None = None) -> RunSummary:
     """Every estimate the report shows for `run` (headline at `level` or the default)."""
     out = RunSummary(run, headline_level(run, level))
     at = out.level
-    for mesh in run.meshes():
-        curve = stats.median_curve(open_loop_reps(run, mesh))
-        out.stacks[mesh] = StackSummary(
-            mesh=mesh,
-            modes=", ".join(sorted({r.mode for r in run.rows if r.mesh == mesh})),
+    for stack in run.stacks():
+        out.stacks[stack] = StackSummary(
+            label=stack,
+            modes=", ".join(sorted({r.mode for r in run.rows if r.stack == stack})),
             values={
-                m.key: m.estimate(run, mesh, at) for m in dict.fromkeys((*PERCENTILES, *HEADLINE))
+                m.key: m.estimate(run, stack, at) for m in dict.fromkeys((*PERCENTILES, *HEADLINE))
             },
             vs={},
-            curve=curve,
-            knee=stats.knee(curve, run.slo_p99_ms),
+            curve=stats.median_curve(open_loop_reps(run, stack)),
         )
+        _check_recorded_max(run, stack, out.stacks[stack].values[THROUGHPUT.key])
     for base in out.baselines:
-        for mesh, stack in out.stacks.items():
-            if mesh != base:
-                stack.vs[base] = {
-                    m.key: ratio_of(m, (run, mesh, at), (run, base, at)) for m in HEADLINE
+        for stack, summary in out.stacks.items():
+            if stack != base:
+                summary.vs[base] = {
+                    m.key: ratio_of(m, (run, stack, at), (run, base, at)) for m in HEADLINE
                 }
     _add_overhead(out)
     return out
+
+
+def _check_recorded_max(run: Run, stack: str, computed: Estimate) -> None:
+    """A data problem when meta.json's max clean throughput differs from results.csv's."""
+    record = run.meta.get("max_clean_throughput")
+    entry = record.get(stack) if isinstance(record, dict) else None
+    if not isinstance(entry, dict) or "rps" not in entry:
+        return
+    recorded = entry["rps"] or 0.0
+    value = computed.value or 0.0
+    if not isinstance(recorded, int | float) or abs(recorded - value) > RECORDED_TOLERANCE_RPS:
+        run.problem(
+            f"max clean throughput of {stack}: meta.json records {entry['rps']!r} req/s,"
+            f" results.csv gives {value:g} req/s (the report shows the latter)"
+        )
 
 
 def _add_overhead(summary: RunSummary) -> None:
@@ -180,12 +257,12 @@ def _add_overhead(summary: RunSummary) -> None:
         return
     base = P50.samples(run, "nomesh", at)
     meta_calls = run.config_number("downstream_calls_per_req")
-    for mesh, stack in summary.stacks.items():
-        if mesh == "nomesh":
+    for label, stack in summary.stacks.items():
+        if label == "nomesh":
             continue
         column = [
             r.downstream_calls_per_req
-            for r in run.rows_at(mesh, at)
+            for r in run.rows_at(label, at)
             if r.downstream_calls_per_req is not None
         ]
         if column:
@@ -194,17 +271,17 @@ def _add_overhead(summary: RunSummary) -> None:
             stack.calls_per_req, stack.calls_source = meta_calls, "meta.json config"
         if stack.calls_per_req:
             stack.overhead_per_call = stats.overhead_per_call(
-                P50.samples(run, mesh, at), base, stack.calls_per_req
+                P50.samples(run, label, at), base, stack.calls_per_req
             )
 
 
 def compare_runs(base: RunSummary, other: RunSummary) -> dict[str, dict[str, Estimate]]:
     """Per stack present in both runs and headline metric: other / base, with intervals."""
     return {
-        mesh: {
-            m.key: ratio_of(m, (other.run, mesh, other.level), (base.run, mesh, base.level))
+        stack: {
+            m.key: ratio_of(m, (other.run, stack, other.level), (base.run, stack, base.level))
             for m in HEADLINE
         }
-        for mesh in other.stacks
-        if mesh in base.stacks
+        for stack in other.stacks
+        if stack in base.stacks
     }

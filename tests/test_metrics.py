@@ -205,13 +205,14 @@ def test_derived_numbers():
     assert d2["cpu_host_ms_per_req"] == pytest.approx(3.0)
     d0 = usage.derive(requests=0)
     assert d0["cpu_host_ms_per_req"] is None and d0["vcpu_host_per_1000rps"] is None
-    rows = results.role_rows("dpumesh", 1, "closed-8", d)  # roles with processes only
+    rows = results.role_rows("dpumesh", "dpumesh", 1, "closed-8", d)  # roles with processes only
     assert {r["role"] for r in rows} == set(usage.roles)
     app = next(r for r in rows if r["role"] == "app")
     assert app["cpu_ms_per_req"] == pytest.approx(2.0)
     assert app["vcpu_per_1000rps"] == pytest.approx(2.0)
     row = results.result_row(
         mesh="dpumesh",
+        stack="dpumesh",
         mode="local",
         workmodel="w",
         rep=1,

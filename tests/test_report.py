@@ -1,49 +1,45 @@
 """HTML report: statistics, loading, page assembly, and the page in a real browser.
 
-The browser test renders the recorded sample results (tests/data/results-sample,
-see its README) and opens the page in headless Chromium over the DevTools
-Protocol: every console error, uncaught exception and log error is collected
-(Runtime.consoleAPICalled, Runtime.exceptionThrown, Log.entryAdded), every
-request the page makes is recorded (Network.requestWillBeSent) and must be
-file:, data:, blob: or about:, and every chart must have drawn its SVG.
-A full-page screenshot is written next to the report.
+The browser tests render the recorded sample results (tests/data/results-sample,
+see its README) and a synthetic what-if run, and open each page in headless
+Chromium (`tests.browser`: no console error, nothing fetched, every chart drawn).
 """
 
 from __future__ import annotations
 
-import base64
 import csv
 import json
-import os
 import random
 import re
 import shutil
-import subprocess
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from loadtests import latency
-from reports import write_report
+from reports import charts, page, write_report
 from reports.__main__ import main as reports_main
-from reports.load import REQUIRED_RESULT_COLUMNS, ResultsError, load_run
+from reports.load import REQUIRED_RESULT_COLUMNS, ResultsError, Run, load_run, stack_order
 from reports.stats import (
     Estimate,
     LevelPoint,
+    at_top,
     bootstrap,
+    common_rate,
     is_clean,
     knee,
-    max_clean_throughput,
+    max_clean_per_rep,
     median,
     median_curve,
     overhead_per_call,
     quantile,
     ratio,
+    ratio_bound,
 )
-from reports.summary import headline_level, summarize
+from reports.summary import HeadlineLevel, headline_level, summarize
+from reports.whatif import BreakEven, break_even, log_axis, sensitivity, verdict
+from tests.browser import assert_renders
 from tests.conftest import require_external
 
 SAMPLE = Path(__file__).parent / "data" / "results-sample"
@@ -106,6 +102,15 @@ def test_ratio_estimate() -> None:
     assert e.value == 2.0 and e.low is not None and e.high is not None
     assert 1.8 <= e.low < 2.0 < e.high <= 2.2
     assert ratio_estimate([1.0, 2.0], [0.0, 0.0]).value is None  # offload CPU of envoy
+    assert ratio(0.0, 400.0) == 0.0  # no clean rate against a baseline's maximum
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "bound"),
+    [("", "", ""), ("≥", "", "≥"), ("", "≥", "≤"), ("≥", "≥", None), ("≤", "≥", "≤")],
+)
+def test_ratio_bound(a: str, b: str, bound: str | None) -> None:
+    assert ratio_bound(a, b) == bound  # type: ignore[arg-type]
 
 
 def test_overhead_per_call() -> None:
@@ -115,11 +120,15 @@ def test_overhead_per_call() -> None:
 
 
 def _point(
-    rate: float, achieved: float | None = None, err: float = 0.0, p99_ms: float = 1.0
+    rate: float,
+    achieved: float | None = None,
+    err: float = 0.0,
+    p99_ms: float = 1.0,
+    checks_ok: bool = True,
 ) -> LevelPoint:
     """A level point; achieved defaults to the offered rate."""
     achieved = rate if achieved is None else achieved
-    return LevelPoint(rate, achieved, err, p99_ms * 500, p99_ms * 1000)
+    return LevelPoint(rate, achieved, err, p99_ms * 500, p99_ms * 1000, checks_ok)
 
 
 @pytest.mark.parametrize(
@@ -131,6 +140,7 @@ def _point(
         (_point(100, err=0.0011), False),
         (_point(100, p99_ms=5.0), True),  # p99 exactly at the SLO
         (_point(100, p99_ms=5.001), False),
+        (_point(100, checks_ok=False), False),  # the harness's rule: self-checks passed
         (_point(0), False),
     ],
 )
@@ -149,24 +159,171 @@ def test_knee_is_highest_clean_level_even_above_a_dirty_one() -> None:
     assert knee([], 5.0) is None
 
 
-def test_max_clean_throughput_uses_per_rate_medians() -> None:
+def test_max_clean_throughput_is_per_repetition() -> None:
+    reps = [
+        [_point(100), _point(200), _point(300, p99_ms=50.0), _point(250)],  # 250: a refine probe
+        [_point(100), _point(200, p99_ms=50.0), _point(150)],
+        [_point(100, err=0.5)],  # nothing clean
+        [_point(100), _point(200, checks_ok=False)],
+    ]
+    assert max_clean_per_rep(reps, 5.0) == [250, 150, 0.0, 100]
+    assert median(max_clean_per_rep(reps, 5.0)) == 125  # the median over repetitions
+    assert max_clean_per_rep([], 5.0) == []
+
+
+def test_median_curve_takes_medians_per_rate_and_a_majority_of_checks() -> None:
     reps = [
         [_point(100), _point(200)],
-        [_point(100), _point(200, p99_ms=50.0)],  # one bad repetition at 200
-        [_point(100), _point(200)],
+        [_point(100), _point(200, p99_ms=50.0, checks_ok=False)],
+        [_point(100), _point(200), _point(250)],  # a refine probe only this repetition ran
     ]
     curve = median_curve(reps)
-    assert [p.offered_rps for p in curve] == [100, 200]
-    assert curve[1].p99_us == 1000
-    assert max_clean_throughput(reps, 5.0) == 200
-    assert max_clean_throughput(reps[1:2], 5.0) == 100
-    assert max_clean_throughput([[_point(100, err=0.5)]], 5.0) == 0.0  # "n/a"
+    assert [p.offered_rps for p in curve] == [100, 200, 250]
+    assert curve[1].p99_us == 1000 and curve[1].checks_ok  # 2 of 3 passed
+    assert not median_curve(reps[:2])[1].checks_ok  # 1 of 2 is not a majority
+
+
+def test_at_top() -> None:
+    assert at_top(800.0, 800.0)
+    assert not at_top(600.0, 800.0)
+    assert not at_top(0.0, 800.0)  # no clean rate is not "at the top"
+    assert not at_top(800.0, None)
+
+
+def test_common_rate_is_the_highest_ladder_rate_every_stack_ran_clean() -> None:
+    fast = [_point(100), _point(200), _point(400), _point(300)]
+    slow = [_point(100), _point(200), _point(400, p99_ms=50), _point(300)]  # 300: refine
+    stopped = [_point(100), _point(200)]  # never offered 400: it stopped below
+    ladder = [100, 200, 400]
+    assert common_rate([fast, slow], ladder, 5.0) == 200  # 300 is no ladder rate
+    assert common_rate([fast], ladder, 5.0) == 400
+    assert common_rate([fast, stopped], ladder, 5.0) == 200
+    assert common_rate([fast, [_point(100, err=0.5)]], ladder, 5.0) is None
+    assert common_rate([], ladder, 5.0) is None
+
+
+@pytest.mark.parametrize(
+    ("points", "expected"),
+    [
+        ([(0.25, 0.5), (0.5, 0.75), (1, 1.5), (2, 2.0)], BreakEven((2 / 3,), False, False)),
+        ([(10, 1.5), (1, 2.0), (100, 0.5)], BreakEven((55.0,), False, False)),  # unsorted
+        ([(1, 1.2), (2, 1.5)], BreakEven((), True, False)),
+        ([(1, 0.2), (2, 0.5)], BreakEven((), False, True)),
+        ([(1, 1.0), (2, 1.5)], BreakEven((1.0,), False, False)),  # at an end of the range
+        ([(1, 0.5), (2, 1.5), (3, 0.5)], BreakEven((1.5, 2.5), False, False)),
+        ([], BreakEven((), False, False)),
+    ],
+)
+def test_break_even(points: list[tuple[float, float]], expected: BreakEven) -> None:
+    got = break_even(points)
+    assert got.crossings == pytest.approx(expected.crossings)
+    assert (got.always, got.never) == (expected.always, expected.never)
+
+
+def test_break_even_verdict_and_axis() -> None:
+    assert verdict(BreakEven((0.6667,), False, False), "dpu_speed", "envoy") == (
+        "dpumesh stops beating envoy at dpu_speed ≈ 0.667"
+    )
+    assert "over the whole range" in verdict(BreakEven((), True, False), "dma_gbps", "envoy")
+    assert "never beats nomesh" in verdict(BreakEven((), False, True), "dpu_cores", "nomesh")
+    assert log_axis([0.1, 0.5, 2.0]) and not log_axis([0.25, 2.0])
+    assert not log_axis([0, 1, 100])
+
+
+def test_bounded_estimates_print_as_bounds() -> None:
+    at_least = Estimate(800.0, n=2, bound="≥")
+    assert page.bounded(at_least, "req/s") == "≥ 800 req/s"
+    assert page.estimate(at_least).startswith("≥ 800 ")
+    assert page.factor(Estimate(2.0, n=2, bound="≥")) == "×≥2.00 (lower bound)"
+    assert page.factor(Estimate(1.5, 1.4, 1.6, 3)) == "×1.50 [1.40–1.60]"
+    assert page.factor(Estimate(None)) == "—"
+    assert "×≤0.50 vs envoy" in page.ratio(Estimate(0.5, n=2, bound="≤"), "envoy")
+
+
+def test_stack_order_and_variant_colours() -> None:
+    labels = ["nomesh", "dpumesh@dpu_speed=10", "envoy", "dpumesh@dpu_speed=2", "dpumesh"]
+    assert stack_order(labels) == [
+        "dpumesh",
+        "dpumesh@dpu_speed=2",
+        "dpumesh@dpu_speed=10",
+        "envoy",
+        "nomesh",
+    ]
+    shades = {charts.colour(s, labels) for s in labels if "@" in s}
+    assert len(shades) == 2 and charts.colour("dpumesh", labels) not in shades
+    assert charts.colour("envoy", labels) == charts.STACK_COLOURS["envoy"]
+    for shade in shades:  # still dpumesh's blue hue
+        red, green, blue = (int(shade[i : i + 2], 16) for i in (1, 3, 5))
+        assert blue > red and blue > green
 
 
 # --- a small results directory made by the test (synthetic: for code paths only) -------
 
 STACKS = {"dpumesh": 900, "envoy": 1500, "nomesh": 700}
 LEVELS = (("closed-4", 4, None), ("open-50", None, 50.0), ("open-100", None, 100.0))
+
+
+def _measured(
+    root: Path,
+    stack: str,
+    rep: int,
+    level: str,
+    users: int | None,
+    rate: float | None,
+    *,
+    latency_us: float,
+    cpu: tuple[float, float],
+    rng: random.Random,
+    achieved: float | None = None,
+) -> dict[str, Any]:
+    """A results.csv row (mesh = stack) whose latencies come from a histogram written to hist/.
+
+    Latencies are uniform in 0.5 .. 2 x `latency_us`; `cpu` is (host, offload) ms/request.
+    """
+    hist = latency.new_histogram()
+    for _ in range(300):
+        hist.record_value(int(latency_us * rng.uniform(0.5, 2.0)))
+    latency.dump_histogram(hist, root / "hist" / f"{stack}-rep{rep}-{level}.hdr")
+    s = latency.summarize(hist)
+    return {
+        "mesh": stack,
+        "mode": "local",
+        "workmodel": "default",
+        "rep": rep,
+        "users": users or "",
+        "offered_rps": rate or "",
+        "achieved_rps": (rate or 80) * 0.995 if achieved is None else achieved,
+        "requests": 300,
+        "failures": 0,
+        "duration_s": 5,
+        "mean_us": s.mean_us,
+        "p50_us": s.p50_us,
+        "p90_us": s.p90_us,
+        "p99_us": s.p99_us,
+        "p999_us": s.p999_us,
+        "cpu_host_ms_per_req": cpu[0],
+        "cpu_offload_ms_per_req": cpu[1],
+        "cpu_loadgen_ms_per_req": 0.2,
+        "rss_host_mb": 100,
+        "rss_offload_mb": 0,
+    }
+
+
+def _roles(row: dict[str, Any]) -> list[dict[str, Any]]:
+    """roles.csv rows of one results.csv row: app, sidecar and loadgen."""
+    keys = {k: row[k] for k in ("mesh", "stack", "rep", "level") if k in row}
+    return [
+        keys
+        | {
+            "role": role,
+            "side": side,
+            "cpu_s": 0.1,
+            "cpu_ms_per_req": 0.3,
+            "rss_mean_mb": 50,
+            "rss_max_mb": 60,
+        }
+        for role, side in (("app", "host"), ("sidecar", "host"), ("loadgen", "loadgen"))
+    ]
 
 
 def _make_results(
@@ -178,33 +335,10 @@ def _make_results(
     for rep in (1, 2):
         for mesh, base in meshes.items():
             for level, users, rate in LEVELS:
-                hist = latency.new_histogram()
-                for _ in range(300):
-                    hist.record_value(int(base * rng.uniform(0.5, 2.0)))
-                latency.dump_histogram(hist, root / "hist" / f"{mesh}-rep{rep}-{level}.hdr")
-                s = latency.summarize(hist)
-                row: dict[str, Any] = {
-                    "mesh": mesh,
-                    "mode": "local",
-                    "workmodel": "default",
-                    "rep": rep,
-                    "users": users or "",
-                    "offered_rps": rate or "",
-                    "achieved_rps": (rate or 80) * 0.995,
-                    "requests": 300,
-                    "failures": 0,
-                    "duration_s": 5,
-                    "mean_us": s.mean_us,
-                    "p50_us": s.p50_us,
-                    "p90_us": s.p90_us,
-                    "p99_us": s.p99_us,
-                    "p999_us": s.p999_us,
-                    "cpu_host_ms_per_req": base / 1000,
-                    "cpu_offload_ms_per_req": 0.5 if mesh == "dpumesh" else 0,
-                    "cpu_loadgen_ms_per_req": 0.2,
-                    "rss_host_mb": 100,
-                    "rss_offload_mb": 0,
-                }
+                cpu = (base / 1000, 0.5 if mesh == "dpumesh" else 0)
+                row = _measured(
+                    root, mesh, rep, level, users, rate, latency_us=base, cpu=cpu, rng=rng
+                )
                 if optional:
                     bad = mesh == "envoy" and rep == 2 and level == "open-100"
                     row |= {
@@ -214,20 +348,7 @@ def _make_results(
                         "downstream_calls_per_req": 2,
                     }
                 rows.append(row)
-                for role, side in (("app", "host"), ("sidecar", "host"), ("loadgen", "loadgen")):
-                    roles.append(
-                        {
-                            "mesh": mesh,
-                            "rep": rep,
-                            "level": level,
-                            "role": role,
-                            "side": side,
-                            "cpu_s": 0.1,
-                            "cpu_ms_per_req": 0.3,
-                            "rss_mean_mb": 50,
-                            "rss_max_mb": 60,
-                        }
-                    )
+                roles += _roles(row | {"level": level})
     _write_csv(root / "results.csv", rows)
     _write_csv(root / "roles.csv", roles)
     if with_meta:
@@ -274,8 +395,10 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 def test_loader_derives_level_and_tolerates_missing_optional_columns(tmp_path: Path) -> None:
     run = load_run(_make_results(tmp_path, optional=False, with_meta=False))
     assert run.levels() == ["closed-4", "open-50", "open-100"]
-    assert run.meshes() == ["dpumesh", "envoy", "nomesh"]
+    assert run.stacks() == ["dpumesh", "envoy", "nomesh"]
     row = run.rows_at("envoy", "open-50")[0]
+    assert row.stack == "envoy" and run.roles[0].stack == run.roles[0].mesh  # no stack column
+    assert row.dpu_cores is None
     assert row.checks_ok is None and row.failed_checks == ()
     assert row.downstream_calls_per_req is None
     assert run.slo_p99_ms is None
@@ -290,13 +413,30 @@ def test_loader_rejects_missing_required_column(tmp_path: Path) -> None:
 
 def test_headline_level_choice(tmp_path: Path) -> None:
     run = load_run(_make_results(tmp_path))
-    assert headline_level(run) == "closed-4"
-    assert headline_level(run, "open-100") == "open-100"
+    # open-100: envoy failed a self-check in 1 of 2 repetitions, so not every stack is clean
+    choice = headline_level(run)
+    assert (choice.level, choice.common_rate, choice.fallback) == ("open-50", 50, False)
+    assert "common rate, 50 req/s" in choice.why
+    assert headline_level(run, "open-100").level == "open-100"  # asked for: it wins
+    assert headline_level(run, "open-100").common_rate is None
     with pytest.raises(ResultsError):
         headline_level(run, "closed-999")
-    open_only = [r for r in run.rows if r.open_loop]
-    run.rows = open_only
-    assert headline_level(run) == "open-50"
+    run.rows = [r for r in run.rows if not r.open_loop]
+    assert headline_level(run) == HeadlineLevel(
+        "closed-4",
+        "no ladder rate was clean for every stack, so the closed-loop level every stack ran",
+        fallback=True,
+    )
+
+
+def test_headline_falls_back_to_closed_loop_and_says_so(tmp_path: Path) -> None:
+    results = _make_results(tmp_path)
+    meta = json.loads((results / "meta.json").read_text())
+    meta["config"]["slo_p99_ms"] = 1  # every open-loop p99 is above 1 ms
+    (results / "meta.json").write_text(json.dumps(meta))
+    text = write_report([results]).read_text(encoding="utf-8")
+    assert "Headline at level <code>closed-4</code></h3><p class='banner warn'>" in text
+    assert "no ladder rate was clean for every stack" in text
 
 
 def test_summary_ratios_and_overhead(tmp_path: Path) -> None:
@@ -385,154 +525,202 @@ def test_run_bench_report_is_the_same_command(tmp_path: Path, capsys) -> None:
     assert run_bench.main(["report", str(tmp_path / "nothing")]) == 1
 
 
-# --- the page in headless Chromium --------------------------------------------------------
+# --- a synthetic what-if run (issue 14's contract: stack labels, ladder, refinement) -------
 
-CHROMIUM_FLAGS = (
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-extensions",
-    "--no-first-run",
-    "--disable-quic",
-    "--remote-debugging-address=127.0.0.1",
-    "--remote-debugging-port=0",
-)
-LOCAL_SCHEMES = ("file:", "data:", "blob:", "about:")
-CHARTS_STATE = """JSON.stringify(Array.from(document.querySelectorAll('figure.chart')).map(f => ({
-  id: (f.querySelector('.plotly-graph-div') || {}).id || null,
-  svgs: f.querySelectorAll('svg.main-svg').length,
-  traces: f.querySelectorAll('g.trace').length})))"""
+LADDER = (100.0, 200.0, 400.0, 800.0)
+#: label -> (dpu_speed, capacity req/s: clean up to it, host CPU ms/req); baselines have 1x
+WHATIF_STACKS = {
+    "dpumesh@dpu_speed=0.25": (0.25, 150.0, 1.2),
+    "dpumesh@dpu_speed=0.5": (0.5, 300.0, 1.2),
+    "dpumesh@dpu_speed=1": (1.0, 600.0, 1.2),
+    "dpumesh@dpu_speed=2": (2.0, 1000.0, 1.2),  # clean at the top: "≥ 800"
+    "envoy": (1.0, 450.0, 3.0),
+    "nomesh": (1.0, 1000.0, 1.0),
+}
+UNMET = "dpu_speed 2 > 1: a host core cannot be faster than itself (ran at 1x)"
+CORES = "bluefield3 has 16 DPU cores; the dpu set has 1 CPU, so 1 is simulated"
 
 
-@dataclass
-class PageVisit:
-    """What Chromium saw while loading a page."""
+def _climb(capacity: float) -> list[tuple[str, float]]:
+    """The open-loop levels one repetition runs, as the harness climbs (DESIGN §5).
 
-    errors: list[str] = field(default_factory=list)
-    requests: list[str] = field(default_factory=list)
-    charts: list[dict[str, Any]] = field(default_factory=list)
-
-
-class DevTools:
-    """A minimal Chrome DevTools Protocol client over one browser websocket (flat sessions)."""
-
-    def __init__(self, url: str) -> None:
-        import websocket  # websocket-client, installed with locust
-
-        self.ws = websocket.create_connection(url, timeout=30, suppress_origin=True)
-        self.ids = iter(range(1, 1_000_000))
-        self.events: list[dict[str, Any]] = []
-
-    def call(self, method: str, session: str | None = None, **params: Any) -> dict[str, Any]:
-        msg_id = next(self.ids)
-        msg: dict[str, Any] = {"id": msg_id, "method": method, "params": params}
-        if session:
-            msg["sessionId"] = session
-        self.ws.send(json.dumps(msg))
-        while True:
-            reply = json.loads(self.ws.recv())
-            if reply.get("id") == msg_id:
-                if "error" in reply:
-                    raise RuntimeError(f"{method}: {reply['error']}")
-                return reply.get("result", {})
-            if "method" in reply:
-                self.events.append(reply)
-
-    def wait_for(self, method: str, timeout_s: float) -> None:
-        """Read events until `method` arrives (it may have arrived already)."""
-        deadline = time.monotonic() + timeout_s
-        while not any(e["method"] == method for e in self.events):
-            if time.monotonic() > deadline:
-                raise TimeoutError(method)
-            self.events.append(json.loads(self.ws.recv()))
-
-    def close(self) -> None:
-        self.ws.close()
-
-
-def _browse(report: Path, screenshot: Path, tmp: Path) -> PageVisit:
-    """Load `report` in headless Chromium, collect errors/requests/charts, save a screenshot."""
-    profile, log = tmp / "chromium-profile", tmp / "chromium.log"
-    with log.open("wb") as stderr:
-        proc = subprocess.Popen(
-            ["chromium", *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "about:blank"],
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-            # A terminated Chromium can leave its singleton socket directory in TMPDIR.
-            env={**os.environ, "TMPDIR": str(tmp)},
-        )
-    try:
-        port_file = profile / "DevToolsActivePort"
-        deadline = time.monotonic() + 60
-        while not (port_file.is_file() and len(port_file.read_text().split()) == 2):
-            assert proc.poll() is None, f"chromium exited: {log.read_text(errors='replace')}"
-            assert time.monotonic() < deadline, "chromium did not open its DevTools port"
-            time.sleep(0.1)
-        port, path = port_file.read_text().split()
-        cdp = DevTools(f"ws://127.0.0.1:{port}{path}")
-        try:
-            return _visit(cdp, report, screenshot)
-        finally:
-            cdp.close()
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def _viewport(cdp: DevTools, session: str, height: int) -> None:
-    cdp.call(
-        "Emulation.setDeviceMetricsOverride",
-        session=session,
-        width=1400,
-        height=height,
-        deviceScaleFactor=1,
-        mobile=False,
-    )
-
-
-def _visit(cdp: DevTools, report: Path, screenshot: Path) -> PageVisit:
-    target = cdp.call("Target.createTarget", url="about:blank")["targetId"]
-    s = cdp.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
-    for domain in ("Runtime", "Log", "Network", "Page"):
-        cdp.call(f"{domain}.enable", session=s)
-    _viewport(cdp, s, height=1000)
-    cdp.events.clear()  # only what the report's page does counts (not about:blank's load)
-    cdp.call("Page.navigate", session=s, url=report.resolve().as_uri())
-    cdp.wait_for("Page.loadEventFired", timeout_s=60)
-    visit = PageVisit()
-    deadline = time.monotonic() + 30
-    while True:  # plotly draws asynchronously: wait until every chart has its traces
-        state = cdp.call("Runtime.evaluate", session=s, expression=CHARTS_STATE, returnByValue=True)
-        visit.charts = json.loads(state["result"]["value"])
-        drawn = visit.charts and all(c["svgs"] and c["traces"] for c in visit.charts)
-        if drawn or time.monotonic() > deadline:
+    The ladder until two rates in a row are dirty, then one refinement probe
+    between the highest clean and the lowest dirty rate.
+    """
+    levels: list[tuple[str, float]] = []
+    dirty = 0
+    for rate in LADDER:
+        if dirty == 2:
             break
-        time.sleep(0.2)
-    height = cdp.call("Page.getLayoutMetrics", session=s)["cssContentSize"]["height"]
-    _viewport(cdp, s, height=min(int(height) + 1, 16_000))  # whole page in one screenshot
-    time.sleep(1.0)  # responsive charts re-lay out after the resize
-    shot = cdp.call("Page.captureScreenshot", session=s, format="png")
-    screenshot.write_bytes(base64.b64decode(shot["data"]))
-    for e in cdp.events:
-        p = e.get("params", {})
-        if e["method"] == "Runtime.consoleAPICalled" and p.get("type") in ("error", "assert"):
-            visit.errors.append("console: " + " ".join(str(a.get("value")) for a in p["args"]))
-        elif e["method"] == "Runtime.exceptionThrown":
-            details = p["exceptionDetails"]
-            text = details.get("exception", {}).get("description") or details.get("text")
-            visit.errors.append(f"exception: {text} at {details.get('url')}")
-        elif e["method"] == "Log.entryAdded" and p["entry"]["level"] == "error":
-            visit.errors.append(f"log: {p['entry'].get('text')} {p['entry'].get('url', '')}")
-        elif e["method"] == "Network.requestWillBeSent":
-            visit.requests.append(p["request"]["url"])
-    return visit
+        levels.append((f"open-{rate:g}", rate))
+        dirty = dirty + 1 if rate > capacity else 0
+    clean = [r for _, r in levels if r <= capacity]
+    above = [r for _, r in levels if r > capacity]
+    if clean and above:
+        levels.append((f"refine-{(max(clean) + min(above)) / 2:g}", (max(clean) + min(above)) / 2))
+    return levels
+
+
+def _make_whatif(root: Path, stacks: tuple[str, ...] = tuple(WHATIF_STACKS)) -> Path:
+    """A what-if results directory (dpu_speed sweep) with histograms, roles and meta.json."""
+    rng = random.Random(14)
+    rows, roles, max_clean = [], [], {}
+    for rep in (1, 2):
+        for label in stacks:
+            speed, capacity, host_cpu = WHATIF_STACKS[label]
+            mesh = label.partition("@")[0]
+            cpu = (host_cpu, 1 / speed if mesh == "dpumesh" else 0.0)
+            for level, users, rate in (
+                ("closed-8", 8, None),
+                *((n, None, r) for n, r in _climb(capacity)),
+            ):
+                clean = rate is None or rate <= capacity
+                row = _measured(
+                    root,
+                    label,
+                    rep,
+                    level,
+                    users,
+                    rate,
+                    latency_us=1000 * (1 + (rate or 0) / capacity) if clean else 20_000,
+                    cpu=cpu,
+                    rng=rng,
+                    achieved=None if clean else 0.9 * (rate or 0),
+                )
+                row |= {
+                    "mesh": mesh,
+                    "stack": label,
+                    "level": level,
+                    "dpu_speed": speed,
+                    "dpu_cores": 1,
+                    "checks_ok": "true",
+                    "checks": "",
+                }
+                rows.append(row)
+                roles += _roles(row)
+            best = max(r for _, r in _climb(capacity) if r <= capacity)
+            max_clean.setdefault(label, {})[str(rep)] = {"rps": best, "at_top": best >= LADDER[-1]}
+    _write_csv(root / "results.csv", rows)
+    _write_csv(root / "roles.csv", roles)
+    variants = [s for s in stacks if "@" in s]
+    meta = {
+        "config": {"slo_p99_ms": 10, "repetitions": 2},
+        "dpu_model": {"sentence": "base model: 1 DPU core at 1x", "unmet": [CORES], "overlaps": []},
+        "ladder": {"rates": list(LADDER), "top": LADDER[-1], "source": "calibrated"},
+        "max_clean_throughput": {
+            label: {**per_rep["1"], "per_rep": per_rep} for label, per_rep in max_clean.items()
+        },
+        "whatif": {
+            "param": "dpu_speed",
+            "stack": "dpumesh",
+            "values": {s: WHATIF_STACKS[s][0] for s in variants},
+            "baselines": [s for s in stacks if "@" not in s],
+            "models": {
+                s: {
+                    "sentence": f"{s}: DPU at {WHATIF_STACKS[s][0]:g}x a host core",
+                    # The run's own unmet line, and the one a value above 1x adds.
+                    "unmet": [CORES, *([UNMET] if WHATIF_STACKS[s][0] > 1 else [])],
+                }
+                for s in variants
+            },
+        },
+        "checks": [],
+        "fairness": {"same_seed": True},
+    }
+    (root / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+    return root
+
+
+def test_whatif_summary_and_sensitivity(tmp_path: Path) -> None:
+    run = load_run(_make_whatif(tmp_path))
+    assert run.stacks() == list(WHATIF_STACKS)  # variants by value, then the baselines
+    assert run.ladder_top == 800 and run.whatif is not None
+    assert run.rows_at("dpumesh@dpu_speed=0.5", "refine-300")[0].mesh == "dpumesh"
+    s = summarize(run)
+    assert (s.level, s.headline.common_rate) == ("open-100", 100)  # dpu_speed=0.25 is dirty at 200
+    throughput = {k: v.values["max_clean_rps"] for k, v in s.stacks.items()}
+    assert {k: e.value for k, e in throughput.items()} == {
+        "dpumesh@dpu_speed=0.25": 150,  # a refinement probe
+        "dpumesh@dpu_speed=0.5": 300,
+        "dpumesh@dpu_speed=1": 600,
+        "dpumesh@dpu_speed=2": 800,
+        "envoy": 400,
+        "nomesh": 800,
+    }
+    assert [k for k, e in throughput.items() if e.bound == "≥"] == ["dpumesh@dpu_speed=2", "nomesh"]
+    assert not throughput["nomesh"].has_ci  # a bound has no interval
+    assert s.stacks["dpumesh@dpu_speed=2"].vs["nomesh"]["max_clean_rps"].value is None  # both ≥
+    assert s.stacks["envoy"].vs["nomesh"]["max_clean_rps"].bound == "≤"
+
+    sens = sensitivity(s)
+    assert sens is not None and (sens.param, sens.baseline, sens.level) == (
+        "dpu_speed",
+        "envoy",
+        "open-100",
+    )
+    assert [v.value for v in sens.variants] == [0.25, 0.5, 1, 2] and not sens.log_x
+    tput = [v.advantages["throughput"] for v in sens.variants]
+    assert [e.value for e in tput] == pytest.approx([0.375, 0.75, 1.5, 2.0])
+    assert [e.bound for e in tput] == ["", "", "", "≥"]
+    assert sens.break_even.crossings == pytest.approx((2 / 3,))  # between 0.5 and 1
+    # Only what a value adds to the run's own model is marked on its variant.
+    assert [v.unmet for v in sens.variants] == [(), (), (), (UNMET,)]
+    slow = sens.variants[0]
+    p99 = {k: _median_at(run, k, "p99_us") for k in ("envoy", slow.label)}
+    assert slow.advantages["p99"].value == pytest.approx(p99["envoy"] / p99[slow.label])
+    assert slow.advantages["cpu_host"].value == pytest.approx(3.0 / 1.2)
+    assert run.problems == []  # meta.json's max clean throughput agrees with results.csv
+
+
+def _median_at(run: Run, stack: str, column: str) -> float:
+    """The median over repetitions of one results.csv column at the headline's open-100."""
+    return median(getattr(r, column) for r in run.rows_at(stack, "open-100"))
+
+
+def test_whatif_report(tmp_path: Path) -> None:
+    text = write_report([_make_whatif(tmp_path)]).read_text(encoding="utf-8")
+    for needle in (
+        "Headline at level <code>open-100</code> (common rate)",
+        "the common rate, 100 req/s",
+        "≥ 800 <span class='ci'>lower bound, n=2</span>",  # dpumesh@dpu_speed=2 and nomesh
+        "What-if: dpumesh's advantage over envoy against dpu_speed",
+        "dpumesh stops beating envoy at dpu_speed ≈ 0.667",
+        "×≥2.00 (lower bound)",
+        "<b>not met</b> (see below)",
+        "<code>dpumesh@dpu_speed=2</code>: dpu_speed 2 &gt; 1",
+        "the variants' DPU models",
+        "and 3 refinement probe(s)",
+    ):
+        assert needle in text, needle
+    assert "Data problem" not in text  # every histogram present, meta.json consistent
+    assert text.count("≥ 800 <span") == 2
+
+
+def test_whatif_without_envoy_compares_with_nomesh(tmp_path: Path) -> None:
+    variants = tuple(s for s in WHATIF_STACKS if s != "envoy")
+    results = _make_whatif(tmp_path, variants)
+    meta = json.loads((results / "meta.json").read_text())
+    meta["max_clean_throughput"]["nomesh"]["rps"] = 700  # disagrees with results.csv
+    (results / "meta.json").write_text(json.dumps(meta))
+    text = write_report([results]).read_text(encoding="utf-8")
+    assert "envoy is not in this run: dpumesh is compared with nomesh" in text
+    assert "dpumesh never beats nomesh in the range of dpu_speed" in text
+    assert "Data problem: max clean throughput of nomesh: meta.json records 700" in text
+
+
+def test_whatif_variant_with_the_wrong_model_is_a_data_problem(tmp_path: Path) -> None:
+    results = _make_whatif(tmp_path)
+    meta = json.loads((results / "meta.json").read_text())
+    meta["whatif"]["values"]["dpumesh@dpu_speed=1"] = 1.5
+    (results / "meta.json").write_text(json.dumps(meta))
+    s = summarize(load_run(results))
+    assert sensitivity(s) is not None
+    assert s.run.problems == [
+        "dpumesh@dpu_speed=1: results.csv has dpu_speed = 1, meta.json whatif says 1.5"
+    ]
+
+
+# --- the page in headless Chromium (tests/browser.py) ------------------------------------
 
 
 @pytest.mark.browser
@@ -542,11 +730,21 @@ def test_sample_report_renders_in_chromium(tmp_path: Path) -> None:
         pytest.fail(f"no recorded sample results in {SAMPLE}: record them with `{RECORD}`")
     results = tmp_path / "results-sample"
     shutil.copytree(SAMPLE, results)
-    report = write_report([results])
-    visit = _browse(report, report.with_suffix(".png"), tmp_path)
-    assert visit.errors == []
-    assert visit.requests, "the browser recorded no request at all: Network domain not working"
-    assert [u for u in visit.requests if not u.startswith(LOCAL_SCHEMES)] == []
-    assert len(visit.charts) >= 6
-    assert [c for c in visit.charts if not (c["svgs"] and c["traces"])] == []
-    assert report.with_suffix(".png").stat().st_size > 50_000
+    assert_renders(write_report([results]), tmp_path, charts=6)
+
+
+@pytest.mark.browser
+def test_whatif_report_renders_in_chromium(tmp_path: Path) -> None:
+    require_external(shutil.which("chromium") is not None, "chromium")
+    results = _make_whatif(tmp_path / "whatif")
+    assert_renders(write_report([results]), tmp_path, charts=7)  # the sensitivity chart too
+
+
+def test_a_machine_whose_speed_varied_says_so() -> None:
+    from reports.render import _machine_speed
+
+    steady = {"segments": [{"host_mloops_per_s": v} for v in (95, 100, 104)]}
+    assert _machine_speed(steady) == "" and _machine_speed(None) == ""
+    varied = {"segments": [{"host_mloops_per_s": v} for v in (52, 80, 97)]}
+    text = _machine_speed(varied)
+    assert "between 52 and 97" in text and "spread of 56%" in text

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,12 +22,14 @@ from harness.ports import free_ports
 from harness.run import runner
 from harness.run.loadgen import LocustSpec
 from loadtests import latency
+from tests.browser import assert_renders
 from tests.conftest import require_external
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 CONTRACT = [
     "mesh",
+    "stack",
     "mode",
     "workmodel",
     "rep",
@@ -160,6 +163,11 @@ def test_run_checks_itself_and_records_why(short_run):
             assert c["ok"], c
     # meta.json: config, versions, machine, fairness, configs, calls per request
     assert meta["config"]["duration"] == 6 and meta["config"]["rates"] == [20.0]
+    assert meta["ladder"]["rates"] == [20.0] and meta["ladder"]["calibration"] == {}
+    speeds = meta["machine_speed"]["segments"]
+    assert [s["stack"] for s in speeds] == list(MESHES)  # timed before every stack start
+    assert all(s["host_mloops_per_s"] > 0 for s in speeds)
+    assert set(meta["max_clean_throughput"]) == set(MESHES)
     assert meta["config"]["downstream_calls_per_req"] == 2.0
     assert meta["downstream_calls_per_req"] == 2.0
     assert meta["versions"]["locust"] and meta["git"]["commit"]
@@ -268,36 +276,85 @@ def test_a_failing_self_check_is_reported_not_hidden(tmp_path):
     assert (run_dir / "report.html").is_file()
 
 
-def test_max_search_with_distributed_locust(tmp_path):
-    """--find-max probes rates on a real stack; two Locust processes merge exactly."""
-    settings = tmp_path / "bench.toml"
-    settings.write_text("find_max_start = 20.0\nfind_max_steps = 3\nprocesses = 2\n")
-    out = tmp_path / "results"
-    argv = [
-        *("run", "--config", str(settings), "--meshes", "nomesh", "--repeat", "1"),
-        *("--duration", "3", "--warmup", "1", "--settle", "0", "--rate", "", "--users", "2"),
-        *("--find-max", "--out", str(out)),
-    ]
-    res = run_bench(argv, timeout_s=240)
-    run_dir = (out / "latest").resolve()
-    assert (run_dir / "meta.json").is_file(), res.stdout[-3000:] + res.stderr[-3000:]
-    meta = json.loads((run_dir / "meta.json").read_text())
-    (search,) = meta["find_max"]["stacks"]["nomesh"].values()
-    probes = search["probes"]
-    assert [p["rate"] for p in probes][:2] == [20.0, 40.0]  # doubling from the start rate
-    assert len(probes) == 3  # the step budget
-    assert probes[0]["clean"]  # 20 req/s is easy for the floor
-    assert search["max_clean_rps"] == max(p["rate"] for p in probes if p["clean"])
-    rows = _rows(run_dir)
-    assert [r["level"] for r in rows] == ["closed-2"] + [f"max-{p['rate']:g}" for p in probes]
+def _check_merged_histograms(run_dir, rows):
+    """Each Locust worker wrote its own histogram (kept in hist/parts/); the merged one
+    counts every successful request of both, exactly (a saturated level may have none)."""
     for row in rows:
-        # Each Locust worker wrote its own histogram (kept in hist/parts/); the merged one
-        # counts every successful request of both, exactly.
-        merged = run_dir / "hist" / f"nomesh-rep1-{row['level']}.hdr"
+        merged = run_dir / "hist" / f"{row['stack']}-rep{row['rep']}-{row['level']}.hdr"
         parts = json.loads(latency.sidecar_path(merged).read_text())["files"]
         assert len(parts) == 2, parts
         count = latency.load_histogram(merged).get_total_count()
         assert count == sum(
             latency.load_histogram(run_dir / "hist" / part).get_total_count() for part in parts
         )
-        assert count == int(row["requests"]) - int(row["failures"]) > 0
+        assert count == int(row["requests"]) - int(row["failures"])
+
+
+def test_a_stack_that_saturates_early_shows_its_knee_and_another_reaches_the_top(tmp_path):
+    """dpumesh with a slow DMA engine (3 ms per transfer, one engine: transfers queue) has
+    its knee below the top rate; nomesh is clean at the top, so its maximum is "≥ top".
+    Two Locust processes per level: their histograms merge exactly."""
+    out = tmp_path / "results"
+    argv = [
+        *("run", "--meshes", "nomesh,dpumesh", "--repeat", "1", "--processes", "2"),
+        *("--duration", "3", "--warmup", "1", "--settle", "1", "--users", "2"),
+        *("--rate", "10,80", "--refine", "1", "--scale", "0.1"),
+        *("--dpu-profile", "ideal", "--dma-latency-us", "3000", "--out", str(out)),
+    ]
+    res = run_bench(argv, timeout_s=240)
+    run_dir = (out / "latest").resolve()
+    assert (run_dir / "meta.json").is_file(), res.stdout[-3000:] + res.stderr[-3000:]
+    meta = json.loads((run_dir / "meta.json").read_text())
+    assert meta["ladder"]["rates"] == [10.0, 80.0] and meta["ladder"]["source"] == "config"
+    best = meta["max_clean_throughput"]
+    assert best["nomesh"] == {
+        "rps": 80.0,
+        "at_top": True,
+        "per_rep": {"1": {"rps": 80.0, "at_top": True}},
+    }, res.stdout[-3000:]
+    assert best["dpumesh"]["at_top"] is False, res.stdout[-3000:]
+    assert best["dpumesh"]["rps"] is not None and best["dpumesh"]["rps"] < 80
+    rows = _rows(run_dir)
+    levels = {(r["stack"], r["level"]) for r in rows}
+    assert {("nomesh", "open-10"), ("nomesh", "open-80"), ("dpumesh", "open-80")} <= levels
+    refined = [r for r in rows if r["level"].startswith("refine-")]
+    assert [r["stack"] for r in refined] == ["dpumesh"]  # only a stack with a bracket refines
+    assert 10 < float(refined[0]["offered_rps"]) < 80
+    assert [r["dma_latency_us"] for r in rows] == ["3000"] * len(rows)
+    _check_merged_histograms(run_dir, rows)
+    assert all(int(r["requests"]) > 0 for r in rows if r["stack"] == "nomesh")
+    assert "nomesh: max clean throughput >= 80 req/s" in res.stdout
+    html = (run_dir / "report.html").read_text()
+    assert "≥ 80" in html
+
+
+def test_a_whatif_sweep_measures_dpumesh_at_every_value_and_charts_it(tmp_path):
+    """`whatif --param dpu_speed`: envoy once, dpumesh at two speeds (each its own DPU
+    cgroup), a calibrated ladder; the report's sensitivity chart renders in Chromium."""
+    require_external(_envoy_available(), "Envoy")
+    require_external(shutil.which("chromium") is not None, "chromium")
+    out = tmp_path / "results"
+    argv = [
+        *("whatif", "--param", "dpu_speed", "--values", "0.25,1", "--baselines", "envoy"),
+        *("--quick", "--ladder-rates", "3", "--scale", "0.2", "--out", str(out)),
+    ]
+    res = run_bench(argv, timeout_s=300)
+    run_dir = (out / "latest").resolve()
+    assert (run_dir / "meta.json").is_file(), res.stdout[-3000:] + res.stderr[-3000:]
+    meta = json.loads((run_dir / "meta.json").read_text())
+    labels = ["envoy", "dpumesh@dpu_speed=0.25", "dpumesh@dpu_speed=1"]
+    assert meta["whatif"]["param"] == "dpu_speed"
+    assert meta["whatif"]["values"] == {labels[1]: 0.25, labels[2]: 1.0}
+    assert set(meta["ladder"]["calibration"]) == set(labels)
+    assert meta["ladder"]["source"] == "calibrated" and len(meta["ladder"]["rates"]) <= 3
+    rows = _rows(run_dir)
+    by_stack = {label: [r for r in rows if r["stack"] == label] for label in labels}
+    assert all(by_stack.values()), sorted({r["stack"] for r in rows})
+    assert {r["dpu_speed"] for r in by_stack[labels[1]]} == {"0.25"}
+    assert {r["dpu_speed"] for r in by_stack[labels[2]]} == {"1"}
+    # Each speed was held by its own cgroup, read back from the 0.25 stack's DPU daemons.
+    (quarter,) = meta["dpu_model"]["per_stack"][labels[1]]
+    assert quarter["dpu_quota_cores"] == pytest.approx(0.25) and quarter["readback"] == []
+    report = run_dir / "report.html"
+    assert "sensitivity" in report.read_text().lower()
+    assert_renders(report, tmp_path, charts=7)  # the sensitivity chart among them

@@ -12,8 +12,8 @@ from harness import deploy
 from harness.measure import callgraph, checks
 from harness.names import REPO
 from harness.output import results, summary
-from harness.run import config, plan, runner
-from harness.run.findmax import MaxSearch, is_clean
+from harness.run import config, ladder, plan, runner
+from harness.run.ladder import is_clean
 from harness.run.loadgen import LocustSpec, locust_argv, parse_history
 from loadtests import latency
 from mubench.workmodel import load_workmodel, parse_workmodel
@@ -50,6 +50,7 @@ def test_cli_lists_and_empty_rate():
     assert config.parse_list("", "rate") == []
     assert config.build(overrides={"rates": config.parse_list("", "rate")}).rates == ()
     assert config.build(overrides={"rates": "20, 40"}).rates == (20.0, 40.0)
+    assert config.build(overrides={"rates": "auto"}).rates is None  # the calibrated ladder
     assert config.build(overrides={"meshes": "nomesh,dpumesh"}).meshes == ("nomesh", "dpumesh")
 
 
@@ -66,7 +67,8 @@ def test_cli_lists_and_empty_rate():
         ({"rates": "50,,100"}, "empty item"),
         ({"mode": "k8s"}, "mode: must be one of local, compose"),
         ({"request_mode": "post"}, "request_mode: must be one of get, trace"),
-        ({"find_max": "yes"}, "find_max: must be true or false"),
+        ({"ladder_rates": 1}, "ladder_rates: must be between 2 and 12"),
+        ({"refine": 9}, "refine: must be between 0 and 4"),
         ({"workmodel": "/nonexistent/wm.json"}, "no such file"),
         ({"slo_p99_ms": 0}, "slo_p99_ms: must be a positive number"),
         ({"bogus": 1}, "unknown setting 'bogus'"),
@@ -111,19 +113,46 @@ def test_an_unknown_mode_is_refused_before_anything_starts(tmp_path):
 
 def test_repetitions_interleave_across_stacks():
     cfg = config.build(overrides={"repeat": 3, "meshes": ["dpumesh", "envoy", "nomesh"]})
-    order = [(s.rep, s.mesh) for s in plan.segments(cfg)]
+    order = [(s.rep, s.mesh) for s in plan.segments(cfg, plan.stacks(cfg))]
     assert order == [(r, m) for r in (1, 2, 3) for m in ("dpumesh", "envoy", "nomesh")]
+    # The calibration starts every stack once before, only when the ladder is calibrated.
+    assert [(s.rep, s.mesh) for s in plan.calibrations(cfg, plan.stacks(cfg))] == [
+        (0, m) for m in ("dpumesh", "envoy", "nomesh")
+    ]
+    given = config.build(overrides={"rates": [50]})
+    assert plan.calibrations(given, plan.stacks(given)) == []
+
+
+def test_whatif_stacks_are_the_baselines_then_one_dpumesh_per_value():
+    stacks = plan.whatif_stacks(["envoy", "nomesh"], "dpu_speed", [1.0, 0.25])
+    assert [s.label for s in stacks] == [
+        "envoy",
+        "nomesh",
+        "dpumesh@dpu_speed=0.25",
+        "dpumesh@dpu_speed=1",
+    ]
+    assert stacks[2].overrides == (("dpu_speed", 0.25),)
+    for bad, fragment in (
+        ((["envoy"], "speed", [1.0]), "--param must be one of"),
+        ((["dpumesh"], "dpu_speed", [1.0]), "not a baseline"),
+        ((["envoy"], "dpu_speed", [1.0, 1.0]), "distinct"),
+        ((["envoy"], "dpu_cores", [1.5]), "whole numbers"),
+    ):
+        with pytest.raises(ValueError, match=fragment):
+            plan.whatif_stacks(*bad)
 
 
 def test_levels_and_request_ids():
     cfg = config.build(overrides={"users": 8, "rates": [100, 50], "processes": 1})
-    levels = plan.sweep(cfg)
+    levels = plan.sweep(cfg, cfg.rates)
     assert [lv.name for lv in levels] == ["closed-8", "open-50", "open-100"]
     assert [lv.rate for lv in levels] == [None, 50.0, 100.0]
     assert plan.open_level(1000, 1).users == 50  # enough users for 50 ms at 1000 req/s
     assert plan.open_level(20, 12).users == 12  # at least one per Locust process
     # Same ids for every stack at one rep and level; different across reps and levels.
-    prefixes = {plan.request_id_prefix(s.rep, levels[1]) for s in plan.segments(cfg)}
+    prefixes = {
+        plan.request_id_prefix(s.rep, levels[1]) for s in plan.segments(cfg, plan.stacks(cfg))
+    }
     assert prefixes == {f"r{r}-open-50-" for r in range(1, cfg.repeat + 1)}
 
 
@@ -132,9 +161,16 @@ def test_excluded_seconds_and_estimate():
     assert plan.excluded_s(cfg, first=True) == 4
     assert plan.excluded_s(cfg, first=False) == 1
     assert plan.excluded_s(config.build(overrides={"warmup": 0}), first=True) == 1
-    assert plan.estimate_s(cfg) == pytest.approx(sum(plan.segment_s(cfg, m) for m in cfg.meshes))
-    # The default run fits its budget of 6 minutes (by the plan's own estimate).
-    assert plan.estimate_s(config.BenchConfig()) <= 6 * 60
+    stacks = plan.stacks(cfg)
+    calibration = sum(plan.calibration_s(cfg, m) for m in cfg.meshes)
+    segments = sum(plan.segment_s(cfg, m) for m in cfg.meshes)
+    assert plan.estimate_s(cfg, stacks) == pytest.approx(calibration + segments)
+    # The default run fits about 10 minutes, --quick about 2 (upper bounds by the plan's
+    # own estimate: every stack assumed to climb the whole ladder).
+    default = config.BenchConfig()
+    assert plan.estimate_s(default, plan.stacks(default)) <= 11.5 * 60
+    quick = config.build(config.QUICK)
+    assert plan.estimate_s(quick, plan.stacks(quick)) <= 2.5 * 60
 
 
 # --- call graph ---------------------------------------------------------------------------------
@@ -244,31 +280,73 @@ def test_check_records_carry_their_place():
 # --- max clean throughput -----------------------------------------------------------------------
 
 
-def _search(capacity: float | None, start: float = 50, steps: int = 8) -> MaxSearch:
-    search = MaxSearch(start, steps)
-    while (rate := search.next_rate()) is not None:
-        search.record(rate, capacity is not None and rate <= capacity)
-    return search
+CAPACITIES = {"dpumesh": 670.0, "envoy": 240.0, "nomesh": 290.0}
 
 
-def test_max_search_doubles_then_bisects():
-    search = _search(capacity=330)
-    rates = [r for r, _ in search.probes]
-    assert rates[:4] == [50, 100, 200, 400]  # doubling until unclean
-    assert rates[4:6] == [300, 350]  # then bisection
-    assert len(rates) <= 8
-    assert search.best is not None and 300 <= search.best <= 330
-    assert search.worst is not None and search.worst > 330
+@pytest.mark.parametrize("count", range(2, 13))
+@pytest.mark.parametrize(
+    "capacities",
+    [CAPACITIES, {"a": 30.0}, {"a": 500.0, "b": 360.0, "c": 400.0}, {"a": 5.0, "b": 2000.0}],
+)
+def test_ladder_is_common_sorted_bounded_and_reaches_past_the_fastest(capacities, count):
+    rates = ladder.build(capacities, count)
+    assert rates == sorted(set(rates))  # sorted, no rate twice
+    assert 2 <= len(rates) <= count
+    assert rates[-1] > max(capacities.values())  # past the fastest stack's capacity
+    assert rates[0] < min(capacities.values())  # one rate every stack should sustain
+    assert rates == ladder.build(dict(reversed(capacities.items())), count)  # order-free
 
 
-def test_max_search_halves_when_start_is_too_high_and_is_bounded():
-    search = _search(capacity=30, start=200, steps=20)
-    assert [r for r, _ in search.probes][:3] == [200, 100, 50]
-    assert search.best is not None and search.best <= 30
-    assert search.worst is not None and search.worst - search.best <= max(1, 0.05 * search.best)
-    assert len(_search(capacity=1e9, steps=3).probes) == 3  # never more than max_steps
-    nothing = _search(capacity=None, start=4, steps=20)
-    assert nothing.best is None and [r for r, _ in nothing.probes] == [4, 2, 1]
+def test_ladder_is_densest_around_the_knees():
+    rates = ladder.build(CAPACITIES, 8)
+    near = [r for r in rates if 0.5 * 240 <= r <= 290]  # the two slow stacks' knees
+    assert len(near) >= 3, rates
+    assert any(0.5 * 670 <= r <= 670 for r in rates), rates  # and the fast one's
+    with pytest.raises(ValueError, match="no stack completed"):
+        ladder.build({"a": 0.0}, 8)
+    with pytest.raises(ValueError, match="at least 2"):
+        ladder.build(CAPACITIES, 1)
+
+
+def _climb(rates, capacity):
+    climb = ladder.Climb(rates)
+    while (rate := climb.next_rate()) is not None:
+        climb.record(rate, rate <= capacity)
+    return climb
+
+
+def test_a_stack_climbs_until_two_unclean_rates():
+    rates = [100.0, 200.0, 300.0, 400.0, 500.0, 600.0]
+    climb = _climb(rates, capacity=250)
+    assert list(climb.results) == [100, 200, 300, 400]  # 300 and 400 unclean: stop
+    assert climb.skipped == [500, 600]
+    assert _climb(rates, capacity=1e9).skipped == []  # clean all the way up
+    assert list(_climb(rates, capacity=0).results) == [100, 200]
+
+
+def test_refinement_stays_between_clean_and_dirty():
+    assert ladder.refine({100: True, 200: True, 300: False, 400: False}) == 250
+    assert ladder.refine({100: True, 200: True, 250: True, 300: False}) == 275
+    # Non-monotonic results: the bracket is the highest clean and the lowest dirty above it.
+    assert ladder.refine({100: False, 200: True, 300: False}) == 250
+    assert ladder.refine({100: True, 200: True}) is None  # nothing dirty above
+    assert ladder.refine({100: False, 200: False}) is None  # nothing clean
+    assert ladder.refine({100: True, 104: False}) is None  # already within 5 %
+    for clean in range(10, 400, 37):
+        for dirty in range(clean + 2, 500, 53):
+            rate = ladder.refine({clean: True, dirty: False})
+            assert rate is None or clean < rate < dirty
+
+
+def test_max_clean_is_a_bound_at_the_top():
+    assert ladder.max_clean({100: True, 200: False}, top=400) == ladder.MaxClean(100, False)
+    assert ladder.max_clean({100: True, 400: True}, top=400) == ladder.MaxClean(400, True)
+    assert ladder.max_clean({100: False}, top=400) == ladder.MaxClean(None, False)
+    reps = [ladder.MaxClean(400, True), ladder.MaxClean(300, False), ladder.MaxClean(400, True)]
+    assert ladder.median_max_clean(reps) == ladder.MaxClean(400, True)
+    two = [ladder.MaxClean(400, True), ladder.MaxClean(300, False)]
+    assert ladder.median_max_clean(two) == ladder.MaxClean(350, False)
+    assert ladder.median_max_clean([ladder.MaxClean(None, False)]) == ladder.MaxClean(None, False)
 
 
 def test_is_clean():
@@ -286,6 +364,7 @@ def _row(**over):
     summ = latency.LatencySummary(10, 1500.5, 1000, 2000, 3000, 4000, 5000, 900)
     base = dict(
         mesh="envoy",
+        stack="envoy",
         mode="local",
         workmodel="default.json",
         rep=1,
@@ -310,6 +389,7 @@ def _row(**over):
             "dpu_speed": 0.5,
             "dma_latency_us": 1.0,
             "dma_gbps": 504.1,
+            "dpu_cores": 1,
         },
         checks_ok=True,
         failed_checks=[],
@@ -336,6 +416,7 @@ def test_results_csv_has_the_contract_columns(tmp_path):
         "dpu_speed": "0.5",
         "dma_latency_us": "1",
         "dma_gbps": "504.1",
+        "dpu_cores": "1",
     }
     assert rows[0]["offered_rps"] == ""  # closed loop
     assert rows[1]["offered_rps"] == "50"
@@ -370,7 +451,7 @@ def test_roles_csv_rows(tmp_path):
             "sidecar": {"processes": 0},
         },
     }
-    rows = results.role_rows("nomesh", 2, "closed-8", usage)
+    rows = results.role_rows("nomesh", "nomesh", 2, "closed-8", usage)
     assert [r["role"] for r in rows] == ["app"]  # roles without processes are left out
     out = results.ResultsDir(tmp_path)
     out.append_roles(rows)
@@ -426,6 +507,7 @@ def test_run_dirs_and_latest_link(tmp_path):
 def _sum_row(mesh, rep, level, p50, rps, host, offered=None, failed=""):
     return {
         "mesh": mesh,
+        "stack": mesh,
         "rep": rep,
         "level": level,
         "offered_rps": offered,
@@ -448,13 +530,13 @@ def test_summary_medians_and_ratios():
         *(_sum_row("envoy", r, "closed-8", 2000, 200, 4.0) for r in (1, 2, 3)),
         _sum_row("envoy", 1, "open-50", 1500, 50, 3.0, offered=50.0, failed="error_rate"),
     ]
-    lines = {(ln.mesh, ln.level): ln for ln in summary.lines(rows)}
+    lines = {(ln.stack, ln.level): ln for ln in summary.lines(rows)}
     assert lines["dpumesh", "closed-8"].values["p50_us"] == 1000  # median, not mean
     assert lines["envoy", "open-50"].failed == ("error_rate",)
     assert summary.closed_level(rows) == "closed-8"
     r = summary.ratios(rows)
     assert r == pytest.approx({"p50": 0.5, "p99": 0.5, "host CPU/req": 0.25, "throughput": 2.0})
-    assert summary.ratios([row for row in rows if row["mesh"] == "envoy"]) == {}
+    assert summary.ratios([row for row in rows if row["stack"] == "envoy"]) == {}
     assert "dpumesh/envoy at closed-8" in (summary.ratio_text(rows) or "")
 
 
@@ -506,3 +588,40 @@ def test_live_numbers_from_the_stats_history():
     live = parse_history(text)
     assert live is not None
     assert (live.rps, live.requests, live.failures) == (210.0, 250, 1)
+
+
+# --- repeatability benchmark --------------------------------------------------------------------
+
+
+def _results_dir(path, closed_rps, best):
+    path.mkdir()
+    columns = ("stack", "level", "rep", "achieved_rps", "p50_us", "p99_us", "cpu_host_ms_per_req")
+    with (path / "results.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, columns)
+        writer.writeheader()
+        for rep, rps in enumerate(closed_rps, 1):
+            writer.writerow(
+                dict(zip(columns, ("envoy", "closed-8", rep, rps, 1000, 2000, 4), strict=True))
+            )
+    meta = {
+        "max_clean_throughput": {"envoy": {"rps": best, "at_top": False}},
+        "machine_speed": {"segments": [{"host_mloops_per_s": s} for s in (90, 100, 110)]},
+    }
+    (path / "meta.json").write_text(json.dumps(meta))
+    return path
+
+
+def test_repeatability_compares_medians_and_spreads(tmp_path):
+    from harness.measure import speed
+    from harness.run import repeatability
+
+    assert speed.spread([90, 100, 110]) == pytest.approx(0.2)
+    assert speed.spread([5]) is None
+    a = _results_dir(tmp_path / "a", [100, 100, 100], 80)
+    b = _results_dir(tmp_path / "b", [90, 110, 100], 90)
+    text = repeatability.compare(a, b)
+    line = next(ln for ln in text.splitlines() if "req/s" in ln and "closed-8" in ln)
+    assert line.split()[-4:] == ["0.0%", "100.00", "20.0%", "0.0%"]  # A spread, B, B spread, diff
+    assert "A         80   B         90" in text
+    assert "spread 20.0%" in text  # the machine's own speed probe
+    assert "largest closed-loop throughput spread across repetitions: 20.0%" in text

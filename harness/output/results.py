@@ -5,11 +5,15 @@ Layout of ``<out>/<UTC timestamp>/`` (``<out>/latest`` links to the newest)::
     results.csv                      one row per stack x repetition x load level
     roles.csv                        ... x role: CPU and memory of each role
     meta.json                        versions, git, machine, config, checks, fairness
-    hist/<mesh>-rep<r>-<level>.hdr   merged µs histogram of the level (+ .hdr.json sidecar)
+    hist/<stack>-rep<r>-<level>.hdr  merged µs histogram of the level (+ .hdr.json sidecar)
     hist/parts/                      per-process histograms of distributed Locust runs
-    locust/<mesh>-rep<r>-<level>*    Locust's own CSV stats (full history) and its log
-    configs/<mesh>/                  generated mesh configs and stack.json of the first start
-    stacks/<mesh>-rep<r>/            every stack start's process logs and stack.json
+    locust/<stack>-rep<r>-<level>*   Locust's own CSV stats (full history) and its log
+    configs/<stack>/                 generated mesh configs and stack.json of the first start
+    stacks/<stack>-rep<r>/           every stack start's process logs and stack.json
+
+<stack> is the compared stack's label: the mesh, or ``dpumesh@dpu_speed=0.5`` for
+a what-if variant. Repetition 0 is the calibration start (histograms and Locust
+files only; its throughput is in meta.json ``ladder.calibration``).
 
 Rows are appended as each level finishes, so an interrupted run keeps what
 it measured. Empty cells mean "not applicable" (offered_rps in closed loop)
@@ -29,6 +33,7 @@ from typing import Any
 
 from hdrh.histogram import HdrHistogram
 
+from harness.placement import profiles
 from loadtests import latency
 
 RESULTS_CSV = "results.csv"
@@ -37,9 +42,12 @@ META_JSON = "meta.json"
 HIST_DIR = "hist"
 LATEST = "latest"
 
-DPU_MODEL_COLUMNS = ("placement", "dpu_profile", "dpu_speed", "dma_latency_us", "dma_gbps")
+#: The DPU model's numbers (what a what-if sweep varies), then every model column of a row.
+DPU_MODEL_VALUES = profiles.KEYS
+DPU_MODEL_COLUMNS = ("placement", "dpu_profile", *DPU_MODEL_VALUES)
 RESULT_COLUMNS = (
     "mesh",
+    "stack",
     "mode",
     "workmodel",
     "rep",
@@ -68,16 +76,13 @@ RESULT_COLUMNS = (
     "rss_host_mb",
     "rss_offload_mb",
     "downstream_calls_per_req",
-    "placement",
-    "dpu_profile",
-    "dpu_speed",
-    "dma_latency_us",
-    "dma_gbps",
+    *DPU_MODEL_COLUMNS,
     "checks_ok",
     "checks",
 )
 ROLE_COLUMNS = (
     "mesh",
+    "stack",
     "rep",
     "level",
     "role",
@@ -212,6 +217,7 @@ def merge_histograms(hist_path: Path) -> tuple[HdrHistogram, dict[str, Any]]:
 def result_row(
     *,
     mesh: str,
+    stack: str,
     mode: str,
     workmodel: str,
     rep: int,
@@ -228,11 +234,13 @@ def result_row(
 ) -> dict[str, Any]:
     """One results.csv row; `usage` is `WindowUsage.derive(...)` (None: not measured).
 
-    `dpu_model` is `Placement.record()`: the placement and DPU model in force.
+    `stack` is the compared stack's label (`harness.run.plan.Stack.label`); `dpu_model`
+    is `Placement.record()`: the placement and DPU model in force for that stack.
     """
     usage = usage or {}
     return {
         "mesh": mesh,
+        "stack": stack,
         "mode": mode,
         "workmodel": workmodel,
         "rep": rep,
@@ -267,7 +275,9 @@ def result_row(
     }
 
 
-def role_rows(mesh: str, rep: int, level: str, usage: Mapping[str, Any]) -> list[dict[str, Any]]:
+def role_rows(
+    mesh: str, stack: str, rep: int, level: str, usage: Mapping[str, Any]
+) -> list[dict[str, Any]]:
     """roles.csv rows of one level from `WindowUsage.derive(...)`: roles with processes only."""
     rows = []
     for role, u in usage["roles"].items():
@@ -276,6 +286,7 @@ def role_rows(mesh: str, rep: int, level: str, usage: Mapping[str, Any]) -> list
         rows.append(
             {
                 "mesh": mesh,
+                "stack": stack,
                 "rep": rep,
                 "level": level,
                 "role": role,

@@ -30,7 +30,7 @@ RATIO_KEYS = (
 class Line:
     """Medians of one stack at one level."""
 
-    mesh: str
+    stack: str  # the stack's label (the mesh, or a what-if variant)
     level: str
     reps: int
     values: dict[str, float | None]
@@ -43,16 +43,16 @@ def median_of(rows: Sequence[Row], key: str) -> float | None:
 
 
 def lines(rows: Sequence[Row]) -> list[Line]:
-    """One `Line` per (mesh, level) in first-seen order."""
+    """One `Line` per (stack, level) in first-seen order."""
     keys: dict[tuple[str, str], list[Row]] = {}
     for r in rows:
-        keys.setdefault((r["mesh"], r["level"]), []).append(r)
+        keys.setdefault((r["stack"], r["level"]), []).append(r)
     out = []
-    for (mesh, level), group in keys.items():
+    for (stack, level), group in keys.items():
         failed = sorted({c for r in group for c in str(r.get("checks") or "").split(";") if c})
         out.append(
             Line(
-                mesh=mesh,
+                stack=stack,
                 level=level,
                 reps=len(group),
                 values={
@@ -74,10 +74,10 @@ def lines(rows: Sequence[Row]) -> list[Line]:
 
 def closed_level(rows: Sequence[Row]) -> str | None:
     """The closed-loop level every stack ran (the headline level), if any."""
-    meshes = {r["mesh"] for r in rows}
+    meshes = {r["stack"] for r in rows}
     for r in rows:
         if r.get("offered_rps") is None and all(
-            any(o["mesh"] == m and o["level"] == r["level"] for o in rows) for m in meshes
+            any(o["stack"] == m and o["level"] == r["level"] for o in rows) for m in meshes
         ):
             return r["level"]
     return None
@@ -88,7 +88,7 @@ def ratios(rows: Sequence[Row], a: str = "dpumesh", b: str = "envoy") -> dict[st
     level = closed_level(rows)
     if level is None:
         return {}
-    at = {m: [r for r in rows if r["mesh"] == m and r["level"] == level] for m in (a, b)}
+    at = {m: [r for r in rows if r["stack"] == m and r["level"] == level] for m in (a, b)}
     if not at[a] or not at[b]:
         return {}
     out: dict[str, float | None] = {}
@@ -125,7 +125,7 @@ def table(rows: Sequence[Row], title: str) -> Table:
     for line in found:
         v = line.values
         t.add_row(
-            line.mesh,
+            line.stack,
             line.level + ("" if line.reps == reps else f" (n={line.reps})"),
             _num(v["achieved_rps"], ".1f"),
             _ms(v["p50_us"]),

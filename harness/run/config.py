@@ -40,17 +40,17 @@ class BenchConfig:
     workmodel: Path = DEFAULT_WORKMODEL
     meshes: tuple[str, ...] = MESHES
     users: int = 8
-    rates: tuple[float, ...] = (50.0, 100.0)
-    duration: int = 8
+    rates: tuple[float, ...] | None = None  # None: "auto", the calibrated ladder
+    ladder_rates: int = 7
+    refine: int = 1
+    calibrate: int = 3
+    duration: int = 5
     warmup: int = 4
     settle: int = 1
     repeat: int = 3
     seed: int = 0
     out: Path = REPO / "results"
     slo_p99_ms: float = 100.0
-    find_max: bool = False
-    find_max_start: float = 50.0
-    find_max_steps: int = 6
     processes: int = 1
     request_mode: str = "get"
     mode: str = "local"
@@ -76,6 +76,16 @@ class BenchConfig:
 
 
 KEYS = tuple(f.name for f in fields(BenchConfig))
+
+#: `--quick`: a rough look in about two minutes (over the config file, under the options).
+QUICK: dict[str, Any] = {
+    "repeat": 1,
+    "duration": 3,
+    "warmup": 2,
+    "calibrate": 2,
+    "ladder_rates": 5,
+    "refine": 0,
+}
 
 
 def load_file(path: Path) -> dict[str, Any]:
@@ -132,12 +142,17 @@ def build(
     return BenchConfig(**checked)
 
 
-def load(config_path: Path | None, overrides: Mapping[str, Any] | None = None) -> BenchConfig:
-    """The effective config: `config_path` (default `bench.toml` if present) plus overrides."""
+def load(
+    config_path: Path | None, overrides: Mapping[str, Any] | None = None, *, quick: bool = False
+) -> BenchConfig:
+    """The effective config: `config_path` (default `bench.toml` if present), the `QUICK`
+    preset when asked for, then the overrides."""
     path = config_path
     if path is None and DEFAULT_CONFIG_FILE.is_file():
         path = DEFAULT_CONFIG_FILE
     values = load_file(Path(path)) if path is not None else {}
+    if quick:
+        values = {**values, **QUICK}
     return build(values, overrides, source=str(path) if path is not None else "config")
 
 
@@ -209,12 +224,6 @@ def _profile(value: Any) -> str:
         raise ConfigError(str(exc)) from None
 
 
-def _bool(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"must be true or false, not {value!r}")
-    return value
-
-
 def _choice(choices: tuple[str, ...]) -> Any:
     def check(value: Any) -> str:
         if value not in choices:
@@ -241,7 +250,9 @@ def _meshes(value: Any) -> tuple[str, ...]:
     return meshes
 
 
-def _rates(value: Any) -> tuple[float, ...]:
+def _rates(value: Any) -> tuple[float, ...] | None:
+    if value == "auto":
+        return None
     rates = [_positive_float(r) for r in _items(value)]
     if len(set(rates)) != len(rates):
         raise ConfigError(f"lists a rate twice: {rates}")
@@ -275,6 +286,9 @@ VALIDATORS: dict[str, Any] = {
     "meshes": _meshes,
     "users": whole_number(1),
     "rates": _rates,
+    "ladder_rates": whole_number(2, 12),
+    "refine": whole_number(0, 4),
+    "calibrate": whole_number(1),
     "duration": whole_number(1),
     "warmup": whole_number(0),
     "settle": whole_number(0),
@@ -282,9 +296,6 @@ VALIDATORS: dict[str, Any] = {
     "seed": whole_number(0),
     "out": _path,
     "slo_p99_ms": _positive_float,
-    "find_max": _bool,
-    "find_max_start": _positive_float,
-    "find_max_steps": whole_number(1, 20),
     "processes": whole_number(1, 64),
     "request_mode": _choice(REQUEST_MODES),
     "mode": _choice(MODES),

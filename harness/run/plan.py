@@ -1,13 +1,22 @@
 """What a run does, in which order, and how long that should take.
 
-A run is a list of *segments*, one per (repetition, stack), interleaved
-across stacks: rep 1 A B C, rep 2 A B C, ... so slow drift of a shared
-machine (thermal, other tenants) hits every stack alike (DESIGN §5). A
-segment starts its stack once and keeps it up across its load *levels*:
+A run compares *stacks*: one per mesh, or, in a what-if sweep, the
+baselines once and the dpumesh stack at every value of one DPU model
+parameter (`Stack`, labelled ``dpumesh@dpu_speed=0.5``). Unless the config
+names its rates, it first *calibrates*: each stack started once for a short
+closed-loop level, whose throughput sets the common open-loop ladder
+(`harness.run.ladder`); that start also warms every stack's code and files.
+
+Then a list of *segments*, one per (repetition, stack), interleaved across
+stacks: rep 1 A B C, rep 2 A B C, ... so slow drift of a shared machine
+(thermal, other tenants) hits every stack alike (DESIGN §5). A segment
+starts its stack once and keeps it up across its load *levels*:
 
 * ``closed-<U>``: closed loop, U users sending back to back;
-* ``open-<R>``: open loop at R requests/s (the sweep, lowest rate first);
-* ``max-<R>``: an open-loop probe of the maximum-clean-throughput search.
+* ``open-<R>``: open loop at R requests/s (the ladder, lowest rate first,
+  until two rates in a row were not clean);
+* ``refine-<R>``: an open-loop probe between the segment's highest clean and
+  lowest unclean ladder rate.
 
 Each level is one Locust run. Its first seconds are excluded from the
 histogram and from the CPU window: the warm-up for the first level after a
@@ -21,8 +30,10 @@ same choices in every stack.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
+from harness.placement import profiles
 from harness.run.config import BenchConfig
 
 # Open loop needs users >= rate x worst latency; 50 ms covers this machine's
@@ -50,11 +61,58 @@ class Level:
 
 
 @dataclass(frozen=True)
+class Stack:
+    """One compared stack: a mesh, and DPU model values that differ from the run's."""
+
+    mesh: str
+    overrides: tuple[tuple[str, float], ...] = field(default=())
+
+    @property
+    def label(self) -> str:
+        """`mesh`, or `mesh@param=value,...` for a what-if variant (rows, files, the report)."""
+        if not self.overrides:
+            return self.mesh
+        return self.mesh + "@" + ",".join(f"{k}={v:g}" for k, v in self.overrides)
+
+
+@dataclass(frozen=True)
 class Segment:
-    """One stack start: which stack, which repetition (1-based)."""
+    """One stack start: which stack, which repetition (1-based; 0 = calibration)."""
 
     rep: int
-    mesh: str
+    stack: Stack
+
+    @property
+    def mesh(self) -> str:
+        return self.stack.mesh
+
+    @property
+    def label(self) -> str:
+        return self.stack.label
+
+
+WHATIF_PARAMS = profiles.KEYS  # every number of a DPU profile
+
+
+def stacks(config: BenchConfig) -> list[Stack]:
+    """The stacks of an ordinary run: one per mesh, in the config's order."""
+    return [Stack(mesh) for mesh in config.meshes]
+
+
+def whatif_stacks(baselines: Sequence[str], param: str, values: Sequence[float]) -> list[Stack]:
+    """The baselines once, then dpumesh at every value of `param` (ValueError if unusable)."""
+    if param not in WHATIF_PARAMS:
+        raise ValueError(f"--param must be one of {', '.join(WHATIF_PARAMS)}, not {param!r}")
+    if "dpumesh" in baselines:
+        raise ValueError("--baselines: dpumesh is the swept stack, not a baseline")
+    if len(set(values)) != len(values) or not values:
+        raise ValueError(f"--values needs distinct values, got {list(values)}")
+    if param == "dpu_cores" and any(v != int(v) for v in values):
+        raise ValueError(f"dpu_cores values must be whole numbers, got {list(values)}")
+    return [
+        *(Stack(mesh) for mesh in baselines),
+        *(Stack("dpumesh", ((param, v),)) for v in sorted(values)),
+    ]
 
 
 def closed_level(users: int) -> Level:
@@ -67,17 +125,24 @@ def open_level(rate: float, processes: int, prefix: str = "open") -> Level:
     return Level(f"{prefix}-{rate:g}", users, rate)
 
 
-def sweep(config: BenchConfig) -> list[Level]:
-    """The fixed levels of every segment: the closed-loop level, then the open-loop rates."""
-    return [
-        closed_level(max(config.users, config.processes)),
-        *(open_level(r, config.processes) for r in config.rates),
-    ]
+def closed(config: BenchConfig) -> Level:
+    """The closed-loop level of every segment (and of the calibration)."""
+    return closed_level(max(config.users, config.processes))
 
 
-def segments(config: BenchConfig) -> list[Segment]:
+def sweep(config: BenchConfig, ladder: Sequence[float]) -> list[Level]:
+    """The levels of a segment that climbs the whole ladder: closed loop, then each rate."""
+    return [closed(config), *(open_level(r, config.processes) for r in ladder)]
+
+
+def segments(config: BenchConfig, compared: Sequence[Stack]) -> list[Segment]:
     """Stack starts, repetitions interleaved across stacks: A B C A B C ..."""
-    return [Segment(rep, mesh) for rep in range(1, config.repeat + 1) for mesh in config.meshes]
+    return [Segment(rep, stack) for rep in range(1, config.repeat + 1) for stack in compared]
+
+
+def calibrations(config: BenchConfig, compared: Sequence[Stack]) -> list[Segment]:
+    """The calibration starts (rep 0), one per stack, when the ladder is not given."""
+    return [] if config.rates is not None else [Segment(0, stack) for stack in compared]
 
 
 def request_id_prefix(rep: int, level: Level) -> str:
@@ -99,9 +164,20 @@ def level_s(config: BenchConfig, first: bool) -> float:
     return LOCUST_OVERHEAD_S + excluded_s(config, first) + config.duration
 
 
+def ladder_size(config: BenchConfig) -> int:
+    """How many open-loop rates a segment may run (the given rates, or the ladder's count)."""
+    return len(config.rates) if config.rates is not None else config.ladder_rates
+
+
+def calibration_s(config: BenchConfig, mesh: str) -> float:
+    """Estimated wall time of one calibration start."""
+    level = LOCUST_OVERHEAD_S + excluded_s(config, True) + config.calibrate
+    return stack_start_s(mesh) + level + STACK_STOP_S
+
+
 def segment_s(config: BenchConfig, mesh: str) -> float:
-    """Estimated wall time of one segment (find-max assumed to use all its steps)."""
-    levels = len(sweep(config)) + (config.find_max_steps if config.find_max else 0)
+    """Estimated wall time of one segment, climbing the whole ladder and refining."""
+    levels = 1 + ladder_size(config) + (config.refine if ladder_size(config) else 0)
     return (
         stack_start_s(mesh)
         + level_s(config, first=True)
@@ -110,6 +186,8 @@ def segment_s(config: BenchConfig, mesh: str) -> float:
     )
 
 
-def estimate_s(config: BenchConfig) -> float:
-    """Estimated wall time of the whole run."""
-    return sum(segment_s(config, seg.mesh) for seg in segments(config))
+def estimate_s(config: BenchConfig, compared: Sequence[Stack]) -> float:
+    """Estimated wall time of the whole run (an upper bound: slow stacks stop early)."""
+    return sum(calibration_s(config, s.mesh) for s in calibrations(config, compared)) + sum(
+        segment_s(config, seg.mesh) for seg in segments(config, compared)
+    )

@@ -81,6 +81,10 @@ class RunProgress:
                 highlight=False,
             )
 
+    def skip(self, estimate_s: float) -> None:
+        """Take planned work that will not run (levels past a stack's knee) off the estimate."""
+        self._total = max(self._done_estimate, self._total - estimate_s)
+
     def live(self, stats: LiveStats | None) -> None:
         if stats is not None:
             self._live_stats = stats

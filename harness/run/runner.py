@@ -1,10 +1,18 @@
 """`run_bench.py run`: the side-by-side comparison, measured honestly (DESIGN §5, §6).
 
-The plan (`harness.run.plan`): per repetition, per stack (interleaved A B C A B
-C ...), start the stack once, then run its load levels one Locust process
-each: the closed-loop level (which carries the warm-up), the open-loop rate
-sweep, and the optional maximum-clean-throughput search (`harness.run.findmax`);
-then stop the stack.
+The plan (`harness.run.plan`): unless the config names its rates, a
+calibration start of every stack sets the common open-loop ladder
+(`harness.run.ladder`). Then per repetition, per stack (interleaved A B C A B
+C ...), time the host CPUs (`harness.measure.speed`), start the stack once,
+and run its load levels one Locust process each: the closed-loop level (which
+carries the warm-up), the ladder from its lowest rate until two rates in a row
+were not clean, and the refinement probes between its highest clean and lowest
+unclean rate; then stop the stack. The harness itself runs on the load
+generator's CPUs, never on the host set the stacks are compared on.
+
+A what-if sweep (`run(..., compared=plan.whatif_stacks(...))`) is the same
+run with one stack per DPU model value: each such stack gets its own
+placement (its DPU speed as its own cgroup) and settings (its DMA cost).
 
 One level (`measure_level`):
 
@@ -38,9 +46,11 @@ import hashlib
 import http.client
 import importlib
 import json
+import os
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -55,6 +65,7 @@ from harness.measure import checks as chk
 from harness.measure.accounting import Traffic, since
 from harness.measure.callgraph import CycleError, expected_calls
 from harness.measure.metrics import WindowUsage, machine_metadata
+from harness.measure.speed import loop_rate
 from harness.names import REPO
 from harness.output import summary
 from harness.output.results import (
@@ -68,14 +79,13 @@ from harness.output.results import (
 from harness.placement.apply import Placement, prepare
 from harness.ports import free_ports, release_ports
 from harness.procs import StartError
-from harness.run import plan
+from harness.run import ladder, plan
 from harness.run.config import BenchConfig
-from harness.run.findmax import MaxSearch, is_clean
 from harness.run.loadgen import Live, LocustRun, LocustSpec
-from harness.run.plan import Level, Segment
+from harness.run.plan import Level, Segment, Stack
 from harness.run.progress import RunProgress
 from harness.stacks import describe
-from harness.stacks.cell import load_cell
+from harness.stacks.cell import Cell, load_cell
 from harness.stacks.model import Settings, StackDescription
 from loadtests import latency
 from loadtests.options import DEFAULT_TRACE
@@ -92,6 +102,11 @@ WINDOW_METHOD = (
     "CPU-ms per request = role CPU in the window / entry requests the stack counted in the "
     "window. Latency: Locust's µs histograms, requests sent in the excluded seconds dropped; "
     "open loop measured from each request's intended send time."
+)
+
+SPEED_METHOD = (
+    "host_mloops_per_s: millions of empty Python loop iterations per second on the host "
+    "CPUs, timed for 0.5 s before each stack start (harness.measure.speed)"
 )
 
 
@@ -204,41 +219,54 @@ def settings_of(config: BenchConfig, placement: Placement | None = None) -> Sett
     )
 
 
-def prepare_placement(config: BenchConfig) -> Placement:
-    """The run's placement and DPU model (`PlacementError` before anything starts)."""
-    return prepare(
-        config.placement,
-        config.dpu_profile,
-        {
-            "dpu_speed": config.dpu_speed,
-            "dma_latency_us": config.dma_latency_us,
-            "dma_gbps": config.dma_gbps,
-        },
-    )
+def prepare_placement(config: BenchConfig, stack: Stack | None = None) -> Placement:
+    """The placement and DPU model of a run, or of one what-if `stack` (`PlacementError`)."""
+    overrides: dict[str, float | None] = {
+        "dpu_speed": config.dpu_speed,
+        "dma_latency_us": config.dma_latency_us,
+        "dma_gbps": config.dma_gbps,
+    }
+    if stack is not None:
+        overrides.update((k, int(v) if k == "dpu_cores" else v) for k, v in stack.overrides)
+    return prepare(config.placement, config.dpu_profile, overrides)
 
 
 class Runner:
     """One run: a results directory, the plan, and everything measured so far."""
 
     def __init__(
-        self, config: BenchConfig, console: Console, argv: list[str], placement: Placement
+        self,
+        config: BenchConfig,
+        console: Console,
+        argv: list[str],
+        placements: dict[str, Placement],
+        compared: Sequence[Stack],
+        whatif: dict[str, Any] | None = None,
     ) -> None:
+        """`placements`: one per stack label (stacks without overrides share the run's)."""
         self.config = config
         self.console = console
         self.argv = argv
-        self.placement = placement
-        self.dpu_model = placement.record()
-        cell = load_cell(settings_of(config, placement))  # WorkmodelError before anything starts
-        self.workmodel = cell.workmodel
+        self.compared = list(compared)
+        self.placements = placements
+        self.placement = placements[self.compared[0].label]  # the layout is the same for all
+        self.models = {label: p.record() for label, p in placements.items()}
+        self.whatif = whatif
+        base = load_cell(settings_of(config, self.placement))  # WorkmodelError before any start
+        self.workmodel = base.workmodel
         self.descriptions: dict[str, StackDescription] = {
-            mesh: describe(mesh, cell.settings, cell) for mesh in config.meshes
+            s.label: describe(s.mesh, *self._cell(base, s)) for s in self.compared
         }
         self.results = ResultsDir(new_run_dir(config.out))
         self.rows: list[dict[str, Any]] = []
         self.checks: list[dict[str, Any]] = []
         self.mesh_configs: dict[str, dict[str, str]] = {}
         self.manifests: dict[str, list[dict[str, Any]]] = {}
-        self.find_max: dict[str, dict[int, dict[str, Any]]] = {}
+        self.ladder: list[float] = list(config.rates or ())
+        self.calibration: dict[str, float | None] = {}
+        self.max_clean: dict[str, dict[int, ladder.MaxClean]] = {}
+        self.skipped: dict[str, dict[int, list[float]]] = {}
+        self.speed: list[dict[str, Any]] = []
         self.expected: dict[str, float] | None = None
         self.expected_error: str | None = None
         self.started_utc = datetime.now(UTC)
@@ -246,18 +274,29 @@ class Runner:
         self.machine = machine_metadata(REPO)  # at the start: load average, free memory
         self.progress: RunProgress | None = None
 
+    def _cell(self, base: Cell, stack: Stack) -> tuple[Settings, Cell]:
+        """A stack's settings (its DMA cost) and the run's one loaded cell under them."""
+        settings = settings_of(self.config, self.placements[stack.label])
+        return settings, replace(base, settings=settings)
+
     # -- the run -----------------------------------------------------------------------------
 
     def run(self) -> Path:
-        """Measure every segment, write everything, print the summary; the run directory."""
+        """Calibrate, measure every segment, write everything, print the summary."""
+        cfg = self.config
         self._print_config()
         self._write_meta(interrupted=True)  # a killed run still says what it was
         interrupted = True
         try:
             with RunProgress(
-                self.console, plan.estimate_s(self.config), self.config.repeat
+                self.console, plan.estimate_s(cfg, self.compared), cfg.repeat
             ) as self.progress:
-                for seg in plan.segments(self.config):
+                calibrations = plan.calibrations(cfg, self.compared)
+                for seg in calibrations:
+                    self._calibrate(seg)
+                if calibrations:
+                    self._set_ladder()
+                for seg in plan.segments(cfg, self.compared):
                     self._segment(seg)
             interrupted = False
         finally:
@@ -271,78 +310,179 @@ class Runner:
     def checks_ok(self) -> bool:
         return all(c["ok"] or c["info"] for c in self.checks)
 
-    def _segment(self, seg: Segment) -> None:
-        cfg = self.config
+    def _start(self, seg: Segment, port: int) -> RunningStack | None:
+        """Start the segment's stack; None (recorded, printed) when it did not start."""
         assert self.progress is not None
-        self.progress.step("starting stack", seg.mesh, seg.rep, plan.stack_start_s(seg.mesh))
-        port = cfg.port or free_ports(1)[0]
+        self.progress.step("starting stack", seg.label, seg.rep, plan.stack_start_s(seg.mesh))
         try:
-            stack = deploy.start(
-                cfg.mode,
-                self.descriptions[seg.mesh],
-                run_dir=self.results.stack_dir(seg.mesh, seg.rep),
+            return deploy.start(
+                self.config.mode,
+                self.descriptions[seg.label],
+                run_dir=self.results.stack_dir(seg.label, seg.rep),
                 port=port,
-                placement=self.placement,
+                placement=self.placements[seg.label],
             )
         except StartError as exc:
             self._record(seg, "-", [chk.Check("stack_start", False, str(exc).splitlines()[0])])
-            self.progress.print(f"[red]{seg.mesh} rep {seg.rep}: stack did not start:[/] {exc}")
+            self.progress.print(f"[red]{seg.label} rep {seg.rep}: stack did not start:[/] {exc}")
+            return None
+
+    def _stop(self, seg: Segment, stack: RunningStack, port: int) -> None:
+        try:
+            stack.stop()
+        except RuntimeError as exc:  # e.g. a port still bound after teardown
+            self._record(seg, "-", [chk.Check("stack_stop", False, str(exc))])
+        if not self.config.port:
+            release_ports([port])
+
+    def _calibrate(self, seg: Segment) -> None:
+        """One short closed-loop level of a fresh stack: its throughput for the ladder."""
+        cfg = self.config
+        assert self.progress is not None
+        port = cfg.port or free_ports(1)[0]
+        self.calibration[seg.label] = None
+        stack = self._start(seg, port)
+        if stack is None:
             return
         try:
-            self._note_stack(seg.mesh, stack)
-            first = True
-            for level in plan.sweep(cfg):
-                self._level(stack, seg, level, first)
-                first = False
-            if cfg.find_max:
-                self._search_max(stack, seg, first)
-            self.progress.step("stopping stack", seg.mesh, seg.rep, plan.STACK_STOP_S)
+            level = plan.closed(cfg)
+            self.progress.step(
+                f"calibration {level.name}",
+                seg.label,
+                seg.rep,
+                plan.calibration_s(cfg, seg.mesh) - plan.stack_start_s(seg.mesh),
+            )
+            spec = self._spec(stack, seg, level, plan.excluded_s(cfg, True), cfg.calibrate)
+            m = measure_level(stack, spec, self.progress.live)
+            rps = float(m.sidecar.get("achieved_rps") or 0.0) if m.hist is not None else 0.0
+            ok = m.returncode == 0 and rps > 0
+            self.calibration[seg.label] = rps if ok else None
+            detail = f"{rps:.1f} req/s closed loop" if ok else "no request completed"
+            self._record(seg, level.name, [chk.Check("calibration", ok, detail)])
+            self.progress.print(f"{seg.label} calibration: {detail}")
+        except (OSError, RuntimeError, ValueError, http.client.HTTPException) as exc:
+            why = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            self._record(seg, "-", [chk.Check("calibration", False, why)])
+        finally:
+            self._stop(seg, stack, port)
+
+    def _set_ladder(self) -> None:
+        """The common ladder from the calibrated capacities (none: open loop is skipped)."""
+        assert self.progress is not None
+        capacities = {k: v for k, v in self.calibration.items() if v}
+        self.ladder = ladder.build(capacities, self.config.ladder_rates) if capacities else []
+        rates = ", ".join(f"{r:g}" for r in self.ladder) or "none (no stack calibrated)"
+        self.progress.print(f"ladder (req/s, every stack): {rates}")
+        unused = plan.ladder_size(self.config) - len(self.ladder)
+        self.progress.skip(unused * len(self.compared) * self.config.repeat * self._level_s())
+        self._write_meta(interrupted=True)
+
+    def _level_s(self) -> float:
+        return plan.level_s(self.config, first=False)
+
+    def _segment(self, seg: Segment) -> None:
+        cfg = self.config
+        assert self.progress is not None
+        self.speed.append(
+            {
+                "rep": seg.rep,
+                "stack": seg.label,
+                "host_mloops_per_s": round(loop_rate(self.placement.cpus("host")), 2),
+            }
+        )
+        port = cfg.port or free_ports(1)[0]
+        stack = self._start(seg, port)
+        if stack is None:
+            return
+        try:
+            self._note_stack(seg.label, stack)
+            self._level(stack, seg, plan.closed(cfg), first=True)
+            self._climb(stack, seg)
+            self.progress.step("stopping stack", seg.label, seg.rep, plan.STACK_STOP_S)
         except (OSError, RuntimeError, ValueError, http.client.HTTPException) as exc:
             # The stack broke mid-segment (a process died, counters unreadable): record it,
             # keep what was measured, and go on with the next segment.
             why = f"{type(exc).__name__}: {exc}".splitlines()[0]
             self._record(seg, "-", [chk.Check("segment_error", False, why)])
-            self.progress.print(f"[red]{seg.mesh} rep {seg.rep}: segment aborted:[/] {why}")
+            self.progress.print(f"[red]{seg.label} rep {seg.rep}: segment aborted:[/] {why}")
         finally:
-            try:
-                stack.stop()
-            except RuntimeError as exc:  # e.g. a port still bound after teardown
-                self._record(seg, "-", [chk.Check("stack_stop", False, str(exc))])
-            if not cfg.port:
-                release_ports([port])
+            self._stop(seg, stack, port)
         self._write_meta(interrupted=True)
 
+    def _climb(self, stack: RunningStack, seg: Segment) -> None:
+        """The ladder up to the knee, then refinement; the repetition's max clean throughput."""
+        cfg = self.config
+        assert self.progress is not None
+        if not self.ladder:
+            return
+        climb = ladder.Climb(self.ladder)
+        while (rate := climb.next_rate()) is not None:
+            climb.record(rate, self._clean(self._level(stack, seg, self._open(rate, "open"))))
+        results = dict(climb.results)
+        steps = cfg.refine
+        while steps and (rate := ladder.refine(results)) is not None:
+            results[rate] = self._clean(self._level(stack, seg, self._open(rate, "refine")))
+            steps -= 1
+        self.progress.skip((len(climb.skipped) + steps) * self._level_s())
+        best = ladder.max_clean(results, self.ladder[-1])
+        self.max_clean.setdefault(seg.label, {})[seg.rep] = best
+        self.skipped.setdefault(seg.label, {})[seg.rep] = climb.skipped
+        shown = "none" if best.rps is None else f"{'>= ' if best.at_top else ''}{best.rps:g} req/s"
+        past = f"; skipped {', '.join(f'{r:g}' for r in climb.skipped)}" if climb.skipped else ""
+        self.progress.print(f"{seg.label} rep {seg.rep}: max clean throughput {shown}{past}")
+
+    def _open(self, rate: float, prefix: str) -> Level:
+        return plan.open_level(rate, self.config.processes, prefix)
+
+    def _clean(self, row: dict[str, Any]) -> bool:
+        """DESIGN §5's clean level, and every self-check of the level passed."""
+        return bool(row["checks_ok"]) and ladder.is_clean(
+            row["offered_rps"],
+            row["achieved_rps"] or 0.0,
+            row["requests"],
+            row["failures"],
+            row["p99_us"] if row["p99_us"] is not None else float("inf"),
+            self.config.slo_p99_ms,
+        )
+
+    def _spec(
+        self, stack: RunningStack, seg: Segment, level: Level, excluded: int, measured: int
+    ) -> LocustSpec:
+        return LocustSpec(
+            host=stack.url,
+            users=level.users,
+            rate=level.rate,
+            excluded_s=excluded,
+            measured_s=measured,
+            hdr_out=self.results.hist_path(seg.label, seg.rep, level.name),
+            csv_prefix=self.results.locust_prefix(seg.label, seg.rep, level.name),
+            request_id_prefix=plan.request_id_prefix(seg.rep, level),
+            request_mode=self.config.request_mode,
+            processes=self.config.processes,
+            cpus=self.placement.cpus("loadgen"),
+        )
+
     def _level(
-        self, stack: RunningStack, seg: Segment, level: Level, first: bool
+        self, stack: RunningStack, seg: Segment, level: Level, first: bool = False
     ) -> dict[str, Any]:
         """Measure one level, judge it, append its rows; the results row."""
         cfg = self.config
         assert self.progress is not None
         excluded = plan.excluded_s(cfg, first)
         phase = f"{level.name}" + (f" (incl. {excluded} s warm-up)" if first else "")
-        self.progress.step(phase, seg.mesh, seg.rep, plan.level_s(cfg, first))
-        spec = LocustSpec(
-            host=stack.url,
-            users=level.users,
-            rate=level.rate,
-            excluded_s=excluded,
-            measured_s=cfg.duration,
-            hdr_out=self.results.hist_path(seg.mesh, seg.rep, level.name),
-            csv_prefix=self.results.locust_prefix(seg.mesh, seg.rep, level.name),
-            request_id_prefix=plan.request_id_prefix(seg.rep, level),
-            request_mode=cfg.request_mode,
-            processes=cfg.processes,
-            cpus=self.placement.cpus("loadgen"),
-        )
+        self.progress.step(phase, seg.label, seg.rep, plan.level_s(cfg, first))
+        spec = self._spec(stack, seg, level, excluded, cfg.duration)
         m = measure_level(stack, spec, self.progress.live)
-        placed = self.placement.verify(stack.pids_by_set())
+        placement = self.placements[seg.label]
+        placed = placement.verify(stack.pids_by_set())
         summ = latency.summarize(m.hist if m.hist is not None else latency.new_histogram())
         derived = m.usage.derive(requests=m.window_requests) if m.usage is not None else None
         checks = self._judge(stack, level, m, derived)
-        checks.append(chk.placement(placed, self.placement.layout.as_text()))
+        checks.append(chk.placement(placed, placement.layout.as_text()))
         ok, failed = chk.verdict(checks)
         row = result_row(
             mesh=seg.mesh,
+            stack=seg.label,
             mode=cfg.mode,
             workmodel=cfg.workmodel.name,
             rep=seg.rep,
@@ -353,14 +493,14 @@ class Runner:
             sidecar=m.sidecar,
             usage=derived,
             downstream_calls_per_req=downstream_per_request(m.level_traffic, stack.entry),
-            dpu_model=self.dpu_model,
+            dpu_model=self.models[seg.label],
             checks_ok=ok,
             failed_checks=failed,
         )
         self.rows.append(row)
         self.results.append_result(row)
         if derived is not None:
-            self.results.append_roles(role_rows(seg.mesh, seg.rep, level.name, derived))
+            self.results.append_roles(role_rows(seg.mesh, seg.label, seg.rep, level.name, derived))
         self._record(seg, level.name, checks)
         self._print_level(seg, row, checks)
         return row
@@ -372,9 +512,10 @@ class Runner:
         if m.hist is None:
             return checks
         requests, failures = int(m.sidecar["requests"]), int(m.sidecar["failures"])
-        probe = level.name.startswith("max-")
+        # Errors past a stack's knee are what the ladder looks for: information, not failure.
+        overload = level.open_loop
         checks.append(chk.counts_match(m.sidecar, m.level_traffic["entry_requests"]))
-        checks.append(chk.error_rate(requests, failures, info=probe))
+        checks.append(chk.error_rate(requests, failures, info=overload))
         if m.usage is not None and derived is not None:
             loadgen = derived["roles"]["loadgen"]["cpu_s"]
             checks.append(chk.loadgen_cpu(loadgen, m.usage.window_s, self.config.processes))
@@ -386,30 +527,6 @@ class Runner:
         if level.rate is not None:
             checks.append(chk.open_loop_delivery(level.rate, float(m.sidecar["achieved_rps"])))
         return checks
-
-    def _search_max(self, stack: RunningStack, seg: Segment, first: bool) -> None:
-        cfg = self.config
-        search = MaxSearch(cfg.find_max_start, cfg.find_max_steps)
-        while (rate := search.next_rate()) is not None:
-            row = self._level(stack, seg, plan.open_level(rate, cfg.processes, "max"), first)
-            first = False
-            clean = row["checks_ok"] and is_clean(
-                rate,
-                row["achieved_rps"] or 0.0,
-                row["requests"],
-                row["failures"],
-                row["p99_us"] if row["p99_us"] is not None else float("inf"),
-                cfg.slo_p99_ms,
-            )
-            search.record(rate, clean)
-        self.find_max.setdefault(seg.mesh, {})[seg.rep] = {
-            "max_clean_rps": search.best,
-            "probes": [{"rate": r, "clean": c} for r, c in search.probes],
-        }
-        self.progress.print(  # type: ignore[union-attr]
-            f"{seg.mesh} rep {seg.rep}: max clean throughput "
-            f"{'none found' if search.best is None else f'{search.best:g} req/s'}"
-        )
 
     def _expected(self, entry: str) -> dict[str, float] | None:
         """Expected calls per service per entry request (None if the workmodel has a cycle)."""
@@ -423,7 +540,7 @@ class Runner:
         return self.expected
 
     def _record(self, seg: Segment, level: str, checks: list[chk.Check]) -> None:
-        self.checks += [c.record(seg.mesh, seg.rep, level) for c in checks]
+        self.checks += [c.record(seg.label, seg.rep, level) for c in checks]
 
     def _note_stack(self, mesh: str, stack: RunningStack) -> None:
         """Keep the stack's manifest; publish the first start's configs under configs/<mesh>/."""
@@ -449,17 +566,29 @@ class Runner:
             "command": self.argv,
             "config": {**cfg.as_dict(), "downstream_calls_per_req": calls},
             "plan": {
-                "levels": [lv.name for lv in plan.sweep(cfg)],
-                "order": [f"rep{s.rep}:{s.mesh}" for s in plan.segments(cfg)],
-                "estimate_s": round(plan.estimate_s(cfg)),
+                "levels": [lv.name for lv in plan.sweep(cfg, self.ladder)],
+                "order": [f"rep{s.rep}:{s.label}" for s in plan.segments(cfg, self.compared)],
+                "estimate_s": round(plan.estimate_s(cfg, self.compared)),
                 "request_ids": "r<rep>-<level>-<n>: the same in every stack",
             },
+            "ladder": {
+                "rates": self.ladder,
+                "top": self.ladder[-1] if self.ladder else None,
+                "source": "config" if cfg.rates is not None else "calibrated",
+                "calibration": self.calibration,
+                "refine_steps": cfg.refine,
+                "stop_after_dirty": ladder.STOP_AFTER_DIRTY,
+                "skipped": {k: {str(r): v for r, v in d.items()} for k, d in self.skipped.items()},
+                "method": ladder.METHOD,
+            },
+            "max_clean_throughput": self._max_clean_record(),
+            "machine_speed": {"probe": SPEED_METHOD, "segments": self.speed},
             "versions": machine.pop("packages"),
             "git": machine.pop("git", None),
             "machine": machine,
             "method": {
                 "cpu_window": WINDOW_METHOD,
-                "histograms": "hist/<mesh>-rep<r>-<level>.hdr: merged over Locust processes; "
+                "histograms": "hist/<stack>-rep<r>-<level>.hdr: merged over Locust processes; "
                 "per-process files of distributed runs moved to hist/parts/",
                 "cpu_classes": "host = app, sidecar, gateway; offload = dpu-daemon, dpa-daemon; "
                 "loadgen apart; MB = MiB",
@@ -468,7 +597,7 @@ class Runner:
             "expected_calls_per_service": self.expected,
             "expected_calls_error": self.expected_error,
             "dpu_model": {
-                **self.dpu_model,
+                **self.placement.record(),
                 "per_stack": {
                     mesh: [m.get("placement") for m in ms] for mesh, ms in self.manifests.items()
                 },
@@ -478,9 +607,24 @@ class Runner:
             "checks_ok": self.checks_ok,
             "checks": self.checks,
         }
-        if cfg.find_max:
-            meta["find_max"] = {"slo_p99_ms": cfg.slo_p99_ms, "stacks": self.find_max}
+        if self.whatif is not None:
+            meta["whatif"] = {
+                **self.whatif,
+                "models": {s.label: self.models[s.label] for s in self.compared if s.overrides},
+            }
         self.results.write_meta(meta)
+
+    def _max_clean_record(self) -> dict[str, Any]:
+        """Per stack: the median over repetitions, whether it is the top, each repetition's."""
+        out = {}
+        for label, reps in self.max_clean.items():
+            median = ladder.median_max_clean(list(reps.values()))
+            out[label] = {
+                "rps": median.rps,
+                "at_top": median.at_top,
+                "per_rep": {str(r): {"rps": m.rps, "at_top": m.at_top} for r, m in reps.items()},
+            }
+        return out
 
     def _fairness(self) -> dict[str, Any]:
         """What every stack had in common, checked from the stacks' own manifests."""
@@ -531,16 +675,17 @@ class Runner:
         mismatches = [p for m in manifests for p in (m.get("placement") or {}).get("readback", [])]
         return {
             "ok": len(layouts) == 1 and not mismatches,
-            "host": self.dpu_model["layout"]["host"],
-            "placement": self.dpu_model["placement"],
+            "host": self.models[self.compared[0].label]["layout"]["host"],
+            "placement": self.placement.layout.as_text(),
             "mismatches": mismatches[:20],
         }
 
     def _loadgen_isolation(self) -> dict[str, Any]:
         """Whether Locust had cores of its own, or which sets it shared (the report says so)."""
-        pairs = [pair for pair in self.dpu_model["overlaps"] if "loadgen" in pair]
+        model = self.placement.record()
+        pairs = [pair for pair in model["overlaps"] if "loadgen" in pair]
         shared = sorted({s for pair in pairs for s in pair} - {"loadgen"})
-        cpus = self.dpu_model["layout"]["loadgen"]
+        cpus = model["layout"]["loadgen"]
         if self.placement.layout.shared:
             detail = "shared: every role and the load generator on every CPU"
         elif shared:
@@ -558,15 +703,24 @@ class Runner:
             table.add_row(key, str(value))
         self.console.print(f"[bold]DPUmesh bench[/] → {self.results.path}")
         self.console.print(table)
-        self.console.print(f"model: {self.dpu_model['sentence']}", highlight=False)
-        for line in self.dpu_model["unmet"]:
-            self.console.print(f"[yellow]note:[/] {line}", highlight=False)
-        levels = ", ".join(lv.name for lv in plan.sweep(cfg))
+        shown = {"model": self.placement.record()}
+        shown.update(
+            (f"model {s.label}", self.models[s.label]) for s in self.compared if s.overrides
+        )
+        for prefix, model in shown.items():
+            self.console.print(f"{prefix}: {model['sentence']}", highlight=False)
+            for line in model["unmet"]:
+                self.console.print(f"[yellow]note:[/] {line}", highlight=False)
+        labels = ", ".join(s.label for s in self.compared)
+        ladder_text = (
+            f"open loop at {', '.join(f'{r:g}' for r in cfg.rates)} req/s"
+            if cfg.rates is not None
+            else f"a calibration start of each, then a common ladder of {cfg.ladder_rates} rates"
+        )
         self.console.print(
-            f"plan: {len(plan.segments(cfg))} stack starts ({cfg.repeat} reps x "
-            f"{', '.join(cfg.meshes)}, interleaved); levels {levels}"
-            + (", then a max-throughput search" if cfg.find_max else "")
-            + f"; about {plan.estimate_s(cfg) / 60:.1f} min",
+            f"plan: {labels}; {ladder_text}; {cfg.repeat} rep(s) interleaved, each a closed-loop "
+            f"level then the ladder to two unclean rates and {cfg.refine} refinement(s); "
+            f"at most {plan.estimate_s(cfg, self.compared) / 60:.1f} min",
             highlight=False,
         )
 
@@ -583,7 +737,7 @@ class Runner:
             )
         )
         self.progress.print(
-            f"{seg.mesh} rep {seg.rep} {row['level']}: {row['achieved_rps'] or 0:.1f} req/s, "
+            f"{seg.label} rep {seg.rep} {row['level']}: {row['achieved_rps'] or 0:.1f} req/s, "
             f"{latencies}, {row['failures']} failures; {verdict}"
         )
 
@@ -595,9 +749,10 @@ class Runner:
         text = summary.ratio_text(self.rows)
         if text:
             self.console.print(text, highlight=False)
-        for mesh, reps in self.find_max.items():
-            best = [r["max_clean_rps"] for r in reps.values()]
-            self.console.print(f"{mesh}: max clean throughput per rep: {best}", highlight=False)
+        for label, record in self._max_clean_record().items():
+            rps = record["rps"]
+            shown = "none" if rps is None else f"{'>= ' if record['at_top'] else ''}{rps:g} req/s"
+            self.console.print(f"{label}: max clean throughput {shown}", highlight=False)
         failed = [c for c in self.checks if not c["ok"] and not c["info"]]
         if failed:
             self.console.print(f"[red bold]self-checks FAILED ({len(failed)}):[/]")
@@ -624,14 +779,51 @@ class Runner:
         self.console.print(f"report: {path}")
 
 
-def run(config: BenchConfig, argv: list[str], console: Console | None = None) -> tuple[Path, bool]:
-    """Run the comparison; (results directory, whether every self-check passed)."""
+def run(
+    config: BenchConfig,
+    argv: list[str],
+    console: Console | None = None,
+    *,
+    compared: Sequence[Stack] | None = None,
+    whatif: dict[str, Any] | None = None,
+) -> tuple[Path, bool]:
+    """Run the comparison; (results directory, whether every self-check passed).
+
+    `compared` defaults to one stack per configured mesh; a what-if sweep passes
+    `plan.whatif_stacks(...)` and describes itself in `whatif` (meta.json).
+    """
     if console is None:
         console = Console()
         if not console.is_terminal:  # logs and pipes: no wrapping of the summary table
             console = Console(width=200)
-    with prepare_placement(config) as placement:
-        deploy.check_placement(config.mode, placement)
-        runner = Runner(config, console, argv, placement)
-        path = runner.run()
+    compared = list(compared or plan.stacks(config))
+    with ExitStack() as placements_stack:
+        base = placements_stack.enter_context(prepare_placement(config))
+        placements = {
+            s.label: placements_stack.enter_context(prepare_placement(config, s))
+            if s.overrides
+            else base
+            for s in compared
+        }
+        for placement in placements.values():
+            deploy.check_placement(config.mode, placement)
+        runner = Runner(config, console, argv, placements, compared, whatif)
+        with _on_cpus(base.cpus("loadgen")):
+            path = runner.run()
     return path, runner.checks_ok
+
+
+@contextmanager
+def _on_cpus(cpus: frozenset[int] | None) -> Iterator[None]:
+    """Run the harness itself on `cpus` (the load generator's), restoring its affinity after.
+
+    The runner polls counters, samples /proc and redraws the progress panel; on the
+    host set that would be load on the very cores the stacks are compared on.
+    """
+    before = os.sched_getaffinity(0)
+    if cpus is not None:
+        os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)

@@ -31,7 +31,9 @@ under-covers (n=2: it is that range); n=1 gives none. Ratios resample both sides
 <b>Max clean throughput</b>: per repetition, the highest open-loop offered rate (ladder and
 refinement probes) whose achieved/offered ≥ {stats.MIN_DELIVERY}, failures/requests ≤
 {stats.MAX_ERROR_RATE:.1%}, p99 ≤ the SLO and self-checks passed (0 when none: shown n/a); the
-number is the median of those over repetitions, its interval a bootstrap over repetitions. A
+number is the lower median of those over repetitions (with an even count the lower of the two
+middle ones, so it is always a rate that was measured), its interval a bootstrap over
+repetitions. A
 median at the ladder's top rate is shown <b>≥ top</b>: that stack's knee was not reached, so it
 is a lower bound (no interval; a ratio with it is a bound too, and undetermined when both sides
 are). <b>Latency and CPU</b> in the headline are at the <b>common rate</b>: the highest ladder
@@ -155,7 +157,7 @@ def _machine_speed(record: dict | None) -> str:
         "<div class='banner warn'>This machine's host CPUs ran between "
         f"{min(probes):.0f} and {max(probes):.0f} M loop iterations/s across the stack starts "
         f"(a spread of {varied:.0%}; meta.json <code>machine_speed</code>): differences between "
-        "repetitions of up to that size are the machine's, not the stacks'.</div>"
+        "repetitions of up to that size may be the machine's rather than the stacks'.</div>"
     )
 
 
@@ -188,7 +190,8 @@ def _headline(summary: RunSummary) -> str:
         + (f"<p class='banner warn'>{why}</p>" if choice.fallback else "")
         + page.table(head, rows, numeric_from=2)
         + f"<p class='note'>{why} Median over up to {n} repetition(s). Max clean throughput:"
-        f" each repetition's highest clean open-loop rate, median over repetitions, {slo_text};"
+        " each repetition's highest clean open-loop rate, lower median over repetitions,"
+        f" {slo_text};"
         f" ≥ = clean at {top_text} (a lower bound); n/a = no open-loop rate was clean."
         " × = ratio to that baseline stack.</p>"
     )

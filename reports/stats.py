@@ -67,6 +67,15 @@ class Estimate:
         return self.low is not None and self.high is not None
 
 
+def lower_median(values: Iterable[float]) -> float:
+    """The middle value, the lower of the two middle ones for an even count: a value that was
+    measured (the maximum clean throughput is a rate that was offered)."""
+    ordered = sorted(values)
+    if not ordered:
+        raise ValueError("median of no values")
+    return ordered[(len(ordered) - 1) // 2]
+
+
 def median(values: Iterable[float]) -> float:
     """The median (mean of the middle two for an even count); ValueError when empty."""
     ordered = sorted(values)

@@ -146,8 +146,12 @@ def sensitivity(summary: RunSummary) -> Sensitivity | None:
         own = [str(u) for u in unmet if u not in shared_unmet]
         variants.append(Variant(label, float(value), advantages, tuple(own)))
     variants.sort(key=lambda v: v.value)
+    # A value this machine could not give ran as the nearest one it could (a speed above 1x
+    # as 1x): a crossing there would be noise, so those values do not place the break-even.
     points = [
-        (v.value, e.value) for v in variants if (e := v.advantages["throughput"]).value is not None
+        (v.value, e.value)
+        for v in variants
+        if not v.unmet and (e := v.advantages["throughput"]).value is not None
     ]
     return Sensitivity(param, base, at, variants, break_even(points))
 

@@ -137,6 +137,8 @@ def test_whatif_stacks_are_the_baselines_then_one_dpumesh_per_value():
         ((["dpumesh"], "dpu_speed", [1.0]), "not a baseline"),
         ((["envoy"], "dpu_speed", [1.0, 1.0]), "distinct"),
         ((["envoy"], "dpu_cores", [1.5]), "whole numbers"),
+        ((["envoy", "envoy"], "dpu_speed", [1.0]), "lists a stack twice"),
+        ((["envoy"], "dpu_speed", [1.0000001, 1.0000002]), "too close"),
     ):
         with pytest.raises(ValueError, match=fragment):
             plan.whatif_stacks(*bad)
@@ -147,8 +149,10 @@ def test_levels_and_request_ids():
     levels = plan.sweep(cfg, cfg.rates)
     assert [lv.name for lv in levels] == ["closed-8", "open-50", "open-100"]
     assert [lv.rate for lv in levels] == [None, 50.0, 100.0]
-    assert plan.open_level(1000, 1).users == 50  # enough users for 50 ms at 1000 req/s
-    assert plan.open_level(20, 12).users == 12  # at least one per Locust process
+    # Enough users to send on schedule at any latency within the SLO (Little's law).
+    assert plan.open_level(1000, cfg).users == 100  # 1000 req/s x 100 ms
+    assert plan.open_level(1000, config.build(overrides={"slo_p99_ms": 20})).users == 20
+    assert plan.open_level(20, config.build(overrides={"processes": 12})).users == 12
     # Same ids for every stack at one rep and level; different across reps and levels.
     prefixes = {
         plan.request_id_prefix(s.rep, levels[1]) for s in plan.segments(cfg, plan.stacks(cfg))
@@ -344,8 +348,13 @@ def test_max_clean_is_a_bound_at_the_top():
     assert ladder.max_clean({100: False}, top=400) == ladder.MaxClean(None, False)
     reps = [ladder.MaxClean(400, True), ladder.MaxClean(300, False), ladder.MaxClean(400, True)]
     assert ladder.median_max_clean(reps) == ladder.MaxClean(400, True)
+    # An even count: the lower middle one, a rate that was measured, never a mean of a bound.
     two = [ladder.MaxClean(400, True), ladder.MaxClean(300, False)]
-    assert ladder.median_max_clean(two) == ladder.MaxClean(350, False)
+    assert ladder.median_max_clean(two) == ladder.MaxClean(300, False)
+    tops = [ladder.MaxClean(400, True), ladder.MaxClean(400, True)]
+    assert ladder.median_max_clean(tops) == ladder.MaxClean(400, True)
+    none = [ladder.MaxClean(None, False), ladder.MaxClean(200, False)]
+    assert ladder.median_max_clean(none) == ladder.MaxClean(None, False)
     assert ladder.median_max_clean([ladder.MaxClean(None, False)]) == ladder.MaxClean(None, False)
 
 
@@ -625,3 +634,33 @@ def test_repeatability_compares_medians_and_spreads(tmp_path):
     assert "A         80   B         90" in text
     assert "spread 20.0%" in text  # the machine's own speed probe
     assert "largest closed-loop throughput spread across repetitions: 20.0%" in text
+
+
+def test_a_whatif_variant_gets_its_own_dpu_model_and_settings():
+    """A DMA or cores value reaches the variant's model and its stack settings, nothing else."""
+    cfg = config.build(overrides={"placement": "shared", "dpu_profile": "ideal"})
+    dma = plan.Stack("dpumesh", (("dma_latency_us", 7.0),))
+    with runner.prepare_placement(cfg, dma) as placed:
+        assert placed.model.dma_latency_us == 7.0
+        assert runner.settings_of(cfg, placed).dma_latency_us == 7.0
+    cores = plan.Stack("dpumesh", (("dpu_cores", 3.0),))
+    with runner.prepare_placement(cfg, cores) as placed:
+        assert placed.model.dpu_cores == 3 and isinstance(placed.model.dpu_cores, int)
+    with runner.prepare_placement(cfg) as placed:
+        assert placed.model.dma_latency_us == 0.0 and placed.model.dpu_cores == 1
+
+
+def test_the_harness_runs_on_the_load_generators_cpus_and_restores_its_affinity():
+    import os
+
+    from harness.measure import speed
+
+    before = os.sched_getaffinity(0)
+    one = {min(before)}
+    with runner._on_cpus(frozenset(one)):
+        assert os.sched_getaffinity(0) == one
+        assert speed.loop_rate(before, seconds=0.01) > 0  # the probe moves, then comes back
+        assert os.sched_getaffinity(0) == one
+    assert os.sched_getaffinity(0) == before
+    with runner._on_cpus(None):  # shared placement: nothing pinned
+        assert os.sched_getaffinity(0) == before

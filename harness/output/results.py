@@ -143,17 +143,17 @@ class ResultsDir:
             (path / sub).mkdir(parents=True, exist_ok=True)
 
     @staticmethod
-    def name(mesh: str, rep: int, level: str) -> str:
-        return f"{mesh}-rep{rep}-{level}"
+    def name(stack: str, rep: int, level: str) -> str:
+        return f"{stack}-rep{rep}-{level}"
 
-    def hist_path(self, mesh: str, rep: int, level: str) -> Path:
-        return self.path / HIST_DIR / f"{self.name(mesh, rep, level)}.hdr"
+    def hist_path(self, stack: str, rep: int, level: str) -> Path:
+        return self.path / HIST_DIR / f"{self.name(stack, rep, level)}.hdr"
 
-    def locust_prefix(self, mesh: str, rep: int, level: str) -> Path:
-        return self.path / "locust" / self.name(mesh, rep, level)
+    def locust_prefix(self, stack: str, rep: int, level: str) -> Path:
+        return self.path / "locust" / self.name(stack, rep, level)
 
-    def stack_dir(self, mesh: str, rep: int) -> Path:
-        return self.path / "stacks" / f"{mesh}-rep{rep}"
+    def stack_dir(self, stack: str, rep: int) -> Path:
+        return self.path / "stacks" / f"{stack}-rep{rep}"
 
     def append_result(self, row: Mapping[str, Any]) -> None:
         self._append(RESULTS_CSV, RESULT_COLUMNS, [row])
@@ -178,9 +178,9 @@ class ResultsDir:
         tmp.replace(path)
         return path
 
-    def copy_configs(self, mesh: str, files: Mapping[str, Path]) -> dict[str, str]:
-        """Copy a stack's generated configs (and stack.json) to configs/<mesh>/; relative paths."""
-        dest = self.path / "configs" / mesh
+    def copy_configs(self, stack: str, files: Mapping[str, Path]) -> dict[str, str]:
+        """Copy a stack's generated configs (and stack.json) to configs/<stack>/; relative paths."""
+        dest = self.path / "configs" / stack
         dest.mkdir(parents=True, exist_ok=True)
         copied = {}
         for name, src in files.items():

@@ -98,14 +98,10 @@ def _merge_close(rates: list[float]) -> list[float]:
 
 
 def _merge_closest(rates: list[float]) -> list[float]:
-    """Replace the closest inner pair (relative gap) by one rate; drop one inner rate if none."""
+    """Replace the closest pair of inner rates (relative gap) by one; the ends stay."""
     if len(rates) <= 3:
         return [rates[0], rates[-1]]
-    gaps = [(rates[i + 1] / rates[i], i) for i in range(len(rates) - 1)]
-    inner_pairs = [(g, i) for g, i in gaps if 0 < i < len(rates) - 2]
-    if not inner_pairs:  # only pairs touching an end: drop the inner rate next to it
-        return [rates[0], *rates[2:]]
-    _, i = min(inner_pairs)
+    _, i = min((rates[i + 1] / rates[i], i) for i in range(1, len(rates) - 2))
     merged = nice((rates[i] * rates[i + 1]) ** 0.5)
     return [*rates[:i], merged, *rates[i + 2 :]]
 
@@ -169,11 +165,13 @@ def max_clean(results: Mapping[float, bool], top: float) -> MaxClean:
 
 
 def median_max_clean(reps: Sequence[MaxClean]) -> MaxClean:
-    """The median over repetitions (no clean rate counts as 0); at the top if the median is."""
-    values = sorted(r.rps or 0.0 for r in reps)
-    if not values:
+    """The lower median over repetitions (no clean rate counts as 0).
+
+    The lower median of an even count, not the mean of the middle two, so the
+    value is always a rate that was measured, and it is at the top (a bound)
+    only when that repetition's was.
+    """
+    ordered = sorted(reps, key=lambda r: (r.rps or 0.0, r.at_top))
+    if not ordered:
         return MaxClean(None, False)
-    mid = len(values) // 2
-    value = values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
-    tops = sorted(r.at_top for r in reps)
-    return MaxClean(value or None, tops[mid] if len(tops) % 2 else tops[mid - 1] and tops[mid])
+    return ordered[(len(ordered) - 1) // 2]

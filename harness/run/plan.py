@@ -36,9 +36,9 @@ from dataclasses import dataclass, field
 from harness.placement import profiles
 from harness.run.config import BenchConfig
 
-# Open loop needs users >= rate x worst latency; 50 ms covers this machine's
-# usual tail, and late sends are measured from their intended time anyway.
-OPEN_LOOP_LATENCY_BUDGET_S = 0.05
+# Open loop needs users >= rate x latency (Little's law) to send on schedule: rate x the
+# p99 objective covers every rate that can be clean, so a knee is the stack's, not the
+# generator's; late sends are measured from their intended time anyway.
 OPEN_LOOP_MIN_USERS = 8
 
 # Costs (s) measured on a busy 2-core machine, only for the progress display's estimate.
@@ -105,23 +105,30 @@ def whatif_stacks(baselines: Sequence[str], param: str, values: Sequence[float])
         raise ValueError(f"--param must be one of {', '.join(WHATIF_PARAMS)}, not {param!r}")
     if "dpumesh" in baselines:
         raise ValueError("--baselines: dpumesh is the swept stack, not a baseline")
+    if len(set(baselines)) != len(baselines):
+        raise ValueError(f"--baselines lists a stack twice: {', '.join(baselines)}")
     if len(set(values)) != len(values) or not values:
         raise ValueError(f"--values needs distinct values, got {list(values)}")
     if param == "dpu_cores" and any(v != int(v) for v in values):
         raise ValueError(f"dpu_cores values must be whole numbers, got {list(values)}")
-    return [
+    stacks = [
         *(Stack(mesh) for mesh in baselines),
         *(Stack("dpumesh", ((param, v),)) for v in sorted(values)),
     ]
+    labels = [s.label for s in stacks]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"--values too close to tell apart in a label: {', '.join(labels)}")
+    return stacks
 
 
 def closed_level(users: int) -> Level:
     return Level(f"closed-{users}", users, None)
 
 
-def open_level(rate: float, processes: int, prefix: str = "open") -> Level:
+def open_level(rate: float, config: BenchConfig, prefix: str = "open") -> Level:
     """An open-loop level with enough users for `rate` (and one per Locust process at least)."""
-    users = max(OPEN_LOOP_MIN_USERS, math.ceil(rate * OPEN_LOOP_LATENCY_BUDGET_S), processes)
+    budget_s = config.slo_p99_ms / 1000
+    users = max(OPEN_LOOP_MIN_USERS, math.ceil(rate * budget_s), config.processes)
     return Level(f"{prefix}-{rate:g}", users, rate)
 
 
@@ -132,7 +139,7 @@ def closed(config: BenchConfig) -> Level:
 
 def sweep(config: BenchConfig, ladder: Sequence[float]) -> list[Level]:
     """The levels of a segment that climbs the whole ladder: closed loop, then each rate."""
-    return [closed(config), *(open_level(r, config.processes) for r in ladder)]
+    return [closed(config), *(open_level(r, config) for r in ladder)]
 
 
 def segments(config: BenchConfig, compared: Sequence[Stack]) -> list[Segment]:

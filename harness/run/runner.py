@@ -239,17 +239,19 @@ class Runner:
         config: BenchConfig,
         console: Console,
         argv: list[str],
+        placement: Placement,
         placements: dict[str, Placement],
         compared: Sequence[Stack],
         whatif: dict[str, Any] | None = None,
     ) -> None:
-        """`placements`: one per stack label (stacks without overrides share the run's)."""
+        """`placement`: the run's; `placements`: one per stack label (stacks without
+        overrides share the run's)."""
         self.config = config
         self.console = console
         self.argv = argv
         self.compared = list(compared)
         self.placements = placements
-        self.placement = placements[self.compared[0].label]  # the layout is the same for all
+        self.placement = placement  # the run's model; every stack has its layout
         self.models = {label: p.record() for label, p in placements.items()}
         self.whatif = whatif
         base = load_cell(settings_of(config, self.placement))  # WorkmodelError before any start
@@ -416,23 +418,32 @@ class Runner:
         if not self.ladder:
             return
         climb = ladder.Climb(self.ladder)
-        while (rate := climb.next_rate()) is not None:
-            climb.record(rate, self._clean(self._level(stack, seg, self._open(rate, "open"))))
-        results = dict(climb.results)
+        results = climb.results
         steps = cfg.refine
-        while steps and (rate := ladder.refine(results)) is not None:
-            results[rate] = self._clean(self._level(stack, seg, self._open(rate, "refine")))
-            steps -= 1
+        try:
+            while (rate := climb.next_rate()) is not None:
+                climb.record(rate, self._clean(self._level(stack, seg, self._open(rate, "open"))))
+            results = dict(climb.results)
+            while steps and (rate := ladder.refine(results)) is not None:
+                results[rate] = self._clean(self._level(stack, seg, self._open(rate, "refine")))
+                steps -= 1
+        finally:  # a stack that broke mid-climb still has what it measured recorded
+            self._record_max_clean(seg, results, climb.skipped)
         self.progress.skip((len(climb.skipped) + steps) * self._level_s())
+
+    def _record_max_clean(
+        self, seg: Segment, results: dict[float, bool], skipped: list[float]
+    ) -> None:
+        assert self.progress is not None
         best = ladder.max_clean(results, self.ladder[-1])
         self.max_clean.setdefault(seg.label, {})[seg.rep] = best
-        self.skipped.setdefault(seg.label, {})[seg.rep] = climb.skipped
+        self.skipped.setdefault(seg.label, {})[seg.rep] = skipped
         shown = "none" if best.rps is None else f"{'>= ' if best.at_top else ''}{best.rps:g} req/s"
-        past = f"; skipped {', '.join(f'{r:g}' for r in climb.skipped)}" if climb.skipped else ""
+        past = f"; skipped {', '.join(f'{r:g}' for r in skipped)}" if skipped else ""
         self.progress.print(f"{seg.label} rep {seg.rep}: max clean throughput {shown}{past}")
 
     def _open(self, rate: float, prefix: str) -> Level:
-        return plan.open_level(rate, self.config.processes, prefix)
+        return plan.open_level(rate, self.config, prefix)
 
     def _clean(self, row: dict[str, Any]) -> bool:
         """DESIGN §5's clean level, and every self-check of the level passed."""
@@ -542,15 +553,15 @@ class Runner:
     def _record(self, seg: Segment, level: str, checks: list[chk.Check]) -> None:
         self.checks += [c.record(seg.label, seg.rep, level) for c in checks]
 
-    def _note_stack(self, mesh: str, stack: RunningStack) -> None:
-        """Keep the stack's manifest; publish the first start's configs under configs/<mesh>/."""
+    def _note_stack(self, label: str, stack: RunningStack) -> None:
+        """Keep the stack's manifest; publish the first start's configs under configs/<label>/."""
         files = {name: Path(path) for name, path in stack.configs.items()}
         manifest = Path(stack.manifest)
         if manifest.is_file():
-            self.manifests.setdefault(mesh, []).append(json.loads(manifest.read_text()))
+            self.manifests.setdefault(label, []).append(json.loads(manifest.read_text()))
             files["stack"] = manifest
-        if mesh not in self.mesh_configs:
-            self.mesh_configs[mesh] = self.results.copy_configs(mesh, files)
+        if label not in self.mesh_configs:
+            self.mesh_configs[label] = self.results.copy_configs(label, files)
 
     # -- meta.json -------------------------------------------------------------------------
 
@@ -807,7 +818,7 @@ def run(
         }
         for placement in placements.values():
             deploy.check_placement(config.mode, placement)
-        runner = Runner(config, console, argv, placements, compared, whatif)
+        runner = Runner(config, console, argv, base, placements, compared, whatif)
         with _on_cpus(base.cpus("loadgen")):
             path = runner.run()
     return path, runner.checks_ok

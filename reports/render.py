@@ -133,14 +133,16 @@ def _banners(run: Run) -> str:
     """Data problems and the self-check tally, at the top of the run's section."""
     out = [f"<div class='banner warn'>Data problem: {escape(p)}</div>" for p in run.problems]
     checks = _checks(run)
-    failed = [c for c in checks if not c["ok"]]
+    failed = [c for c in checks if _failed(c)]
     if failed:
         out.append(
             f"<div class='banner fail'><b>{len(failed)} of {len(checks)} self-checks FAILED</b>"
             " (listed under self-checks below); numbers from those runs are suspect.</div>"
         )
     elif checks:
-        out.append(f"<div class='banner ok'>All {len(checks)} self-checks passed.</div>")
+        noted = sum(not c["ok"] for c in checks)
+        findings = f" ({noted} informational, not met: listed below)" if noted else ""
+        out.append(f"<div class='banner ok'>All {len(checks)} self-checks passed{findings}.</div>")
     else:
         out.append("<div class='banner warn'>No self-check results were recorded.</div>")
     out.append(_machine_speed(run.meta.get("machine_speed")))
@@ -404,6 +406,12 @@ def _checks(run: Run) -> list[dict[str, Any]]:
     return checks
 
 
+def _failed(check: dict[str, Any]) -> bool:
+    """A failed check; an informational one that is not ok is a finding (e.g. a rate past a
+    stack's knee not delivered), shown, but not a failure of the run."""
+    return not check["ok"] and not check.get("info")
+
+
 def _checks_table(run: Run) -> str:
     checks = _checks(run)
     if not checks:
@@ -413,16 +421,24 @@ def _checks_table(run: Run) -> str:
     def rows(selected: list[dict[str, Any]]) -> list[list[str]]:
         return [
             [
-                "ok" if c["ok"] else "FAIL",
+                "ok" if c["ok"] else "FAIL" if _failed(c) else "info",
                 *(escape(str(c.get(k, ""))) for k in ("mesh", "rep", "level", "name", "detail")),
                 escape(c["source"]),
             ]
             for c in selected
         ]
 
-    failed = [c for c in checks if not c["ok"]]
+    failed = [c for c in checks if _failed(c)]
+    noted = [c for c in checks if not c["ok"] and not _failed(c)]
     passed = [c for c in checks if c["ok"]]
     out = page.table(head, rows(failed), ["fail"] * len(failed)) if failed else ""
+    if noted:  # findings, such as rates past a knee that were not delivered
+        out += (
+            f"<details><summary>{len(noted)} informational checks not met (findings, such as"
+            " open-loop rates past a stack's knee)</summary>"
+            + page.table(head, rows(noted))
+            + "</details>"
+        )
     if passed:  # failures are always shown in full; passes fold away
         out += (
             f"<details><summary>{len(passed)} passed self-checks</summary>"

@@ -748,3 +748,11 @@ def test_a_machine_whose_speed_varied_says_so() -> None:
     varied = {"segments": [{"host_mloops_per_s": v} for v in (52, 80, 97)]}
     text = _machine_speed(varied)
     assert "between 52 and 97" in text and "spread of 56%" in text
+
+
+def test_informational_checks_are_findings_not_failures() -> None:
+    from reports.render import _failed
+
+    assert _failed({"ok": False, "info": False})
+    assert not _failed({"ok": False, "info": True})  # e.g. a rate past the knee not delivered
+    assert not _failed({"ok": True})

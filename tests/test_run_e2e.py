@@ -293,39 +293,40 @@ def _check_merged_histograms(run_dir, rows):
 def test_a_stack_that_saturates_early_shows_its_knee_and_another_reaches_the_top(tmp_path):
     """dpumesh with a slow DMA engine (3 ms per transfer, one engine: transfers queue) has
     its knee below the top rate; nomesh is clean at the top, so its maximum is "≥ top".
-    Two Locust processes per level: their histograms merge exactly."""
+    Two Locust processes per level: their histograms merge exactly. 6 s windows: the
+    achieved rate's denominator ends with the last response, so the tail weighs < 1 %."""
     out = tmp_path / "results"
     argv = [
         *("run", "--meshes", "nomesh,dpumesh", "--repeat", "1", "--processes", "2"),
-        *("--duration", "3", "--warmup", "1", "--settle", "1", "--users", "2"),
-        *("--rate", "10,80", "--refine", "1", "--scale", "0.1"),
+        *("--duration", "6", "--warmup", "1", "--settle", "1", "--users", "2"),
+        *("--rate", "10,60", "--refine", "1", "--scale", "0.1"),
         *("--dpu-profile", "ideal", "--dma-latency-us", "3000", "--out", str(out)),
     ]
     res = run_bench(argv, timeout_s=240)
     run_dir = (out / "latest").resolve()
     assert (run_dir / "meta.json").is_file(), res.stdout[-3000:] + res.stderr[-3000:]
     meta = json.loads((run_dir / "meta.json").read_text())
-    assert meta["ladder"]["rates"] == [10.0, 80.0] and meta["ladder"]["source"] == "config"
+    assert meta["ladder"]["rates"] == [10.0, 60.0] and meta["ladder"]["source"] == "config"
     best = meta["max_clean_throughput"]
     assert best["nomesh"] == {
-        "rps": 80.0,
+        "rps": 60.0,
         "at_top": True,
-        "per_rep": {"1": {"rps": 80.0, "at_top": True}},
+        "per_rep": {"1": {"rps": 60.0, "at_top": True}},
     }, res.stdout[-3000:]
     assert best["dpumesh"]["at_top"] is False, res.stdout[-3000:]
-    assert best["dpumesh"]["rps"] is not None and best["dpumesh"]["rps"] < 80
+    assert best["dpumesh"]["rps"] is not None and best["dpumesh"]["rps"] < 60
     rows = _rows(run_dir)
     levels = {(r["stack"], r["level"]) for r in rows}
-    assert {("nomesh", "open-10"), ("nomesh", "open-80"), ("dpumesh", "open-80")} <= levels
+    assert {("nomesh", "open-10"), ("nomesh", "open-60"), ("dpumesh", "open-60")} <= levels
     refined = [r for r in rows if r["level"].startswith("refine-")]
     assert [r["stack"] for r in refined] == ["dpumesh"]  # only a stack with a bracket refines
-    assert 10 < float(refined[0]["offered_rps"]) < 80
+    assert 10 < float(refined[0]["offered_rps"]) < 60
     assert [r["dma_latency_us"] for r in rows] == ["3000"] * len(rows)
     _check_merged_histograms(run_dir, rows)
     assert all(int(r["requests"]) > 0 for r in rows if r["stack"] == "nomesh")
-    assert "nomesh: max clean throughput >= 80 req/s" in res.stdout
+    assert "nomesh: max clean throughput >= 60 req/s" in res.stdout
     html = (run_dir / "report.html").read_text()
-    assert "≥ 80" in html
+    assert "≥ 60" in html
     # Rates past dpumesh's knee were not delivered: findings, not failed self-checks.
     assert res.returncode == 0 and "self-checks FAILED" not in html
     assert "informational, not met" in html

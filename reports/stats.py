@@ -34,12 +34,13 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal, TypeVar
 
+# DESIGN §5's clean rule has one definition, the harness's (the report judges levels the same).
+from harness.measure.checks import MAX_ERROR_RATE, MIN_DELIVERY
+
 CONFIDENCE = 0.95
 RESAMPLES = 2000
 SEED = 20_240_601
 
-MIN_DELIVERY = 0.98  # achieved / offered
-MAX_ERROR_RATE = 0.001  # failures / requests
 
 T = TypeVar("T")
 

@@ -18,12 +18,12 @@ from typing import TypeVar
 
 from baselines.envoy.config import DEFAULT_CONCURRENCY
 from harness.deploy.local import serve
-from harness.names import DEFAULT_PORT, DEFAULT_WORKMODEL, MESHES, MODES
+from harness.names import DEFAULT_PORT, DEFAULT_WORKMODEL, MESHES, MODES, RESTART_MODES
 from harness.placement.layout import PlacementError
 from harness.placement.profiles import resolve
 from harness.procs import StartError
 from harness.run import config as bench_config
-from harness.run import plan, runner
+from harness.run import faults, plan, runner
 from harness.stacks import describe
 from loadtests.options import REQUEST_MODES
 from mubench.internal import check_scale
@@ -96,11 +96,18 @@ def _stack_config(args: argparse.Namespace, **more: object) -> bench_config.Benc
 
 def _serve(args: argparse.Namespace) -> int:
     run_dir = args.run_dir or Path("runs", f"serve-{args.mesh}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}")
-    config = _stack_config(args, **{key: getattr(args, key) for _, key, _, _ in _DPU_OPTIONS})
+    keys = [key for _, key, _, _ in _DPU_OPTIONS] + ["restart", "restart_backoff"]
+    config = _stack_config(args, **{key: getattr(args, key) for key in keys})
     with runner.prepare_placement(config) as placement:
         print(f"model: {placement.record()['sentence']}", flush=True)
         settings = runner.settings_of(config, placement)
-        serve(describe(args.mesh, settings), port=args.port, run_dir=run_dir, placement=placement)
+        serve(
+            describe(args.mesh, settings),
+            port=args.port,
+            run_dir=run_dir,
+            placement=placement,
+            restart=runner.restart_policy(config),
+        )
     return 0
 
 
@@ -167,6 +174,7 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help="where logs and configs go (default runs/serve-<mesh>-<UTC timestamp>)",
     )
+    _add_restart_options(parser)
     _add_dpu_options(parser)
     parser.set_defaults(handler=_serve)
 
@@ -288,8 +296,6 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         help="a rough look in about 2 minutes: "
         + ", ".join(f"{k}={v}" for k, v in bench_config.QUICK.items()),
     )
-    add("--workmodel", metavar="PATH", help="μBench workmodel.json")
-    add("--users", type=int, metavar="U", help="closed-loop users (calibration too)")
     add(
         "--rate",
         dest="rates",
@@ -298,11 +304,19 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     )
     add("--ladder-rates", type=int, metavar="N", help="rates in the calibrated ladder")
     add("--refine", type=int, metavar="N", help="refinement probes per stack and repetition")
-    add("--calibrate", type=int, metavar="S", help="measured seconds of each calibration")
     add("--duration", type=int, metavar="S", help="measured seconds per level")
-    add("--warmup", type=int, metavar="S", help="warm-up seconds after each stack start")
     add("--settle", type=int, metavar="S", help="excluded seconds at the start of other levels")
     add("--repeat", type=int, metavar="N", help="repetitions per stack (interleaved)")
+    _add_load_options(parser)
+
+
+def _add_load_options(parser: argparse.ArgumentParser) -> None:
+    """Options of every command that starts stacks and loads them (bench.toml keys)."""
+    add = parser.add_argument
+    add("--workmodel", metavar="PATH", help="μBench workmodel.json")
+    add("--users", type=int, metavar="U", help="closed-loop users (calibration too)")
+    add("--calibrate", type=int, metavar="S", help="measured seconds of each calibration")
+    add("--warmup", type=int, metavar="S", help="warm-up seconds after each stack start")
     add("--seed", type=int, metavar="S", help="μBench random seed")
     add("--out", metavar="DIR", help="results root (a timestamped directory goes inside)")
     add("--slo-p99-ms", type=float, metavar="MS", help="p99 objective for max clean throughput")
@@ -313,7 +327,105 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     add("--scale", type=float, metavar="F", help="multiply the cells' pi computations and sleeps")
     add("--envoy-concurrency", type=_ENVOY_CONCURRENCY, metavar="N", help=_ENVOY_CONCURRENCY_HELP)
     add("--functions-dir", metavar="DIR", help=_FUNCTIONS_DIR_HELP)
+    _add_restart_options(parser)
     _add_dpu_options(parser)
+
+
+def _add_restart_options(parser: argparse.ArgumentParser) -> None:
+    """The components' restart policy (bench.toml `restart`, `restart_backoff`)."""
+    parser.add_argument(
+        "--restart",
+        choices=RESTART_MODES,
+        help="restart policy of every component: always (with back-off, like Kubernetes; "
+        "the default) or never (a dead component stays dead)",
+    )
+    parser.add_argument(
+        "--restart-backoff",
+        type=_checked(bench_config.VALIDATORS["restart_backoff"]),
+        metavar="S",
+        help="first restart back-off in seconds, doubled per crash in a row (default 0.5)",
+    )
+
+
+def _faults(args: argparse.Namespace) -> int:
+    config = _run_config(args)
+    options = faults.Options(
+        faults=tuple(faults.parse_faults(args.faults)),
+        rate=None if args.fault_rate == "auto" else _positive(args.fault_rate, "--fault-rate"),
+        pause_s=_positive(args.pause_s, "--pause-s"),
+        before_s=args.before_s,
+        after_s=args.after_s,
+        service=args.service,
+    )
+    faults.run(config, options, ["run_bench.py", *(args.argv or [])])
+    return 0
+
+
+def _positive(text: str | float, name: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise bench_config.ConfigError(f"{name}: expected a number > 0, got {text!r}")
+    return value
+
+
+def _add_faults(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "faults",
+        help="fault-tolerance benchmark: kill or pause one component under steady load",
+        description=(
+            "Calibrate every stack (a short closed-loop level; skipped with --fault-rate), "
+            "then per stack: start it once and, for each fault, run Locust at one steady "
+            "open-loop rate (half the slowest stack's capacity unless given), inject the "
+            "fault a few seconds in (kill = SIGKILL, pause = SIGSTOP for --pause-s) and "
+            "watch the recovery under the stack's restart policy. Writes results/<UTC "
+            "timestamp>/faults.csv (requests, failed by status, worst latency, recovery "
+            "time, blast radius, restarts per stack and fault), faults.json (the timelines) "
+            "and report.html. Faults a stack has no target for are listed as not applicable."
+        ),
+    )
+    parser.add_argument(
+        "--meshes", metavar="A,B", help=f"stacks to test, in order ({','.join(MESHES)})"
+    )
+    parser.add_argument(
+        "--faults",
+        default="all",
+        metavar="K:T,...",
+        type=_checked(_fault_list),
+        help="faults KIND:TARGET, KIND kill or pause, TARGET worker, sidecar, gateway, "
+        "nodeproxy, dpu-daemon or dpa-daemon (default: all)",
+    )
+    parser.add_argument(
+        "--fault-rate",
+        default="auto",
+        metavar="R",
+        help="open-loop req/s of every stack (default auto: half the slowest calibrated)",
+    )
+    parser.add_argument(
+        "--pause-s", default=3.0, type=float, metavar="S", help="SIGSTOP length (default 3)"
+    )
+    parser.add_argument(
+        "--before-s", default=3, type=int, metavar="S", help="load before the fault (default 3)"
+    )
+    parser.add_argument(
+        "--after-s",
+        default=10,
+        type=int,
+        metavar="S",
+        help="load after the fault (after the pause ends; default 10)",
+    )
+    parser.add_argument(
+        "--service",
+        metavar="SVC",
+        help="whose worker or sidecar is hit (default: the entry service's first callee)",
+    )
+    parser.add_argument("--config", type=Path, metavar="FILE", help="TOML settings (bench.toml)")
+    _add_load_options(parser)
+    parser.set_defaults(handler=_faults, quick=False, rates=None)
+
+
+def _fault_list(text: str) -> str:
+    faults.parse_faults(text)
+    return text
 
 
 def _k8s(args: argparse.Namespace) -> int:
@@ -379,6 +491,7 @@ def _parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     _add_run(subparsers)
     _add_whatif(subparsers)
+    _add_faults(subparsers)
     _add_report(subparsers)
     _add_serve(subparsers)
     _add_k8s(subparsers)

@@ -53,6 +53,18 @@ The daemon holds a registry slot of its own while it runs. On SIGINT/SIGTERM
 it exits 0 after discarding its backlogs and releasing that slot; if it was
 the namespace's last process, the shared objects (registry, its lock, dpa
 doorbell, sidecar rings) are removed with it.
+
+Restarts: a DMA manager killed with -9 can be replaced by a new one started
+the same way while the sidecar and the workers run. The newcomer waits (at
+most about 1.4 s, `registry.wait_for_predecessor`) for the old slot's
+heartbeat to stop, since two consumers of one ring would corrupt it, frees
+that slot, opens the existing registry, rings and doorbells, takes over the
+doorbell rings that piled up while nobody listened, attaches every live
+worker and drains what waited in the queues. Entries the dead process held in
+its own memory (a move in progress, backlogs) are lost; their requests end at
+the sidecar (module docstring of `dpu_daemon`). A daemon that stalled until
+its slot was taken over and finds another DMA manager alive when it wakes up
+exits with status 1 instead of becoming a second consumer.
 """
 
 from __future__ import annotations
@@ -61,6 +73,7 @@ import argparse
 import contextlib
 import ctypes
 import logging
+import os
 import signal
 import threading
 import time
@@ -77,6 +90,7 @@ from dpumesh.registry import (
     SidecarRings,
     WorkerKey,
     collect_stale,
+    wait_for_predecessor,
 )
 
 log = logging.getLogger("dpumesh.dpa_daemon")
@@ -88,6 +102,11 @@ WORKER_BACKLOG = 256  # entries held per worker whose worker_sq is full
 SIDECAR_BACKLOG = 4096  # entries held while sidecar_sq is full
 _SPIN_BELOW_S = 20e-6  # shorter DMA delays are spun (module docstring: measured)
 _PR_SET_TIMERSLACK = 29  # linux/prctl.h
+DMA_NAME = DAEMON_PREFIX + "dpa-daemon"  # this daemon's registry slot
+
+
+class Superseded(RuntimeError):
+    """Another DMA manager serves the namespace: this one must not consume its rings."""
 
 
 @dataclass(slots=True)
@@ -152,10 +171,19 @@ class DmaManager:
         self.cost = cost or DmaCost()
         self.stop = stop or threading.Event()
         self.registry = Registry.open_or_create(self.ns)
-        collect_stale(self.ns, self.registry)
-        self.sidecar = SidecarRings(self.ns)
+        try:
+            other = wait_for_predecessor(self.registry, DMA_NAME)
+            if other is not None:
+                raise Superseded(f"another dpa-daemon (pid {other.pid}) serves namespace {ns}")
+            collect_stale(self.ns, self.registry)
+            self.sidecar = SidecarRings(self.ns)
+        except BaseException:
+            self.registry.close()
+            raise
         self.bell = self.sidecar.dpa_bell
-        self.membership = Membership(self.registry, DAEMON_PREFIX + "dpa-daemon", rejoin=True)
+        self.membership = Membership(self.registry, DMA_NAME, rejoin=True)
+        self._key = self.membership.key
+        self.superseded: str | None = None  # set when another DMA manager took over
         self.workers: dict[int, _Worker] = {}  # by route (key as u32)
         self._pending: set[WorkerKey] = set()  # live but rings not openable yet
         self._sidecar_backlog: deque[tuple[ring.Entry, int, int]] = deque()
@@ -167,12 +195,17 @@ class DmaManager:
 
     def run(self) -> None:
         """Serve until `stop` is set (signal handlers set it and the wait returns)."""
+        # Rings posted while no DMA manager listened (a predecessor died): the first
+        # pump below drains everything they announced, so they are only wake-ups.
+        stale = self.bell.absorb(self.bell.value)
+        if stale:
+            log.info("took over %d doorbell rings posted while no DMA manager ran", stale)
         now = time.monotonic()
         next_tick = now
         next_collect = now + COLLECT_EVERY_S
         while not self.stop.is_set():
             woke = self.bell.wait(max(0.0, next_tick - time.monotonic()))
-            if self.stop.is_set():
+            if self.stop.is_set() or not self._still_ours():
                 break
             if self._pending or self.registry.version != self._seen_version:
                 self._rescan()
@@ -190,6 +223,29 @@ class DmaManager:
                     next_collect = now + COLLECT_EVERY_S
                     for name in collect_stale(self.ns, self.registry):
                         log.info("collected stale %s", name)
+
+    def _still_ours(self) -> bool:
+        """False if this daemon stalled, lost its slot and another DMA manager took over.
+
+        Checked before every pump (one aligned load and store): after a stall the
+        heartbeat thread may already have claimed a new slot, so a changed key
+        counts as a lost slot too.
+        """
+        if self.membership.key == self._key and self.registry.heartbeat(self._key):
+            return True
+        others = [
+            info
+            for info in self.registry.snapshot(include_daemons=True)
+            if info.service == DMA_NAME and info.alive and info.key != self.membership.key
+        ]
+        if others:
+            self.superseded = f"dpa-daemon pid {others[0].pid} took over while this one stalled"
+            log.error("%s: exiting without touching the queues", self.superseded)
+            self.stop.set()
+            return False
+        log.warning("this DMA manager stalled past its heartbeat expiry; going on")
+        self._key = self.membership.key
+        return True
 
     def pump(self) -> int:
         """Move everything that can move now; returns entries taken from sources."""
@@ -346,16 +402,28 @@ class DmaManager:
             pass
         while worker.backlog:
             self._bounce(worker.backlog.popleft()[0])
-        while True:
+        # We produce worker_sq, so our handle's read position is where we opened it,
+        # not where the worker got to: read its rest through a fresh consumer's view.
+        # (Through our own handle, entries the worker had consumed long ago came back
+        # as bounces, their buffers gone.) No ring left: the worker removed it on exit.
+        try:
+            unread = ring.Ring.open(worker.sq.name, space_bell=self.bell)
+        except (posix_ipc.ExistentialError, ring.RingCorrupt):
+            unread = None
+        if unread is not None:
             try:
-                entry = worker.sq.pop_entry()
-            except ring.BadEntry:
-                continue
-            except ring.RingCorrupt:
-                break
-            if entry is None:
-                break
-            self._bounce(entry)
+                while True:
+                    try:
+                        entry = unread.pop_entry()
+                    except ring.BadEntry:
+                        continue
+                    except ring.RingCorrupt:
+                        break
+                    if entry is None:
+                        break
+                    self._bounce(entry)
+            finally:
+                unread.close()
         worker.close()
         log.info("worker %d/%d detached", *worker.key)
 
@@ -435,18 +503,32 @@ def main(argv: list[str] | None = None) -> int:
     # Before creating anything, so a signal during start-up still cleans up.
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
-    manager = DmaManager(ns, DmaCost(args.dma_latency_us, args.dma_gbps), stop=stop)
-    log.info("dpa daemon up (namespace %s)", ns)
+    try:
+        manager = DmaManager(ns, DmaCost(args.dma_latency_us, args.dma_gbps), stop=stop)
+    except Superseded as exc:
+        log.error("not starting: %s", exc)
+        return 1
+    announce("dpa-daemon pid %d up (namespace %s)", os.getpid(), ns)
     try:
         manager.run()
     finally:
         manager.close()
-    log.info("dpa daemon stopped: %d moved, %d bounced", manager.moved, manager.bounced)
+    announce(
+        "dpa-daemon pid %d stopped: %d moved, %d bounced",
+        os.getpid(),
+        manager.moved,
+        manager.bounced,
+    )
     if manager.cost.enabled:
         log.info(
             "DMA cost: %d transfers, %.6f s charged", manager.cost.transfers, manager.cost.charged_s
         )
-    return 0
+    return 0 if manager.superseded is None else 1
+
+
+def announce(msg: str, *args: object) -> None:
+    """Log at INFO whatever the configured level: a (re)start must show in the log."""
+    log.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, msg, args, None))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,14 @@ The seed prototype called its fallback synchronously on the sidecar's only
 thread, so one slow peer stalled the whole node. Here every call is a
 coroutine on the sidecar's event loop, connections are kept alive and reused
 per peer, and responses are parsed by `httptools`.
+
+A peer is another node, so its answers are input like any client's (DESIGN
+§9): the response head (and a chunked body's trailers) may not exceed
+`MAX_HEADER_BYTES` of bytes read without progress, because httptools
+concatenates an unfinished header value itself; the body is counted as it
+arrives and capped at `max_body`; informational (1xx) responses are skipped;
+anything after the response ends the connection instead of being read as the
+next request's answer; a call that fails or times out closes its connection.
 """
 
 from __future__ import annotations
@@ -14,7 +22,15 @@ from urllib.parse import urlsplit
 
 import httptools
 
-from dpumesh.bridge_codec import HOP_BY_HOP, is_field_value, is_target, is_token
+from dpumesh.bridge_codec import (
+    HOP_BY_HOP,
+    MAX_HEADER_BYTES,
+    is_field_value,
+    is_target,
+    is_token,
+)
+
+READ_SIZE = 65536
 
 
 class FallbackError(Exception):
@@ -37,28 +53,59 @@ class Peer:
         return cls(parts.hostname, parts.port or 80)
 
 
+class _Trailing(Exception):
+    """A peer sent bytes after its response: stop parsing, do not reuse the connection."""
+
+
 @dataclass(slots=True)
 class _Response:
+    """Collects one response from httptools callbacks (1xx interim responses skipped)."""
+
+    max_body: int
     status: int = 0
     headers: list[tuple[str, str]] = field(default_factory=list)
     body: list[bytes] = field(default_factory=list)
+    body_len: int = 0
     complete: bool = False
     headers_done: bool = False
     keep_alive: bool = False
+    progress: bool = False  # set when a feed completed the head or carried body bytes
     parser: httptools.HttpResponseParser | None = None
 
+    def on_message_begin(self) -> None:
+        if self.complete:
+            raise _Trailing
+        self.headers = []
+        self.body = []
+        self.body_len = 0
+        self.headers_done = False
+
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name.decode("latin-1"), value.decode("latin-1")))
+        if not self.headers_done:  # after the head: a trailer field, not forwarded
+            self.headers.append((name.decode("latin-1"), value.decode("latin-1")))
 
     def on_headers_complete(self) -> None:
+        assert self.parser is not None
         self.headers_done = True
-        # Ask now: llhttp resets its flags once the message is complete.
+        self.progress = True
+        # Ask now: llhttp resets its state once the message is complete.
+        self.status = self.parser.get_status_code()
         self.keep_alive = self.parser.should_keep_alive()
+        for name, value in self.headers:
+            if name.lower() == "content-length" and _too_long(value, self.max_body):
+                raise FallbackError(f"response body of {value[:20]} bytes exceeds {self.max_body}")
 
     def on_body(self, chunk: bytes) -> None:
+        self.progress = True
+        self.body_len += len(chunk)
+        if self.body_len > self.max_body:
+            raise FallbackError(f"response body exceeds {self.max_body} bytes")
         self.body.append(chunk)
 
     def on_message_complete(self) -> None:
+        self.progress = True
+        if 100 <= self.status < 200:
+            return  # interim (100 Continue, 103 Early Hints): the real answer follows
         self.complete = True
 
 
@@ -79,10 +126,17 @@ class FallbackClient:
         body: bytes,
         timeout: float,
     ) -> tuple[int, list[tuple[str, str]], bytes]:
-        """Send one request to `peer`; returns (status, headers, body)."""
+        """Send one request to `peer`; returns (status, headers, body).
+
+        Raises TimeoutError when `timeout` passes first, FallbackError for anything else.
+        """
         try:
             return await asyncio.wait_for(self._request(peer, method, path, headers, body), timeout)
+        except TimeoutError:
+            raise  # an OSError since Python 3.11, but the caller answers it with 504, not 502
         except (OSError, asyncio.IncompleteReadError, httptools.HttpParserError) as exc:
+            raise FallbackError(f"{peer.host}:{peer.port}: {exc}") from None
+        except FallbackError as exc:
             raise FallbackError(f"{peer.host}:{peer.port}: {exc}") from None
 
     async def _request(self, peer, method, path, headers, body):
@@ -92,11 +146,14 @@ class FallbackClient:
             reader, writer, reused = await self._connect(peer)
             try:
                 writer.write(request)
-                result, keep = await self._read_response(reader)
+                result, keep = await self._read_response(reader, head_only=method == "HEAD")
             except (OSError, asyncio.IncompleteReadError, FallbackError):
                 writer.close()
                 if reused and attempt == 0:
                     continue
+                raise
+            except BaseException:  # cancelled at the deadline, or a parser error: never leak it
+                writer.close()
                 raise
             if keep:
                 self._release(peer, reader, writer)
@@ -122,24 +179,40 @@ class FallbackClient:
         else:
             writer.close()
 
-    async def _read_response(self, reader: asyncio.StreamReader):
-        resp = _Response()
+    async def _read_response(self, reader: asyncio.StreamReader, head_only: bool = False):
+        """Read one response; (status, headers, body) and whether the connection is reusable.
+
+        `head_only`: the request was HEAD, so the response has no body whatever
+        its Content-Length says (httptools cannot be told; stop at the head).
+        """
+        resp = _Response(max_body=self._max_body)
         parser = resp.parser = httptools.HttpResponseParser(resp)
-        size = 0
-        while not resp.complete:
-            chunk = await reader.read(65536)
+        stalled = 0  # bytes read since the head completed or body bytes arrived
+        trailing = False
+        while not resp.complete and not (head_only and resp.headers_done):
+            chunk = await reader.read(READ_SIZE)
             if not chunk:
                 if resp.headers_done and not _has_length(resp.headers):
                     break  # body delimited by connection close
                 raise FallbackError("peer closed the connection mid-response")
-            size += len(chunk)
-            if size > self._max_body + 65536:
-                raise FallbackError("response exceeds the maximum body size")
-            parser.feed_data(chunk)
-        status = parser.get_status_code()
-        keep = resp.complete and resp.keep_alive
+            resp.progress = False
+            try:
+                parser.feed_data(chunk)
+            except httptools.HttpParserCallbackError as exc:
+                cause = exc.__context__
+                if isinstance(cause, FallbackError):
+                    raise cause from None
+                if not isinstance(cause, _Trailing):
+                    raise FallbackError(f"malformed response: {exc}") from None
+                trailing = True
+            except httptools.HttpParserUpgrade:
+                raise FallbackError("peer switched protocols") from None
+            stalled = 0 if resp.progress else stalled + len(chunk)
+            if stalled > MAX_HEADER_BYTES:
+                raise FallbackError("response head or trailers exceed the header limit")
+        keep = (resp.complete or head_only) and resp.keep_alive and not trailing
         headers = [(k, v) for k, v in resp.headers if k.lower() not in HOP_BY_HOP]
-        return (status, headers, b"".join(resp.body)), keep
+        return (resp.status, headers, b"".join(resp.body)), keep
 
     def close(self) -> None:
         """Close every idle connection."""
@@ -147,6 +220,12 @@ class FallbackClient:
             for _reader, writer in conns:
                 writer.close()
         self._idle.clear()
+
+
+def _too_long(length: str, limit: int) -> bool:
+    """A Content-Length (llhttp has checked its digits) over `limit`: refused before the body."""
+    digits = length.strip()
+    return digits.isascii() and digits.isdigit() and (len(digits) > 18 or int(digits) > limit)
 
 
 def _has_length(headers: list[tuple[str, str]]) -> bool:

@@ -493,6 +493,31 @@ def collect_stale(ns: str, registry: Registry | None = None) -> list[str]:
     return removed
 
 
+def wait_for_predecessor(
+    registry: Registry, name: str, timeout: float = DEAD_AFTER + 2 * HEARTBEAT_INTERVAL
+) -> WorkerInfo | None:
+    """Wait until no live slot called `name` is left; returns the live one if it stays.
+
+    Why: a daemon restarted right after a kill -9 finds its predecessor's slot
+    fresh for up to DEAD_AFTER, and two consumers of one single-consumer ring
+    would corrupt it. So a daemon waits (at start, never on a data path) for the
+    old heartbeat to stop, frees the dead slot, and gives up if it stays alive.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        live = [
+            info
+            for info in registry.snapshot(include_daemons=True)
+            if info.service == name and info.alive
+        ]
+        if not live:
+            registry.reap_dead()
+            return None
+        if time.monotonic() >= deadline:
+            return live[0]
+        time.sleep(HEARTBEAT_INTERVAL / 4)
+
+
 def _recv(
     sq: ring.Ring, bell: ring.Doorbell, timeout: float | None
 ) -> tuple[int, int, bytes] | None:

@@ -49,15 +49,25 @@ class EgressTarget:
 
 
 def egress_target(url: str, known: Iterable[str]) -> EgressTarget | None:
-    """Resolve a worker's egress URL; None when it names no host at all."""
-    parts = urlsplit(url if "://" in url else "http://" + url)
+    """Resolve an egress URL; None when it names no host or is not a URL at all.
+
+    Never raises: the URL is chosen by a worker (or a client, via the seed JSON
+    `url`), and `urlsplit` raises ValueError on an unbalanced IPv6 bracket.
+    """
+    try:
+        parts = urlsplit(url if "://" in url else "http://" + url)
+        hostname = parts.hostname  # lower case, no port, no IPv6 brackets
+    except ValueError:
+        return None
     host = parts.netloc.rsplit("@", 1)[-1]
-    if not host:
+    if not host or not hostname:
         return None
     path = parts.path or "/"
     if parts.query:
         path += "?" + parts.query
-    service = host_service(host, known) or host.split(":", 1)[0].split(".", 1)[0].lower()
+    service = host_service(host, known) or hostname.split(".", 1)[0]
+    if not service:
+        return None  # `.`, `.local`: no label to name a service by
     return EgressTarget(service=service, host=host, path=path)
 
 

@@ -44,6 +44,7 @@ def build_environ(
         "wsgi.multiprocess": True,
         "wsgi.run_once": False,
     }
+    repeated: dict[str, list[str]] = {}  # joined once: repeats cost linear, not quadratic
     for name, value in headers:
         key = name.upper().replace("-", "_")
         if key == "CONTENT_TYPE":
@@ -51,8 +52,8 @@ def build_environ(
         elif key == "CONTENT_LENGTH":
             continue  # the body we hold is authoritative
         else:
-            key = "HTTP_" + key
-            environ[key] = f"{environ[key]},{value}" if key in environ else value
+            repeated.setdefault("HTTP_" + key, []).append(value)
+    environ.update((key, ",".join(values)) for key, values in repeated.items())
     if extra:
         environ.update(extra)
     return environ

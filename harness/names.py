@@ -17,6 +17,8 @@ DEFAULT_PORT = 5005
 MESHES = ("dpumesh", "envoy", "nomesh")
 #: Deployers of a stack description (DESIGN §7); `k8s` only writes manifests.
 MODES = ("local", "compose")
+#: Restart policies of a stack's components (DESIGN §9), like Kubernetes' Always / Never.
+RESTART_MODES = ("always", "never")
 
 #: Every role a process can have; `loadgen` is the load generator, never part of a stack.
 ROLES = ("app", "sidecar", "gateway", "dpu-daemon", "dpa-daemon", "loadgen")

@@ -263,10 +263,41 @@ def merge_sidecars(sidecars: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     out["intended_rate"] = max(rates) if rates else 0.0
     if len(rates) > 1:
         out["warnings"] = [f"processes disagree on the intended rate: {sorted(rates)}"]
+    out["failures_by"] = _sum_counts(s.get("failures_by") or {} for s in sidecars)
+    out["timeline"] = merge_timelines(s.get("timeline") for s in sidecars)
     lags = [s.get("send_lag_us", {}) for s in sidecars]
     out["send_lag_p99_us_max"] = max((int(g.get("p99", 0) or 0) for g in lags), default=0)
     out["send_lag_max_us"] = max((int(g.get("max", 0) or 0) for g in lags), default=0)
     return out
+
+
+def _sum_counts(counts: Iterable[Mapping[str, int]]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for each in counts:
+        for key, n in each.items():
+            out[key] = out.get(key, 0) + int(n)
+    return out
+
+
+def merge_timelines(timelines: Iterable[Mapping[str, Any] | None]) -> dict[str, Any]:
+    """Per-process completion timelines as one: counts summed, worst latency the max.
+
+    Buckets are wall-clock 100 ms slots, the same on every process of one machine.
+    """
+    buckets: dict[int, list[int]] = {}
+    bucket_ms = None
+    for timeline in timelines:
+        if not timeline:
+            continue
+        if bucket_ms is not None and timeline["bucket_ms"] != bucket_ms:
+            raise ValueError(f"timelines of {bucket_ms} and {timeline['bucket_ms']} ms buckets")
+        bucket_ms = timeline["bucket_ms"]
+        for key, (done, failed, worst) in timeline["buckets"].items():
+            into = buckets.setdefault(int(key), [0, 0, 0])
+            into[0] += done
+            into[1] += failed
+            into[2] = max(into[2], worst)
+    return {"bucket_ms": bucket_ms, "buckets": {str(k): v for k, v in sorted(buckets.items())}}
 
 
 def load_run(path: str | Path) -> tuple[HdrHistogram, dict[str, Any]]:

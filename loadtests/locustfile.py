@@ -391,7 +391,7 @@ class HttpMeshUser(FastHttpUser):
                 resp.success()
             else:
                 resp.failure(exc)
-        st.recorder.done(ref, send, done, kind)
+        st.recorder.done(ref, send, done, kind, getattr(exc, "status", 0))
 
 
 def _http_outcome(resp: Any) -> tuple[str | None, Exception | None]:
@@ -465,4 +465,4 @@ class JsonMeshUser(User):
             url=f"tcp://{self.target[0]}:{self.target[1]}{o.path}",
             start_time=start_wall,
         )
-        st.recorder.done(ref, send, done, kind)
+        st.recorder.done(ref, send, done, kind, getattr(exc, "status", 0))

@@ -26,6 +26,10 @@ error) is complete. At test stop `write` produces:
         sent open-loop requests relative to their slots (generator health),
      "service_time_hdr": base64 histogram of actual-send -> done (µs),
      "clamped": values outside 1 µs .. 60 s, clamped into range,
+     "failures_by": {"<status>" or "connection": count} of the window's failures,
+     "timeline": {"bucket_ms": 100, "buckets": {"<wall ns // 100 ms>": [completed,
+        failed, worst latency µs]}}: every completion of the whole test (warm-up
+        included) by the wall-clock 100 ms it completed in, for fault timelines,
      ... plus metadata (pid, worker index, slots, mode, options)}
 
 Failures (HTTP status >= 400, a JSON-protocol status >= 400 or a malformed
@@ -47,6 +51,7 @@ from loadtests import latency
 
 FAIL_STATUS = "status"
 FAIL_CONNECTION = "connection"
+TIMELINE_BUCKET_NS = 100_000_000
 
 
 class Recorder:
@@ -77,6 +82,8 @@ class Recorder:
         self.failures_connection = 0
         self.clamped = 0
         self.early = 0
+        self.failures_by: dict[str, int] = {}
+        self.timeline: dict[int, list[int]] = {}
         self.origin_ns: int | None = None
         self.first_ref_ns: int | None = None
         self.last_done_ns: int | None = None
@@ -106,11 +113,22 @@ class Recorder:
         origin = self.origin_ns if self.origin_ns is not None else ref_ns
         return ref_ns >= origin + self.warmup_ns
 
-    def done(self, ref_ns: int, send_ns: int, done_ns: int, failure: str | None = None) -> float:
-        """A request completed; returns its latency in µs (from `ref_ns`)."""
+    def done(
+        self,
+        ref_ns: int,
+        send_ns: int,
+        done_ns: int,
+        failure: str | None = None,
+        status: int = 0,
+    ) -> float:
+        """A request completed; returns its latency in µs (from `ref_ns`).
+
+        `status` is the HTTP (or JSON-protocol) status of a `FAIL_STATUS` failure.
+        """
         self.dirty = True
         self.completed_total += 1
         latency_us = (done_ns - ref_ns) / 1000
+        self._on_timeline(done_ns, failure is not None, latency_us)
         if not self.in_window(ref_ns):
             return latency_us
         self.requests += 1
@@ -122,8 +140,11 @@ class Recorder:
             self.failures += 1
             if failure == FAIL_CONNECTION:
                 self.failures_connection += 1
+                key = FAIL_CONNECTION
             else:
                 self.failures_status += 1
+                key = str(status)
+            self.failures_by[key] = self.failures_by.get(key, 0) + 1
             return latency_us
         value, clamped = latency.clamp_us(latency_us)
         self.clamped += clamped
@@ -131,6 +152,15 @@ class Recorder:
         service, _ = latency.clamp_us((done_ns - send_ns) / 1000)
         self.service.record_value(service)
         return latency_us
+
+    def _on_timeline(self, done_ns: int, failed: bool, latency_us: float) -> None:
+        bucket = (done_ns + self._mono_to_wall) // TIMELINE_BUCKET_NS
+        counts = self.timeline.get(bucket)
+        if counts is None:
+            counts = self.timeline[bucket] = [0, 0, 0]
+        counts[0] += 1
+        counts[1] += failed
+        counts[2] = max(counts[2], int(latency_us))
 
     def wall(self, mono_ns: int | None) -> int | None:
         return None if mono_ns is None else mono_ns + self._mono_to_wall
@@ -157,6 +187,11 @@ class Recorder:
             "completed_total": self.completed_total,
             "in_flight_at_stop": self.started_total - self.completed_total,
             "clamped": self.clamped,
+            "failures_by": dict(self.failures_by),
+            "timeline": {
+                "bucket_ms": TIMELINE_BUCKET_NS // 1_000_000,
+                "buckets": {str(k): v for k, v in sorted(self.timeline.items())},
+            },
             "send_lag_us": {
                 "count": self.lag.get_total_count(),
                 "p50": lag[50.0],

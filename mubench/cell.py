@@ -183,7 +183,10 @@ class Cell:
                 if callee not in self.workmodel:
                     raise TraceError(f"trace calls undefined service '{callee}'")
                 path = self.workmodel[callee].path + suffix
-                payload = json.dumps({key: subtrace})
+                try:
+                    payload = json.dumps({key: subtrace})
+                except RecursionError:
+                    raise TraceError("trace is nested too deeply") from None
                 calls.append(Call(callee, "POST", path, payload, dict(post_headers)))
             groups.append(tuple(calls))
         return groups
@@ -194,6 +197,8 @@ class Cell:
             trace = json.loads(body)
         except (ValueError, UnicodeDecodeError):
             raise TraceError("trace body is not valid JSON") from None
+        except RecursionError:  # hostile nesting: a 400, never a 500 with a traceback
+            raise TraceError("trace is nested too deeply") from None
         if not isinstance(trace, dict):
             raise TraceError("trace must be a JSON object")
         keys = [k for k in trace if k != _DUMMY_KEY]

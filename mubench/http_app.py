@@ -33,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NoReturn
 
 import urllib3
-from flask import Flask, Response, jsonify
+from flask import Flask, Response, jsonify, request
 from gunicorn.app.base import BaseApplication
 
 from mubench.cell import Call, Cell, TraceError
@@ -66,6 +66,12 @@ KEEPALIVE_S = 75
 DOWNSTREAM_TIMEOUT = urllib3.Timeout(connect=5.0, read=120.0)
 # Thread pool for parallel groups: a request may need (groups - 1) extra threads.
 _MAX_GROUP_THREADS = 256
+# Largest request body a cell reads (413 beyond): without it one request could make a
+# worker buffer any amount. The same as the DPUmesh bridge's default
+# (`dpumesh.ring.MAX_BODY`), so every stack refuses the same bodies. Flask is given one
+# byte more: werkzeug cuts a chunked body at the limit instead of refusing it, so a body
+# that reaches MAX_BODY + 1 bytes is known to be too large.
+MAX_BODY = 8 * 1024 * 1024
 
 
 class SharedCounters:
@@ -229,9 +235,13 @@ def create_app(
         egress_proxy=egress_proxy,
     )
     app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY + 1
 
     def handle() -> Response | tuple[Response, int]:
         counters.add("requests")
+        if len(request.get_data()) > MAX_BODY:  # cached: incoming_request reads it again
+            counters.add("errors")
+            return jsonify(message=f"request body exceeds {MAX_BODY} bytes"), 413
         try:
             plan = cell.plan(incoming_request())
         except TraceError as e:

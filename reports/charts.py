@@ -77,7 +77,7 @@ def _shade(hex_colour: str, index: int, count: int) -> str:
     return "#" + "".join(f"{round(c):02X}" for c in mixed)
 
 
-def _figure(title: str, x_title: str, y_title: str, height: int = 460) -> go.Figure:
+def figure(title: str, x_title: str, y_title: str, height: int = 460) -> go.Figure:
     fig = go.Figure()
     fig.update_layout(
         title={"text": title, "x": 0.01, "xanchor": "left"},
@@ -105,7 +105,7 @@ class CdfSeries:
 
 def cdf_figure(series: Sequence[CdfSeries], title: str) -> go.Figure:
     """Latency CDF per stack from merged histograms (log x in µs)."""
-    fig = _figure(title, "latency (µs, log scale)", "fraction of requests ≤ latency")
+    fig = figure(title, "latency (µs, log scale)", "fraction of requests ≤ latency")
     shown = [s.stack for s in series]
     for s in series:
         points = latency.cdf(s.hist)
@@ -131,7 +131,7 @@ def cdf_figure(series: Sequence[CdfSeries], title: str) -> go.Figure:
 
 def percentile_figure(summary: RunSummary) -> go.Figure:
     """p50/p90/p99/p99.9 per stack at the headline level, whiskers = 95 % bootstrap CI."""
-    fig = _figure(
+    fig = figure(
         f"Latency percentiles at {escape(summary.level)}: median over repetitions, 95% CI",
         "percentile",
         "latency (µs, log scale)",
@@ -172,7 +172,7 @@ def rate_latency_figure(summary: RunSummary) -> go.Figure:
     the ladder's top gets a triangle labelled "≥ top" instead of the star.
     """
     slo = summary.run.slo_p99_ms
-    fig = _figure(
+    fig = figure(
         "Latency vs offered rate (open loop, median over repetitions): p99 solid, p50 dotted,"
         " ★ = max clean throughput, ▲ = clean at the top rate (≥)",
         "offered rate (requests/s)",
@@ -257,7 +257,7 @@ def sensitivity_figure(sens: Sensitivity) -> go.Figure:
     the ladder's top).
     """
     param = escape(sens.param)
-    fig = _figure(
+    fig = figure(
         f"What-if: dpumesh's advantage over {escape(sens.baseline)} against {param}"
         " (> 1: dpumesh better)",
         param + (" (log scale)" if sens.log_x else ""),
@@ -336,7 +336,7 @@ def _bound_symbol(symbol: str, bound: stats.Bound) -> str:
 
 def throughput_figure(summary: RunSummary) -> go.Figure:
     """Achieved against offered rate per stack (open loop) with the y = x line."""
-    fig = _figure(
+    fig = figure(
         "Achieved vs offered throughput (open loop, median over repetitions)",
         "offered rate (requests/s)",
         "achieved rate (requests/s)",
@@ -377,7 +377,7 @@ def roles_figure(summary: RunSummary, field: str, title: str, y_title: str) -> g
     Bars keep the stack's colour; roles are told apart by pattern and label.
     Values are medians over repetitions at the headline level.
     """
-    fig = _figure(title, "stack / side", y_title)
+    fig = figure(title, "stack / side", y_title)
     rows = [r for r in summary.run.roles if r.level == summary.level]
     stacks = [s for s in summary.stacks if any(r.stack == s for r in rows)]
     order = {role: i for i, role in enumerate(ROLE_PATTERNS)}

@@ -17,7 +17,7 @@ from typing import Any
 from urllib.parse import quote
 
 from harness.measure import speed
-from reports import charts, page, stats, whatif
+from reports import charts, faults, page, stats, whatif
 from reports.load import META_JSON, RESULTS_CSV, ROLES_CSV, Run, load_run
 from reports.summary import HEADLINE, P50, THROUGHPUT, RunSummary, compare_runs, summarize
 
@@ -54,15 +54,18 @@ def write_report(dirs: Sequence[Path], out: Path | None = None, level: str | Non
     if not dirs:
         raise ValueError("no results directory given")
     out = Path(out) if out is not None else Path(dirs[0]) / REPORT_HTML
-    runs = _load_runs([Path(d) for d in dirs])
+    fault_dirs = [Path(d) for d in dirs if faults.is_faults_dir(Path(d))]
+    runs = _load_runs([Path(d) for d in dirs if Path(d) not in fault_dirs])
     summaries = [summarize(run, level) for run in runs]
     figures = page.Figures()
-    title = "DPUmesh bench: " + " vs ".join(r.label for r in runs)
-    body = [f"<h1>{escape(title)}</h1>", METHODS]
+    labels = [r.label for r in runs] + [d.resolve().name for d in fault_dirs]
+    title = "DPUmesh bench: " + " vs ".join(labels)
+    body = [f"<h1>{escape(title)}</h1>", METHODS if runs else ""]
     if len(summaries) > 1:
         body.append(_comparison(summaries, figures))
     for summary in summaries:
         body.append(_run_section(summary, figures, out.parent, several=len(summaries) > 1))
+    body.extend(faults.section(d, figures) for d in fault_dirs)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(page.document(title, "\n".join(body)), encoding="utf-8")

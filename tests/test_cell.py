@@ -239,6 +239,7 @@ def test_leaf_trace_calls_nothing_and_bid_still_selects_internal() -> None:
         (b'{"s0": [], "s1": []}', "exactly one service key"),
         (b'{"s0": [1]}', "must be an array of objects"),
         (b'{"s0": [{"s9": {}}]}', "undefined service 's9'"),
+        (b'{"s0": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
     ],
 )
 def test_malformed_traces_are_rejected(body: bytes, message: str) -> None:

@@ -234,3 +234,29 @@ def test_ctrl_c_while_locust_is_being_started_stops_it(tmp_path, monkeypatch, si
         LocustRun(spec)
     (child,) = spawned
     assert child.poll() is not None  # stopped before the interrupt went on
+
+
+def test_before_arm_restarts_a_dead_leader_stays_an_unreaped_zombie(tmp_path):
+    """Until the stack is up nothing restarts, and the dead leader keeps its pid reserved."""
+    with Supervisor(tmp_path / "run", grace_s=1) as sup:
+        proc = sup.start("quitter", [sys.executable, "-c", "import sys; sys.exit(4)"], role="app")
+        deadline = time.monotonic() + 20
+        while proc.exit_status() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert proc.exit_status() == "exit code 4"
+        assert psutil.Process(proc.pid).status() == psutil.STATUS_ZOMBIE
+        assert proc.popen.returncode is None
+        assert sup.restarts() == {"quitter": 0}
+    assert proc.popen.returncode == 4  # reaped by the teardown, not before
+
+
+def test_supervision_leaves_no_descriptor_open(tmp_path):
+    """Each watcher's pidfd is closed by the end of `stop()`, restarts included."""
+    before = len(os.listdir("/proc/self/fd"))
+    with Supervisor(tmp_path / "run", grace_s=1) as sup:
+        proc = sup.start("sleeper", ["sleep", "60"], role="app")
+        sup.start("quitter", [sys.executable, "-c", "pass"], role="app")
+        sup.arm_restarts()
+        os.kill(proc.pid, signal.SIGKILL)
+        assert sup.wait_restarts({"sleeper": 1}, timeout_s=10)
+    assert len(os.listdir("/proc/self/fd")) == before

@@ -657,10 +657,10 @@ def test_the_harness_runs_on_the_load_generators_cpus_and_restores_its_affinity(
 
     before = os.sched_getaffinity(0)
     one = {min(before)}
-    with runner._on_cpus(frozenset(one)):
+    with runner.on_cpus(frozenset(one)):
         assert os.sched_getaffinity(0) == one
         assert speed.loop_rate(before, seconds=0.01) > 0  # the probe moves, then comes back
         assert os.sched_getaffinity(0) == one
     assert os.sched_getaffinity(0) == before
-    with runner._on_cpus(None):  # shared placement: nothing pinned
+    with runner.on_cpus(None):  # shared placement: nothing pinned
         assert os.sched_getaffinity(0) == before

@@ -8,6 +8,15 @@ A deployer decides where and how a component runs (addresses, ports, paths,
 namespaces), never what runs. Whatever the deployer, the runner sees a
 `RunningStack` and every start writes the same `stack.json`
 (`harness.deploy.manifest`).
+
+Every component of a running stack is restarted when it dies, per the
+start's `harness.procs.RestartPolicy` (DESIGN §9): `local` by its
+`Supervisor` (with the policy's back-off), `compose` by Docker (`restart:
+always` or `"no"`, with Docker's own back-off), `k8s` by the controllers
+(see `harness.deploy.k8s`). `RunningStack.restarts()` and
+`restart_events()` say what was restarted; the self-check
+`harness.measure.checks.no_restarts` flags a restart during a measured
+window.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from harness.measure.metrics import WindowUsage
 from harness.names import DEFAULT_PORT, DEFAULT_WORKMODEL, MODES
 from harness.placement.apply import Placement
 from harness.placement.layout import PlacementError
+from harness.procs import ALWAYS, RestartPolicy
 from harness.stacks import describe
 from harness.stacks.model import Settings, StackDescription
 
@@ -57,6 +67,20 @@ class RunningStack(Protocol):
         """A sampler over the stack's roles plus `extra_roles` (the load generator)."""
         ...
 
+    def restarts(self) -> dict[str, int]:
+        """Restarts per component since the stack started (every component present)."""
+        ...
+
+    def restart_events(self) -> list[dict[str, Any]]:
+        """Each restart, oldest first: at least `component`, `role`, `at_wall_s`,
+        `at_mono_s` (when the end was seen, or the new start where only that is
+        known) and `how` it ended."""
+        ...
+
+    def component_processes(self, name: str) -> list[psutil.Process]:
+        """The live processes of component `name`, its program first: what a fault hits."""
+        ...
+
     def stop(self) -> None: ...
 
     def __enter__(self) -> RunningStack: ...
@@ -84,17 +108,26 @@ def check_placement(mode: str, placement: Placement | None) -> None:
 
 
 def start(
-    mode: str, desc: StackDescription, *, run_dir: str | Path, port: int = DEFAULT_PORT, **kw: Any
+    mode: str,
+    desc: StackDescription,
+    *,
+    run_dir: str | Path,
+    port: int = DEFAULT_PORT,
+    restart: RestartPolicy = ALWAYS,
+    **kw: Any,
 ) -> RunningStack:
-    """Start `desc` with the deployer of `mode`; its public port is `127.0.0.1:port`."""
+    """Start `desc` with the deployer of `mode`; its public port is `127.0.0.1:port`.
+
+    `restart` applies to every component once the stack answers.
+    """
     if mode == "local":
         from harness.deploy import local
 
-        return local.start(desc, run_dir=Path(run_dir), port=port, **kw)
+        return local.start(desc, run_dir=Path(run_dir), port=port, restart=restart, **kw)
     if mode == "compose":
         from harness.deploy import compose  # the Docker SDK only when asked for
 
-        return compose.start(desc, run_dir=Path(run_dir), port=port, **kw)
+        return compose.start(desc, run_dir=Path(run_dir), port=port, restart=restart, **kw)
     raise ValueError(f"unknown mode {mode!r} (one of {', '.join(MODES)})")
 
 
@@ -107,6 +140,7 @@ def start_stack(
     mode: str = "local",
     ready_timeout_s: float | None = None,
     placement: Placement | None = None,
+    restart: RestartPolicy = ALWAYS,
     **settings: Any,
 ) -> RunningStack:
     """Describe `mesh` for `workmodel` with `settings` (`Settings` fields) and start it."""
@@ -114,4 +148,4 @@ def start_stack(
     extra: dict[str, Any] = {} if ready_timeout_s is None else {"ready_timeout_s": ready_timeout_s}
     if placement is not None:
         extra["placement"] = placement
-    return start(mode, desc, run_dir=run_dir, port=port, **extra)
+    return start(mode, desc, run_dir=run_dir, port=port, restart=restart, **extra)

@@ -99,6 +99,18 @@ workers pinned by node affinity and a per-node bridge address (e.g. a
 (`externalTrafficPolicy: Local` is the same choice for a NodePort or
 LoadBalancer Service; a ClusterIP Service has no such field.)
 
+Restarts (DESIGN §9). The harness's `RestartPolicy` maps onto the
+controllers: every component is a Deployment or DaemonSet pod, whose
+`restartPolicy` can only be `Always` (the API rejects anything else), and
+the kubelet restarts a dead container with its CrashLoopBackOff (10 s,
+doubling up to 5 min, reset after 10 min of running); a pod's sandbox
+keeps its network and IPC namespaces across container restarts, so
+nothing else needs restarting. Mode `never` cannot be expressed for
+controller-managed pods, so these manifests ignore the policy
+(`restart_note` says so, for the command line to print). The one pod with
+`restartPolicy: Never` is the headless Locust master's Job (`backoffLimit:
+0`): a finished or failed load run is a result, not something to repeat.
+
 `kubernetes_validate.validate` re-reads its 1.4 MB schema definitions for
 every document (about 50 ms each); `validate` memoises those reads while it
 runs, so a directory costs one read.
@@ -132,6 +144,7 @@ from harness.deploy.image import (
 )
 from harness.names import ROLE_CPU_SET
 from harness.placement.profiles import DpuModel
+from harness.procs import RestartPolicy
 from harness.stacks.model import (
     Component,
     File,
@@ -255,6 +268,16 @@ class Load:
             raise ValueError("rate and warm-up must be >= 0 and the measured time > 0")
         if self.request_mode not in REQUEST_MODES:
             raise ValueError(f"request mode {self.request_mode!r} not in {REQUEST_MODES}")
+
+
+def restart_note(policy: RestartPolicy) -> str | None:
+    """Why the manifests differ from `policy`, or None when they carry it (see the docstring)."""
+    if policy.restarts:
+        return None
+    return (
+        "restart policy 'never' is not in the manifests: Deployments and DaemonSets always "
+        "restart their containers (restartPolicy Always is the only value they accept)"
+    )
 
 
 def k8s_name(name: str) -> str:

@@ -15,7 +15,12 @@ Where and how, decided here:
 
 A stack counts as started when every component passed its probe, all are
 still alive and the public URL answers; otherwise everything is torn down
-and `StartError` carries the failing process's log tail. Teardown (on
+and `StartError` carries the failing process's log tail (a component that
+dies during the start is a failed start, never restarted). From then on
+every component runs under the start's `RestartPolicy` (default: restart
+always, with back-off; `harness.procs`): a restarted component keeps its
+argv (placement included), environment, ports and log, and
+`restarts()`/`restart_events()` report what happened. Teardown (on
 `stop()`, on leaving `with`, on Ctrl-C or SIGTERM) leaves no process, no
 bound port and no shared-memory object of the stack.
 """
@@ -44,7 +49,16 @@ from harness.measure.metrics import RoleSampler
 from harness.names import REPO, ROLE_CPU_SET, STACK_ROLES
 from harness.placement.apply import Placement
 from harness.ports import free_ports, port_is_free, release_ports, wait_port_free
-from harness.procs import ReadyCheck, StartError, Supervisor, http_ok, log_tail, signals_deferred
+from harness.procs import (
+    ALWAYS,
+    ReadyCheck,
+    RestartPolicy,
+    StartError,
+    Supervisor,
+    http_ok,
+    log_tail,
+    signals_deferred,
+)
 from harness.stacks.model import Component, Probe, StackDescription, WorkersProbe, render
 from mubench.fingerprint import fingerprint
 
@@ -165,9 +179,35 @@ class LocalStack:
         """Live pids per CPU set, for reading back the placement in force."""
         return pids_by_set(self._sup)
 
+    def component_processes(self, name: str) -> list[psutil.Process]:
+        """The live processes of component `name`, its (current) leader first: the targets
+        of a fault benchmark (`harness.run.faults`)."""
+        leader = psutil.Process(self._sup.procs[name].pid)
+        return [leader, *leader.children(recursive=True)]
+
     def traffic(self) -> Traffic:
         """Requests that crossed the stack since it became ready (`harness.measure.accounting`)."""
         return since(self._read_traffic(), self._baseline)
+
+    @property
+    def restart_policy(self) -> RestartPolicy:
+        return self._sup.restart
+
+    def restarts(self) -> dict[str, int]:
+        """Restarts per component since the stack started (every component present)."""
+        return self._sup.restarts()
+
+    def restart_events(self) -> list[dict[str, Any]]:
+        """Every restart since the start (`harness.procs.RestartEvent.as_dict`), oldest first."""
+        return [event.as_dict() for event in self._sup.restart_events()]
+
+    def wait_restarts(self, counts: Mapping[str, int], timeout_s: float) -> bool:
+        """Block until each named component restarted `counts[name]` times (False on timeout)."""
+        return self._sup.wait_restarts(counts, timeout_s)
+
+    def pid(self, component: str) -> int:
+        """The pid of `component`'s current process (its session leader), e.g. to inject a fault."""
+        return self._sup.procs[component].pid
 
     def stop(self) -> None:
         """Tear the stack down: no process, bound port or shared-memory object remains."""
@@ -201,12 +241,14 @@ def start(
     port: int,
     ready_timeout_s: float = 60.0,
     placement: Placement | None = None,
+    restart: RestartPolicy = ALWAYS,
 ) -> LocalStack:
     """Start `desc` with its public port on `127.0.0.1:port`; return once it answers.
 
     With `placement`, every component starts on its CPU set's cores (and the
     DPU daemons in the dpu set's cgroup); what the kernel applies is read back
-    into `stack.json` (`placement.readback`).
+    into `stack.json` (`placement.readback`). Once it answers, `restart`
+    applies to every component (recorded in `stack.json`).
 
     Raises `StartError` when a process fails or is not ready within
     `ready_timeout_s` (after tearing everything down).
@@ -218,7 +260,7 @@ def start(
     run_dir = run_dir.resolve()
     deadline = time.monotonic() + ready_timeout_s
     resolver = LocalResolver.allocate(desc, port, run_dir)
-    sup = Supervisor(run_dir)
+    sup = Supervisor(run_dir, restart=restart)
     try:
         rendered = [render(c, resolver) for c in desc.components]
         configs = files.write_generated(rendered, run_dir)
@@ -240,6 +282,7 @@ def start(
             )
         sup.wait_ready(timeout_s=max(1.0, deadline - time.monotonic()))
         _wait_answering(desc, resolver, sup, deadline)
+        sup.arm_restarts()
         read_traffic = accounting.reader(
             desc.counters, desc.services, desc.entry, resolver.host_port
         )
@@ -377,10 +420,11 @@ def pids_by_set(sup: Supervisor) -> dict[str, list[int]]:
 
 
 def _deployment(resolver: LocalResolver, sup: Supervisor) -> dict[str, Any]:
-    """What only the local deployer knows: namespace, ports, logs and pids."""
+    """What only the local deployer knows: namespace, restart policy, ports, logs and pids."""
     roles = sup.roles()
     return {
         "namespace": resolver.namespace,
+        "restart": sup.restart.as_dict(),
         "ports": sorted(resolver.ports.values()),
         "logs": {proc.name: str(proc.log_path) for proc in sup.procs.values()},
         "pids": {

@@ -6,7 +6,15 @@ reader returns the same shape, a `Traffic` dict::
 
     {"entry_requests": N,           # requests that came in on the public port
      "per_service": {svc: n, ...},  # requests each service received (entry + calls)
+     "errors": {svc: n, ...},       # of those, answered with a 5xx (fault blast radius)
      "raw": {...}}                  # the counters they were taken from (absolute)
+
+Errors per service are the callee side's count of 5xx answers: the bridge's
+per-service `errors` (DPUmesh: 5xx routed to the service, its 503s and 504s
+included), the service's inbound sidecar listener's `downstream_rq_5xx`
+(Envoy: also counts a dead app behind a live sidecar) and the app's own
+`errors` (nomesh). A caller answering 500 because a callee failed counts too,
+so a fault's errors show how far it spread.
 
 Sources:
 
@@ -64,7 +72,8 @@ def nomesh_traffic(app_ports: Mapping[str, int], entry: str) -> Traffic:
     """Traffic of the no-mesh stack, from the apps' own counters."""
     apps = app_counters(app_ports)
     per_service = {svc: c["requests"] for svc, c in apps.items()}
-    return _traffic(per_service[entry], per_service, {"apps": apps})
+    errors = {svc: c["errors"] for svc, c in apps.items()}
+    return _traffic(per_service[entry], per_service, {"apps": apps}, errors)
 
 
 def envoy_traffic(
@@ -72,11 +81,12 @@ def envoy_traffic(
 ) -> Traffic:
     """Traffic of the Envoy stack, from every proxy's admin stats (plus the apps')."""
     listeners = mesh_counts(gateway_admin, sidecar_admin)
-    per_service = {
-        svc: listeners[inbound_stat_prefix(svc)]["downstream_rq_total"] for svc in sidecar_admin
-    }
+    inbound = {svc: listeners[inbound_stat_prefix(svc)] for svc in sidecar_admin}
+    per_service = {svc: c["downstream_rq_total"] for svc, c in inbound.items()}
+    errors = {svc: c["downstream_rq_5xx"] for svc, c in inbound.items()}
     entry = listeners[GATEWAY]["downstream_rq_total"]
-    return _traffic(entry, per_service, {"listeners": listeners, "apps": app_counters(app_ports)})
+    raw = {"listeners": listeners, "apps": app_counters(app_ports)}
+    return _traffic(entry, per_service, raw, errors)
 
 
 def dpumesh_traffic(bridge_port: int, services: list[str]) -> Traffic:
@@ -84,8 +94,9 @@ def dpumesh_traffic(bridge_port: int, services: list[str]) -> Traffic:
     stats = get_json(bridge_port, BRIDGE_STATS_PATH)
     counters = stats["services"]
     per_service = {svc: counters.get(svc, {}).get("requests", 0) for svc in services}
+    errors = {svc: counters.get(svc, {}).get("errors", 0) for svc in services}
     entry = sum(c.get("ingress", 0) for c in counters.values())
-    return _traffic(entry, per_service, {"bridge": stats})
+    return _traffic(entry, per_service, {"bridge": stats}, errors)
 
 
 def reader(counters: Counters, services: tuple[str, ...], entry: str, port_of: PortOf):
@@ -106,12 +117,28 @@ def reader(counters: Counters, services: tuple[str, ...], entry: str, port_of: P
 
 
 def since(after: Traffic, before: Traffic) -> Traffic:
-    """The requests counted between two readings; `raw` stays `after`'s absolute counters."""
+    """The requests counted between two readings; `raw` stays `after`'s absolute counters.
+
+    A counter's process may have restarted in between: `counted_since`."""
     per_service = {
-        svc: n - before["per_service"].get(svc, 0) for svc, n in after["per_service"].items()
+        svc: counted_since(n, before["per_service"].get(svc, 0))
+        for svc, n in after["per_service"].items()
     }
-    return _traffic(after["entry_requests"] - before["entry_requests"], per_service, after["raw"])
+    errors = {
+        svc: counted_since(n, before["errors"].get(svc, 0)) for svc, n in after["errors"].items()
+    }
+    entry = counted_since(after["entry_requests"], before["entry_requests"])
+    return _traffic(entry, per_service, after["raw"], errors)
 
 
-def _traffic(entry: int, per_service: dict[str, int], raw: dict[str, Any]) -> Traffic:
-    return {"entry_requests": entry, "per_service": per_service, "raw": raw}
+def counted_since(after: int, before: int) -> int:
+    """A counter's increase; a counter below its earlier reading restarted from zero
+    (its process was restarted), so all of `after` is new (what the dead one counted
+    after `before` is lost: a lower bound)."""
+    return after - before if after >= before else after
+
+
+def _traffic(
+    entry: int, per_service: dict[str, int], raw: dict[str, Any], errors: dict[str, int]
+) -> Traffic:
+    return {"entry_requests": entry, "per_service": per_service, "errors": errors, "raw": raw}

@@ -22,6 +22,9 @@ and flagged. *Info* checks record findings that are results, not faults
 * `placement`: every process and thread of the stack has exactly its CPU set's
   CPUs, and the DPU daemons the dpu set's CPU bandwidth, as read back from the
   kernel after the level (`harness.placement.apply.Placement.verify`).
+* `no_restarts`: no component of the stack was restarted during the window
+  (`RunningStack.restarts()` before and after it): a restart means the level
+  measured a recovery, not the stack, and its counters started over.
 """
 
 from __future__ import annotations
@@ -150,3 +153,16 @@ def placement(mismatches: list[str], layout: str) -> Check:
         return Check("placement", True, f"every process on its CPU set ({layout})")
     more = f" (+{len(mismatches) - 1} more)" if len(mismatches) > 1 else ""
     return Check("placement", False, f"{mismatches[0]}{more}")
+
+
+def no_restarts(before: Mapping[str, int], after: Mapping[str, int]) -> Check:
+    """No component restarted between two `RunningStack.restarts()` readings."""
+    restarted = {
+        name: count - before.get(name, 0)
+        for name, count in after.items()
+        if count > before.get(name, 0)
+    }
+    if not restarted:
+        return Check("no_restarts", True, f"no restart of {len(after)} component(s)")
+    named = ", ".join(f"{name} ({n}x)" for name, n in sorted(restarted.items()))
+    return Check("no_restarts", False, f"restarted during the window: {named}")

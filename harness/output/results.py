@@ -3,6 +3,7 @@
 Layout of ``<out>/<UTC timestamp>/`` (``<out>/latest`` links to the newest)::
 
     results.csv                      one row per stack x repetition x load level
+    faults.csv, faults.json          `run_bench.py faults`: a row and a timeline per stack x fault
     roles.csv                        ... x role: CPU and memory of each role
     meta.json                        versions, git, machine, config, checks, fairness
     hist/<stack>-rep<r>-<level>.hdr  merged µs histogram of the level (+ .hdr.json sidecar)
@@ -38,6 +39,8 @@ from loadtests import latency
 
 RESULTS_CSV = "results.csv"
 ROLES_CSV = "roles.csv"
+FAULTS_CSV = "faults.csv"
+FAULTS_JSON = "faults.json"
 META_JSON = "meta.json"
 HIST_DIR = "hist"
 LATEST = "latest"
@@ -96,6 +99,34 @@ ROLE_COLUMNS = (
     "processes",
     "window_s",
     "notes",
+)
+
+
+#: `run_bench.py faults`: one row per stack x fault (`harness.run.faults` says what each means).
+FAULT_COLUMNS = (
+    "mesh",
+    "stack",
+    "mode",
+    "workmodel",
+    "fault",
+    "kind",
+    "target",
+    "service",
+    "pid",
+    "injected_at_s",
+    "pause_s",
+    "offered_rps",
+    "run_s",
+    "requests",
+    "failed",
+    "failed_by_status",
+    "failed_after_fault",
+    "worst_ms",
+    "recovery_s",
+    "recovered",
+    "blast_radius",
+    "restarts",
+    "loadgen_ok",
 )
 
 
@@ -161,6 +192,9 @@ class ResultsDir:
     def append_roles(self, rows: Iterable[Mapping[str, Any]]) -> None:
         self._append(ROLES_CSV, ROLE_COLUMNS, rows)
 
+    def append_fault(self, row: Mapping[str, Any]) -> None:
+        self._append(FAULTS_CSV, FAULT_COLUMNS, [row])
+
     def _append(self, name: str, columns: tuple[str, ...], rows: Iterable[Mapping[str, Any]]):
         path = self.path / name
         new = not path.exists()
@@ -172,9 +206,13 @@ class ResultsDir:
                 writer.writerow({c: _cell(row.get(c)) for c in columns})
 
     def write_meta(self, meta: Mapping[str, Any]) -> Path:
-        path = self.path / META_JSON
+        return self.write_json(META_JSON, meta)
+
+    def write_json(self, name: str, doc: Mapping[str, Any]) -> Path:
+        """Write `name` whole or not at all (a reader never sees half a file)."""
+        path = self.path / name
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(meta, indent=2, sort_keys=False, default=str) + "\n")
+        tmp.write_text(json.dumps(doc, indent=2, sort_keys=False, default=str) + "\n")
         tmp.replace(path)
         return path
 

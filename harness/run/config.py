@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from baselines.envoy.config import DEFAULT_CONCURRENCY
-from harness.names import DEFAULT_WORKMODEL, MESHES, MODES, REPO
+from harness.names import DEFAULT_WORKMODEL, MESHES, MODES, REPO, RESTART_MODES
 from harness.placement.layout import PlacementError, parse_layout
 from harness.placement.profiles import get_profile
 from harness.placement.readback import online_cpus
@@ -58,6 +58,8 @@ class BenchConfig:
     scale: float = 1.0
     envoy_concurrency: int = DEFAULT_CONCURRENCY
     functions_dir: Path | None = None
+    restart: str = "always"
+    restart_backoff: float = 0.5
     placement: str = "auto"
     dpu_profile: str = "bluefield3"
     dpu_speed: float | None = None  # None: the profile's
@@ -303,6 +305,8 @@ VALIDATORS: dict[str, Any] = {
     "scale": _positive_float,
     "envoy_concurrency": whole_number(1),
     "functions_dir": _directory_or_none,
+    "restart": _choice(RESTART_MODES),
+    "restart_backoff": _positive_float,
     "placement": _placement,
     "dpu_profile": _profile,
     "dpu_speed": from_profile(_positive_float),

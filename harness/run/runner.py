@@ -78,7 +78,7 @@ from harness.output.results import (
 )
 from harness.placement.apply import Placement, prepare
 from harness.ports import free_ports, release_ports
-from harness.procs import StartError
+from harness.procs import RestartPolicy, StartError
 from harness.run import ladder, plan
 from harness.run.config import BenchConfig
 from harness.run.loadgen import Live, LocustRun, LocustSpec
@@ -122,7 +122,7 @@ class Measurement:
     level_traffic: Traffic  # counted by the stack over the whole Locust run
 
 
-def _traffic(stack: RunningStack) -> Traffic:
+def read_traffic(stack: RunningStack) -> Traffic:
     """The stack's counters, retried briefly (a stats endpoint can be slow under load)."""
     for _ in range(2):
         try:
@@ -132,13 +132,13 @@ def _traffic(stack: RunningStack) -> Traffic:
     return stack.traffic()
 
 
-def _wait_first_request(
+def wait_first_request(
     stack: RunningStack, before: Traffic, run: LocustRun, tick: Callable
 ) -> bool:
     """Poll the stack's entry counter until Locust's first request arrives (False: it never did)."""
     deadline = time.monotonic() + FIRST_REQUEST_TIMEOUT_S
     while time.monotonic() < deadline and not run.exited():
-        if _traffic(stack)["entry_requests"] > before["entry_requests"]:
+        if read_traffic(stack)["entry_requests"] > before["entry_requests"]:
             return True
         tick()
         time.sleep(COUNTER_POLL_S)
@@ -156,7 +156,7 @@ def measure_level(
     stack: RunningStack, spec: LocustSpec, on_live: Callable[[Live | None], None] = lambda _: None
 ) -> Measurement:
     """Run one Locust level against `stack` and measure it (see the module docstring)."""
-    start = _traffic(stack)
+    start = read_traffic(stack)
     usage: WindowUsage | None = None
     window_requests = 0
     with LocustRun(spec) as run:
@@ -167,9 +167,9 @@ def measure_level(
                 last_tick[0] = time.monotonic()
                 on_live(run.live())
 
-        if _wait_first_request(stack, start, run, tick):
+        if wait_first_request(stack, start, run, tick):
             _sleep(spec.excluded_s, tick, run)
-            before = _traffic(stack)
+            before = read_traffic(stack)
             sampler = stack.sampler({"loadgen": [run.process]})
             sampler.start()
             try:
@@ -179,10 +179,10 @@ def measure_level(
                     time.sleep(POLL_S)
             finally:
                 usage = sampler.stop()
-            window_requests = _traffic(stack)["entry_requests"] - before["entry_requests"]
+            window_requests = read_traffic(stack)["entry_requests"] - before["entry_requests"]
         returncode = run.wait(spec.run_s + EXIT_TIMEOUT_S)
         on_live(run.live())
-    level_traffic = since(_traffic(stack), start)
+    level_traffic = since(read_traffic(stack), start)
     hist: HdrHistogram | None = None
     sidecar: dict[str, Any] = {}
     if latency.histogram_files(spec.hdr_out):
@@ -216,6 +216,15 @@ def settings_of(config: BenchConfig, placement: Placement | None = None) -> Sett
         envoy_concurrency=config.envoy_concurrency,
         dma_latency_us=model.dma_latency_us if model else 0.0,
         dma_gbps=model.dma_gbps if model else 0.0,
+    )
+
+
+def restart_policy(config: BenchConfig) -> RestartPolicy:
+    """The components' restart policy of a run (bench.toml `restart`, `restart_backoff`)."""
+    return RestartPolicy(
+        mode=config.restart,
+        initial_backoff_s=config.restart_backoff,
+        max_backoff_s=max(RestartPolicy.max_backoff_s, config.restart_backoff),
     )
 
 
@@ -323,6 +332,7 @@ class Runner:
                 run_dir=self.results.stack_dir(seg.label, seg.rep),
                 port=port,
                 placement=self.placements[seg.label],
+                restart=restart_policy(self.config),
             )
         except StartError as exc:
             self._record(seg, "-", [chk.Check("stack_start", False, str(exc).splitlines()[0])])
@@ -483,13 +493,16 @@ class Runner:
         phase = f"{level.name}" + (f" (incl. {excluded} s warm-up)" if first else "")
         self.progress.step(phase, seg.label, seg.rep, plan.level_s(cfg, first))
         spec = self._spec(stack, seg, level, excluded, cfg.duration)
+        restarts_before = stack.restarts()
         m = measure_level(stack, spec, self.progress.live)
+        restarted = chk.no_restarts(restarts_before, stack.restarts())
         placement = self.placements[seg.label]
         placed = placement.verify(stack.pids_by_set())
         summ = latency.summarize(m.hist if m.hist is not None else latency.new_histogram())
         derived = m.usage.derive(requests=m.window_requests) if m.usage is not None else None
         checks = self._judge(stack, level, m, derived)
         checks.append(chk.placement(placed, placement.layout.as_text()))
+        checks.append(restarted)
         ok, failed = chk.verdict(checks)
         row = result_row(
             mesh=seg.mesh,
@@ -819,13 +832,13 @@ def run(
         for placement in placements.values():
             deploy.check_placement(config.mode, placement)
         runner = Runner(config, console, argv, base, placements, compared, whatif)
-        with _on_cpus(base.cpus("loadgen")):
+        with on_cpus(base.cpus("loadgen")):
             path = runner.run()
     return path, runner.checks_ok
 
 
 @contextmanager
-def _on_cpus(cpus: frozenset[int] | None) -> Iterator[None]:
+def on_cpus(cpus: frozenset[int] | None) -> Iterator[None]:
     """Run the harness itself on `cpus` (the load generator's), restoring its affinity after.
 
     The runner polls counters, samples /proc and redraws the progress panel; on the

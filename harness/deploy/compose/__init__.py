@@ -24,11 +24,17 @@ generated files are stable; the ports the harness reads (probes, counters)
 are published on ephemeral loopback ports, found through the Docker SDK. Only
 loopback is ever published.
 
+Every container has Docker's restart policy of the start's `RestartPolicy`
+(`restart: always` by default). A restarted container gets fresh
+namespaces, so the containers sharing its network or IPC namespace are
+restarted with it (`restarts`), as a pod sandbox would keep them together.
+
 Modules: `cli` (Docker client, compose command), `image` (the offline image
 build), `render` (description → compose file), `stack` (the running project:
-readiness, traffic, manifest, teardown), `sampler` (CPU and memory per
-container role); `python -m harness.deploy.compose build|generate` is the
-command line.
+readiness, traffic, manifest, teardown), `restarts` (restarts from the
+engine's events, namespace joiners kept with their owner), `sampler` (CPU
+and memory per container role); `python -m harness.deploy.compose
+build|generate` is the command line.
 """
 
 from __future__ import annotations
@@ -49,7 +55,7 @@ from harness.names import CPU_SETS
 from harness.placement.apply import Placement
 from harness.placement.layout import format_cpus
 from harness.ports import port_is_free
-from harness.procs import StartError
+from harness.procs import ALWAYS, RestartPolicy, StartError
 from harness.stacks.model import StackDescription
 
 __all__ = [
@@ -77,6 +83,7 @@ def start(
     port: int,
     ready_timeout_s: float = 120.0,
     placement: Placement | None = None,
+    restart: RestartPolicy = ALWAYS,
 ) -> ComposeStack:
     """Start `desc` in containers with its public port on `127.0.0.1:port`; once it answers.
 
@@ -86,6 +93,8 @@ def start(
     gets its CPU set's `cpuset:` (read back into `stack.json` afterwards).
     The DPU daemons' containers are made under the placement's dpu cgroup
     (`cgroup_parent:`), so they share its CPU bandwidth as local processes do.
+    `restart`'s mode is every container's restart policy (Docker's back-off);
+    a container that restarts before the stack is ready fails the start.
     Raises `StartError` before starting anything when the port is taken, and
     `ComposeError` (a `StartError`) after tearing everything down.
     """
@@ -100,11 +109,23 @@ def start(
     if placement is not None and placement.group is not None:
         cgroup_parents = {"dpu": placement.group.parent_path("dpu")}
     run_dir = Path(run_dir).resolve()
-    deployment = generate(desc, run_dir, port=port, cpusets=cpusets, cgroup_parents=cgroup_parents)
+    deployment = generate(
+        desc,
+        run_dir,
+        port=port,
+        cpusets=cpusets,
+        cgroup_parents=cgroup_parents,
+        restart=restart,
+    )
     image_id = ensure_image()
     project = f"dpumesh-{desc.mesh}-{os.getpid()}-{next(_projects)}"
     stack = ComposeStack(
-        deployment, project=project, port=port, run_dir=run_dir, placement=placement
+        deployment,
+        project=project,
+        port=port,
+        run_dir=run_dir,
+        placement=placement,
+        restart=restart,
     )
     try:
         stack.start(ready_timeout_s)

@@ -21,7 +21,12 @@ Where and how, decided here (what runs is the description's):
 * labels `dpumesh.role`, `dpumesh.service` and `dpumesh.cpu-set` name what a
   container is; with `cpusets`, its CPU set's cores become its `cpuset:`, and
   with `cgroup_parents` its set's cgroup its `cgroup_parent:` (so the DPU
-  daemons' containers share one CPU bandwidth limit, the DPU speed).
+  daemons' containers share one CPU bandwidth limit, the DPU speed);
+* the restart policy (`harness.procs.RestartPolicy`) is Docker's: `restart:
+  always` or `"no"` on every service. Only the mode carries over: Docker
+  backs off by itself (100 ms, doubling up to 1 min, reset after 10 s of
+  running), and does not restart a container stopped through its API
+  (`docker stop`/`kill`), only one whose process died.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import yaml
 from harness.deploy import files
 from harness.deploy.image import EXECUTABLES, IMAGE, LABEL_CPU_SET, LABEL_ROLE, LABEL_SERVICE
 from harness.names import CPU_SETS
+from harness.procs import ALWAYS, RestartPolicy
 from harness.stacks.model import Component, Rendered, StackDescription, render
 
 ANY = "0.0.0.0"
@@ -101,13 +107,15 @@ def generate(
     image: str = IMAGE,
     cpusets: Mapping[str, str] | None = None,
     cgroup_parents: Mapping[str, str] | None = None,
+    restart: RestartPolicy = ALWAYS,
 ) -> Deployment:
     """Write `<out_dir>/<mesh>.yml` (and checked `configs/*`) running `desc` on `127.0.0.1:port`.
 
     `cpusets` maps CPU-set names (`harness.names.CPU_SETS`) to cpuset strings
     ("0", "1-2"); a component whose set is not in it is not pinned.
-    `cgroup_parents` maps them to a cgroup path (`CgroupSet.parent_path`). Raises
-    what a file's `check` raises (`EnvoyConfigError`) for a rejected config.
+    `cgroup_parents` maps them to a cgroup path (`CgroupSet.parent_path`).
+    `restart`'s mode becomes every service's `restart:`. Raises what a file's
+    `check` raises (`EnvoyConfigError`) for a rejected config.
     """
     per_set: dict[str, dict[str, str]] = {s: {} for s in CPU_SETS}
     for key, values in (("cpuset", cpusets), ("cgroup_parent", cgroup_parents)):
@@ -122,7 +130,9 @@ def generate(
     rendered = [render(c, resolver) for c in desc.components]
     configs = files.write_generated(rendered, out)
     services = {
-        item.component.name: _service(item, resolver, port, image, per_set[item.component.cpu_set])
+        item.component.name: _service(
+            item, resolver, port, image, per_set[item.component.cpu_set], restart
+        )
         for item in rendered
     }
     file = out / f"{desc.mesh}.yml"
@@ -144,8 +154,18 @@ def generate(
     return Deployment(desc, file, tuple(rendered), configs)
 
 
+def restart_value(policy: RestartPolicy) -> str:
+    """Compose's `restart:` for `policy` ("no" must stay a string: YAML reads no as false)."""
+    return "always" if policy.restarts else "no"
+
+
 def _service(
-    item: Rendered, resolver: ComposeResolver, port: int, image: str, placed: Mapping[str, str]
+    item: Rendered,
+    resolver: ComposeResolver,
+    port: int,
+    image: str,
+    placed: Mapping[str, str],
+    restart: RestartPolicy,
 ) -> dict[str, Any]:
     """The compose service of one rendered component (see the module docstring)."""
     c = item.component
@@ -154,6 +174,7 @@ def _service(
         spec["environment"] = dict(item.env)
     spec["labels"] = {LABEL_ROLE: c.role, LABEL_SERVICE: c.service, LABEL_CPU_SET: c.cpu_set}
     spec["init"] = True  # a real PID 1: signals reach the program, children are reaped
+    spec["restart"] = restart_value(restart)
     spec.update(placed)  # cpuset, cgroup_parent of the component's CPU set
     mounts = [
         _mount(f.source or resolver.generated_path(c, f.name), f.mount, resolver.out_dir)

@@ -1,4 +1,14 @@
-"""A started compose project: readiness, published ports, traffic, manifest and teardown."""
+"""A started compose project: readiness, published ports, traffic, restarts, manifest, teardown.
+
+Restarts are Docker's (the compose file's `restart:`): a container whose
+process dies is started again by the engine. From the moment the stack is
+ready a `restarts.RestartWatch` records them from the engine's events and
+restarts the containers sharing a restarted container's namespaces (see
+there). A container that restarts before the stack is ready fails the
+start, as a local process dying before it is ready does. Ports published on
+an ephemeral host port may move when their container restarts, so they are
+looked up again after any restart.
+"""
 
 from __future__ import annotations
 
@@ -27,14 +37,22 @@ from harness.deploy.compose.cli import (
     docker_client,
     project_resources,
 )
-from harness.deploy.compose.render import LOOPBACK, Deployment, command
+from harness.deploy.compose.render import LOOPBACK, Deployment, command, restart_value
+from harness.deploy.compose.restarts import RestartWatch
 from harness.deploy.compose.sampler import ContainerSampler
 from harness.deploy.image import IMAGE, LABEL_ROLE, LABEL_SERVICE
 from harness.measure import accounting
 from harness.measure.accounting import Traffic, get_json, since
 from harness.names import MANIFEST, ROLE_CPU_SET, STACK_ROLES
 from harness.placement.apply import Placement
-from harness.procs import http_ok, raise_system_exit, signals_deferred
+from harness.procs import (
+    ALWAYS,
+    RestartPolicy,
+    console,
+    http_ok,
+    raise_system_exit,
+    signals_deferred,
+)
 from harness.stacks.model import Probe, WorkersProbe
 
 MODE = "compose"
@@ -59,9 +77,11 @@ class ComposeStack:
         port: int,
         run_dir: Path,
         placement: Placement | None = None,
+        restart: RestartPolicy = ALWAYS,
     ) -> None:
         desc = deployment.desc
         self._placement = placement
+        self.restart_policy = restart
         self.mesh = desc.mesh
         self.desc = desc
         self.url = f"http://{LOOPBACK}:{port}"
@@ -82,6 +102,9 @@ class ComposeStack:
             self._sigterm.append(signal.signal(signal.SIGTERM, raise_system_exit))
         self._baseline: Traffic | None = None
         self._read_traffic: Callable[[], Traffic] | None = None
+        # Restart counts the traffic reader's ports were looked up at.
+        self._reader_restarts: dict[str, int] = {}
+        self._watch: RestartWatch | None = None
         atexit.register(self.stop)
 
     def __enter__(self) -> ComposeStack:
@@ -111,7 +134,49 @@ class ComposeStack:
         """Requests that crossed the stack since it became ready (`harness.measure.accounting`)."""
         if self._read_traffic is None or self._baseline is None:
             raise RuntimeError(f"{self.project}: not started")
+        restarts = self.restarts()
+        if restarts != self._reader_restarts:  # a restarted container may publish elsewhere now
+            self._host_ports.clear()
+            self._read_traffic = self._reader()
+            self._reader_restarts = restarts
         return since(self._read_traffic(), self._baseline)
+
+    def _reader(self) -> Callable[[], Traffic]:
+        desc = self.desc
+        return accounting.reader(desc.counters, desc.services, desc.entry, self.host_port)
+
+    def restarts(self) -> dict[str, int]:
+        """Restarts per component since the stack was ready (every component present)."""
+        if self._watch is None:
+            return {c.name: 0 for c in self.desc.components}
+        return self._watch.restarts()
+
+    def restart_events(self) -> list[dict[str, Any]]:
+        """Each restart since the stack was ready, oldest first (`restarts.ContainerRestart`).
+
+        `at_*` is when the container ended (the engine's clock; the monotonic
+        time derived from it), `how` its exit code or why the harness restarted it.
+        """
+        return [] if self._watch is None else [r.as_dict() for r in self._watch.events()]
+
+    def component_processes(self, name: str) -> list[psutil.Process]:
+        """The host processes of component `name`'s container, its program first.
+
+        The program is the child of the container's init (`init: true`); a
+        fault kills it, as a crash would, because `docker kill` counts as a
+        manual stop and Docker would not restart the container.
+        """
+        container = self._container(name)
+        container.reload()
+        init = psutil.Process(container.attrs["State"]["Pid"])
+        programs = init.children()
+        if not programs:
+            raise ComposeError(f"{container.name}: no program runs under its init")
+        return [*programs, *(d for p in programs for d in p.children(recursive=True))]
+
+    def wait_restarts(self, counts: Mapping[str, int], timeout_s: float) -> bool:
+        """Block until each named component restarted `counts[name]` times (False on timeout)."""
+        return self._watch is not None and self._watch.wait_restarts(counts, timeout_s)
 
     def host_port(self, component: str, port: str) -> int:
         """The loopback port where `component`'s port `port` is reachable from the host.
@@ -141,7 +206,10 @@ class ComposeStack:
         return found[0]
 
     def start(self, timeout_s: float) -> None:
-        """`up -d`, then wait until every component's probe and the public URL answer."""
+        """`up -d`, then wait until every component's probe and the public URL answer.
+
+        A container that exits or restarts meanwhile fails the start.
+        """
         compose(self.project, self.deployment.file, "up", "--detach", "--no-build")
         deadline = time.monotonic() + timeout_s
         self._fail_if_exited()
@@ -158,10 +226,12 @@ class ComposeStack:
                 names = [name for names, _check in pending for name in names]
                 raise self._failure(f"not ready after {timeout_s:.0f} s", names)
             time.sleep(_POLL_S)
-        desc = self.desc
-        self._read_traffic = accounting.reader(
-            desc.counters, desc.services, desc.entry, self.host_port
+        self._watch = RestartWatch(
+            self.desc, self.project, docker_client(), self.restart_policy, console
         )
+        self._watch.start(since_wall_s=time.time())
+        self._reader_restarts = self.restarts()
+        self._read_traffic = self._reader()
         # Readiness probes crossed the stack too: counts start from here.
         self._baseline = self._read_traffic()
 
@@ -206,10 +276,13 @@ class ComposeStack:
             container
             for containers in self.containers().values()
             for container in containers
-            if container.status not in ("created", "running")
+            if container.status not in ("created", "running") or container.attrs.get("RestartCount")
         ]
         if exited:
-            states = ", ".join(f"{c.name} is {c.status}" for c in exited)
+            states = ", ".join(
+                f"{c.name} is {c.status} (restarted {c.attrs.get('RestartCount') or 0} times)"
+                for c in exited
+            )
             raise self._failure(
                 f"container {states}", [c.labels.get(SERVICE_LABEL, c.name) for c in exited]
             )
@@ -269,7 +342,7 @@ class ComposeStack:
         return json.loads(output)
 
     def _deployment(self, image_id: str) -> dict[str, Any]:
-        """What only the compose deployer knows: project, file, image, containers, host ports."""
+        """What only the compose deployer knows: project, file, image, restart, containers."""
         published = {
             c.name: {p: self.host_port(c.name, p) for p, s in c.ports.items() if s.public or s.read}
             for c in self.desc.components
@@ -280,6 +353,7 @@ class ComposeStack:
             "compose_command": list(compose_command()),
             "compose_file": str(self.deployment.file),
             "image": {"tag": IMAGE, "id": image_id},
+            "restart": restart_value(self.restart_policy),
             "published": published,
             "containers": [
                 {
@@ -310,6 +384,8 @@ class ComposeStack:
             if self._sigterm:
                 handlers_after[signal.SIGTERM] = self._sigterm.pop()
             try:
+                if self._watch is not None:
+                    self._watch.stop()  # restarting joiners would fight `down`
                 self._save_logs()
             finally:
                 try:

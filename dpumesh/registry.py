@@ -297,6 +297,28 @@ class Registry:
             self._q[_VERSION_IDX] = done
             return True
 
+    def release_pid(self, pid: int) -> list[WorkerKey]:
+        """Free every slot held by `pid`, a process its parent has just seen die.
+
+        Why: the heartbeat says a worker is dead only DEAD_AFTER later, and until
+        then the sidecar keeps routing to it; the parent knows at once (SIGCHLD).
+        """
+        self._reopen_if_closed()
+        freed: list[WorkerKey] = []
+        with self._locked():
+            done = 0
+            for slot in range(self.slots):
+                state, gen, owner = _SLOT_HEAD.unpack_from(self._mm, self._slot_offset(slot))
+                if state != ACTIVE or owner != pid:
+                    continue
+                if not done:
+                    done = self._begin_write()
+                self._free(slot)
+                freed.append(WorkerKey(slot, gen))
+            if done:
+                self._q[_VERSION_IDX] = done
+        return freed
+
     def reap_dead(self) -> list[WorkerKey]:
         """Free every slot whose heartbeat is older than DEAD_AFTER; returns their keys."""
         self._reopen_if_closed()

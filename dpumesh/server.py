@@ -26,7 +26,9 @@ import subprocess
 import sys
 import time
 
-from dpumesh import naming
+import posix_ipc
+
+from dpumesh import naming, registry
 from dpumesh.context import ExecutionContext, get_context, get_current_context
 from dpumesh.graph import EgressStep, InternalStep, StepResult, order, pipe
 from dpumesh.wsgi import WsgiApp
@@ -45,6 +47,8 @@ __all__ = [
 
 log = logging.getLogger("dpumesh.server")
 RESTART_BACKOFF_S = 0.5
+# A worker that ran this long came up and then died (not a crash at start): restart it at once.
+CRASH_LOOP_S = 1.0
 STOP_GRACE_S = 5.0
 
 
@@ -111,6 +115,21 @@ def run_child(spec: str, index: int) -> None:
 _SUPERVISOR_SIGNALS = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT}
 
 
+def _release_slots(pid: int) -> None:
+    """Free a dead child's registry slot now, so the sidecar stops routing to it at once
+    (its in-flight requests get 503) instead of after the heartbeat expiry."""
+    try:
+        table = registry.Registry.open(naming.namespace_from_env())
+    except (OSError, ValueError, posix_ipc.Error):
+        return  # no registry (the namespace was cleaned up): nothing to free
+    try:
+        freed = table.release_pid(pid)
+    finally:
+        table.close()
+    if freed:
+        log.warning("freed the registry slot of dead worker pid %d", pid)
+
+
 def supervise(spec: str, processes: int) -> int:
     """Start `processes` children, restart the ones that die, stop all on SIGINT/SIGTERM.
 
@@ -119,8 +138,11 @@ def supervise(spec: str, processes: int) -> int:
     """
     signal.pthread_sigmask(signal.SIG_BLOCK, _SUPERVISOR_SIGNALS)
 
+    started: dict[int, float] = {}
+
     def spawn(index: int) -> subprocess.Popen:
         argv = [sys.executable, "-m", "dpumesh.server", "--child", str(index), spec]
+        started[index] = time.monotonic()
         return subprocess.Popen(argv)
 
     children = {i: spawn(i) for i in range(processes)}
@@ -128,7 +150,9 @@ def supervise(spec: str, processes: int) -> int:
         for index, child in list(children.items()):
             if child.poll() is not None:
                 log.warning("worker %d exited with %s; restarting", index, child.returncode)
-                time.sleep(RESTART_BACKOFF_S)  # back off so a crash loop does not spin
+                _release_slots(child.pid)
+                if time.monotonic() - started[index] < CRASH_LOOP_S:
+                    time.sleep(RESTART_BACKOFF_S)  # back off so a crash loop does not spin
                 children[index] = spawn(index)
     for child in children.values():
         if child.poll() is None:

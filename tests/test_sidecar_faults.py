@@ -558,3 +558,33 @@ def test_a_worker_leaving_after_traffic_bounces_nothing_it_had_read(mesh: Mesh) 
     assert mesh.stats()["corrupt_entries"] == 0
     mesh.stop("dpa")  # its last line counts what it bounced
     assert ", 0 bounced" in (mesh.tmp / "dpa.log").read_text()
+
+
+def test_a_dead_workers_slot_is_freed_by_its_parent_not_by_the_heartbeat(mesh: Mesh) -> None:
+    """kill -9 of one worker: `dpumesh.server` frees its registry slot at once, so the
+    sidecar stops routing to it and its in-flight request gets 503 without waiting for
+    the heartbeat. The DMA manager (the only heartbeat reaper) is stopped meanwhile, so
+    only the parent can have freed the slot."""
+    mesh.start_dpa()
+    mesh.start_dpu()
+    mesh.start_service("s1", processes=2)
+    mesh.wait_workers({"s1": 2})
+    with contextlib.closing(registry.Registry.open(mesh.ns)) as table:
+        victim = min(info.pid for info in table.snapshot())
+        dpa = psutil.Process(mesh.procs["dpa"].pid)
+        dpa.suspend()
+        try:
+            os.kill(victim, signal.SIGKILL)
+            wait_for(
+                "the parent to free the dead worker's slot",
+                lambda: victim not in {i.pid for i in table.snapshot()},
+            )
+            # A slot left for the heartbeat would still be listed (dead) while the
+            # reaper is stopped: this one is gone, freed by the parent.
+            assert victim not in {i.pid for i in table.snapshot(include_daemons=True)}
+        finally:
+            dpa.resume()
+    mesh.wait_workers({"s1": 2})  # the parent restarted the worker
+    assert request(mesh.port, "/s1/api/v1")[0] == 200
+    log = (mesh.tmp / "svc-s1.log").read_text(errors="replace")
+    assert f"freed the registry slot of dead worker pid {victim}" in log

@@ -322,7 +322,9 @@ class Registry:
     def reap_dead(self) -> list[WorkerKey]:
         """Free every slot whose heartbeat is older than DEAD_AFTER; returns their keys."""
         self._reopen_if_closed()
-        if not any(not info.alive for info in self.snapshot()):
+        # Daemon slots too: a killed daemon's slot left ACTIVE would keep the namespace's
+        # last process from removing its shared objects (`unlink_if_idle`).
+        if not any(not info.alive for info in self.snapshot(include_daemons=True)):
             return []
         reaped: list[WorkerKey] = []
         with self._locked():

@@ -119,6 +119,21 @@ def test_registry_full_reaps_dead_slots_first(ns: str, monkeypatch: pytest.Monke
     small.close()
 
 
+def test_a_dead_daemons_slot_is_reaped_so_the_last_one_out_cleans_up(
+    ns: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    table = Registry.open_or_create(ns)
+    table.claim(registry.DAEMON_PREFIX + "dpa-daemon", 1)  # killed: never heartbeats again
+    live = table.claim("s0", 2)
+    monkeypatch.setattr(registry, "DEAD_AFTER", 0.05)
+    time.sleep(0.1)
+    table.heartbeat(live)
+    assert [k.slot for k in table.reap_dead()] == [0]
+    assert table.release(live)
+    assert table.unlink_if_idle()  # nothing ACTIVE is left: the namespace is removed
+    table.close()
+
+
 def test_concurrent_claims_from_processes_get_distinct_slots(ns: str) -> None:
     procs = [
         subprocess.Popen([sys.executable, "-c", CLAIMER, ns, "8"], stdout=subprocess.PIPE)

@@ -86,6 +86,18 @@ def wait_for(what: str, check: Callable[[], bool], timeout: float = 20.0) -> flo
     return time.monotonic()
 
 
+def wait_in_worker(mesh: Mesh, worker: registry.WorkerInfo, count: int) -> None:
+    """Until `count` requests are in flight and past the DMA manager, in `worker`'s hands."""
+    wait_for(
+        f"{count} request(s) in the worker",
+        lambda: (
+            mesh.stats()["inflight"] == count
+            and ring_len(naming.sidecar_cq(mesh.ns)) == 0
+            and ring_len(naming.worker_sq(mesh.ns, worker.slot, worker.gen)) == 0
+        ),
+    )
+
+
 def kill9(mesh: Mesh, name: str) -> float:
     proc = mesh.procs.pop(name)
     proc.send_signal(signal.SIGKILL)
@@ -130,14 +142,7 @@ def test_dead_dma_manager_turns_health_503_fails_fast_and_recovers(mesh: Mesh) -
         (worker,) = table.snapshot()
     caller = threading.Thread(target=slow_call)
     caller.start()
-    wait_for(
-        "the slow request to reach the worker",
-        lambda: (
-            mesh.stats()["inflight"] == 1
-            and ring_len(naming.sidecar_cq(mesh.ns)) == 0
-            and ring_len(naming.worker_sq(mesh.ns, worker.slot, worker.gen)) == 0
-        ),
-    )
+    wait_in_worker(mesh, worker, 1)
 
     t_kill = kill9(mesh, "dpa")
     t_unhealthy = wait_for(
@@ -195,14 +200,7 @@ def test_requests_in_flight_complete_if_the_dma_manager_returns_in_the_grace(mes
     for t in callers:
         t.start()
     # All four are past the DMA manager (in the worker's handlers), so none dies with it.
-    wait_for(
-        "four requests in the worker",
-        lambda: (
-            mesh.stats()["inflight"] == 4
-            and ring_len(naming.sidecar_cq(mesh.ns)) == 0
-            and ring_len(naming.worker_sq(mesh.ns, worker.slot, worker.gen)) == 0
-        ),
-    )
+    wait_in_worker(mesh, worker, 4)
     t_kill = kill9(mesh, "dpa")
     t_dead = wait_for(
         "the death to be seen",

@@ -86,6 +86,14 @@ def wait_for(what: str, check: Callable[[], bool], timeout: float = 20.0) -> flo
     return time.monotonic()
 
 
+def start_with_one_worker(mesh: Mesh, *dpu_options: str) -> None:
+    """Both daemons (the sidecar with `dpu_options`) and one worker of s1, registered."""
+    mesh.start_dpa()
+    mesh.start_dpu(*dpu_options)
+    mesh.start_service("s1", processes=1)
+    mesh.wait_workers({"s1": 1})
+
+
 def wait_in_worker(mesh: Mesh, worker: registry.WorkerInfo, count: int) -> None:
     """Until `count` requests are in flight and past the DMA manager, in `worker`'s hands."""
     wait_for(
@@ -122,10 +130,7 @@ def ring_len(name: str) -> int:
 
 
 def test_dead_dma_manager_turns_health_503_fails_fast_and_recovers(mesh: Mesh) -> None:
-    mesh.start_dpa()
-    mesh.start_dpu()
-    mesh.start_service("s1", processes=1)
-    mesh.wait_workers({"s1": 1})
+    start_with_one_worker(mesh)
     assert request(mesh.port, "/s1/api/v1")[0] == 200
     before = mesh.stats()
     assert before["dma_manager"]["alive"] is True and before["dma_manager"]["deaths"] == 0
@@ -181,10 +186,7 @@ def test_dead_dma_manager_turns_health_503_fails_fast_and_recovers(mesh: Mesh) -
 
 
 def test_requests_in_flight_complete_if_the_dma_manager_returns_in_the_grace(mesh: Mesh) -> None:
-    mesh.start_dpa()
-    mesh.start_dpu("--dma-grace", "6")
-    mesh.start_service("s1", processes=1)
-    mesh.wait_workers({"s1": 1})
+    start_with_one_worker(mesh, "--dma-grace", "6")
     with contextlib.closing(registry.Registry.open(mesh.ns)) as table:
         (worker,) = table.snapshot()
     results: list[tuple[float, float, int, bytes]] = []
@@ -221,10 +223,7 @@ def test_requests_in_flight_complete_if_the_dma_manager_returns_in_the_grace(mes
 
 
 def test_a_restarted_sidecar_serves_with_the_same_dma_manager_and_workers(mesh: Mesh) -> None:
-    mesh.start_dpa()
-    mesh.start_dpu()
-    mesh.start_service("s1", processes=1)
-    mesh.wait_workers({"s1": 1})
+    start_with_one_worker(mesh)
     assert request(mesh.port, "/s1/api/v1")[0] == 200
     before = mesh.stats()
     old_pid = mesh.procs["dpu"].pid
@@ -512,10 +511,7 @@ def test_out_of_descriptors_is_logged_and_the_listener_survives(
 
 def test_connection_cap_refuses_one_huge_request_and_paces_pipelined_ones(mesh: Mesh) -> None:
     cap = 1 * MiB
-    mesh.start_dpa()
-    mesh.start_dpu("--max-connection-bytes", str(cap))
-    mesh.start_service("s1", processes=1)
-    mesh.wait_workers({"s1": 1})
+    start_with_one_worker(mesh, "--max-connection-bytes", str(cap))
     status, body = request(mesh.port, "/s1/echo", "POST", b"x" * (2 * cap))
     assert status == 413 and b"buffered bytes" in body  # can never fit one connection
     # Four 512 KiB requests in one write: more than the cap together, so the connection

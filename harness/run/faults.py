@@ -239,8 +239,8 @@ class FaultBench:
         try:
             with self._started(desc, f"{desc.mesh}-calibration") as stack:
                 level = plan.closed(cfg)
-                spec = self._spec(stack, f"{desc.mesh}-calibration", level, cfg.warmup)
-                spec = LocustSpec(**{**spec.__dict__, "measured_s": cfg.calibrate})
+                name = f"{desc.mesh}-calibration"
+                spec = self._spec(stack, name, level, cfg.warmup, cfg.calibrate, level.users)
                 m = measure_level(stack, spec)
         except StartError as exc:
             self.problems.append(f"{desc.mesh}: did not start: {str(exc).splitlines()[0]}")
@@ -285,13 +285,21 @@ class FaultBench:
             time.sleep(delay)
             delay = min(delay * 2, 0.5)
 
-    def _spec(self, stack: RunningStack, name: str, level: plan.Level, excluded: int) -> LocustSpec:
+    def _spec(
+        self,
+        stack: RunningStack,
+        name: str,
+        level: plan.Level,
+        excluded: int,
+        measured: int,
+        users: int,
+    ) -> LocustSpec:
         return LocustSpec(
             host=stack.url,
-            users=level.users,
+            users=users,
             rate=level.rate,
             excluded_s=excluded,
-            measured_s=0,
+            measured_s=measured,
             hdr_out=self.results.path / "hist" / f"{name}.hdr",
             csv_prefix=self.results.path / "locust" / name,
             request_id_prefix=f"{name}-",
@@ -314,13 +322,7 @@ class FaultBench:
         name = f"{desc.mesh}-{fault.kind}-{fault.target}"
         level = plan.open_level(self.rate, self.config, "fault")
         users = max(level.users, math.ceil(self.rate * USER_BUDGET_S))
-        spec = LocustSpec(
-            **{
-                **self._spec(stack, name, level, 0).__dict__,
-                "users": users,
-                "measured_s": opts.run_s(fault),
-            }
-        )
+        spec = self._spec(stack, name, level, 0, opts.run_s(fault), users)
         before = read_traffic(stack)
         restarts_before = stack.restarts()
         self.console.print(f"{desc.mesh}: {fault.name} on {component} ({spec.run_s} s run)")

@@ -16,17 +16,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 
-from baselines.envoy.config import DEFAULT_CONCURRENCY
 from harness.deploy.local import serve
-from harness.names import DEFAULT_PORT, DEFAULT_WORKMODEL, MESHES, MODES, RESTART_MODES
+from harness.names import MESHES
 from harness.placement.layout import PlacementError
 from harness.placement.profiles import resolve
 from harness.procs import StartError
 from harness.run import config as bench_config
 from harness.run import faults, plan, runner
 from harness.stacks import describe
-from loadtests.options import REQUEST_MODES
-from mubench.internal import check_scale
 from reports import __main__ as reports_cli
 
 T = TypeVar("T")
@@ -44,101 +41,25 @@ def _checked(validate: Callable[[str], T]) -> Callable[[str], T]:
     return parse
 
 
-# Shared by `serve` and `run`; the same rule bench.toml's value is held to.
-_ENVOY_CONCURRENCY = _checked(bench_config.whole_number(1))
-_ENVOY_CONCURRENCY_HELP = "worker threads (--concurrency) of every Envoy in the envoy stack"
-_FUNCTIONS_DIR_HELP = "directory of μBench custom internal functions (*.py)"
-
-
-_DPU_OPTIONS = (
-    (
-        "--placement",
-        "placement",
-        "SPEC",
-        "CPU sets: auto (default), shared, or host=0-3,dpu=4-5,loadgen=6-7",
-    ),
-    (
-        "--dpu-profile",
-        "dpu_profile",
-        "NAME",
-        "DPU model: ideal, bluefield2, bluefield3 "
-        "(default bluefield3; harness/placement/dpu-profiles.toml)",
-    ),
-    (
-        "--dpu-speed",
-        "dpu_speed",
-        "F",
-        "DPU core speed as a fraction of a host core (overrides the profile's)",
-    ),
-    (
-        "--dma-latency-us",
-        "dma_latency_us",
-        "US",
-        "DMA latency per transfer, µs (overrides the profile's)",
-    ),
-    ("--dma-gbps", "dma_gbps", "GBPS", "DMA bandwidth, Gbit/s, 0 = free (overrides the profile's)"),
-)
-
-
-def _add_dpu_options(parser: argparse.ArgumentParser) -> None:
-    """The DPU model and CPU placement options, shared by `run` and `serve` (bench.toml's rules)."""
-    for flag, key, metavar, text in _DPU_OPTIONS:
-        parser.add_argument(
-            flag, dest=key, type=_checked(bench_config.VALIDATORS[key]), metavar=metavar, help=text
-        )
-
-
-def _stack_config(args: argparse.Namespace, **more: object) -> bench_config.BenchConfig:
-    """A `BenchConfig` from the stack options of `serve` or `k8s` (bench.toml's rules)."""
-    keys = ("workmodel", "seed", "scale", "envoy_concurrency", "functions_dir")
-    return bench_config.build(overrides={**{k: getattr(args, k) for k in keys}, **more})
-
-
 def _serve(args: argparse.Namespace) -> int:
     run_dir = args.run_dir or Path("runs", f"serve-{args.mesh}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}")
-    keys = [key for _, key, _, _ in _DPU_OPTIONS] + ["restart", "restart_backoff"]
-    config = _stack_config(args, **{key: getattr(args, key) for key in keys})
+    config = bench_config.for_command("serve", args)
     with runner.prepare_placement(config) as placement:
         print(f"model: {placement.record()['sentence']}", flush=True)
-        settings = runner.settings_of(config, placement)
-        serve(
-            describe(args.mesh, settings),
-            port=args.port,
-            run_dir=run_dir,
-            placement=placement,
-            restart=runner.restart_policy(config),
-        )
+        settings = runner.settings_of(config, placement.model)
+        options = {
+            "port": config.port,
+            "run_dir": run_dir,
+            "placement": placement,
+            "restart": runner.restart_policy(config),
+        }
+        if args.locust_ui:
+            from harness.run import webui  # Locust's web UI beside the stack
+
+            webui.serve(describe(args.mesh, settings), locust_port=args.locust_port, **options)
+        else:
+            serve(describe(args.mesh, settings), **options)
     return 0
-
-
-def _add_stack_options(parser: argparse.ArgumentParser) -> None:
-    """Workmodel and cell settings of one stack, for `serve` and `k8s`."""
-    parser.add_argument(
-        "--workmodel",
-        type=Path,
-        default=DEFAULT_WORKMODEL,
-        metavar="PATH",
-        help="μBench workmodel.json (default: workmodels/default.json)",
-    )
-    parser.add_argument(
-        "--seed", type=int, default=0, metavar="S", help="μBench random seed (default 0)"
-    )
-    parser.add_argument(
-        "--scale",
-        type=_checked(lambda text: check_scale(float(text))),
-        default=1.0,
-        metavar="F",
-        help="multiply the cells' pi computations and sleeps by F >= 0 (default 1; <1 for smoke "
-        "tests)",
-    )
-    parser.add_argument(
-        "--envoy-concurrency",
-        type=_ENVOY_CONCURRENCY,
-        default=DEFAULT_CONCURRENCY,
-        metavar="N",
-        help=f"{_ENVOY_CONCURRENCY_HELP} (default %(default)s)",
-    )
-    parser.add_argument("--functions-dir", type=Path, metavar="DIR", help=_FUNCTIONS_DIR_HELP)
 
 
 def _add_serve(subparsers: argparse._SubParsersAction) -> None:
@@ -160,37 +81,38 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
         help="dpumesh: DPU-offloaded mesh; envoy: Envoy sidecars + gateway; "
         "nomesh: services call each other directly (the floor)",
     )
-    _add_stack_options(parser)
-    parser.add_argument(
-        "--port",
-        type=_checked(bench_config.whole_number(1, 65535)),
-        default=DEFAULT_PORT,
-        metavar="N",
-        help="public port on 127.0.0.1 (default %(default)s)",
-    )
     parser.add_argument(
         "--run-dir",
         type=Path,
         metavar="DIR",
         help="where logs and configs go (default runs/serve-<mesh>-<UTC timestamp>)",
     )
-    _add_restart_options(parser)
-    _add_dpu_options(parser)
+    parser.add_argument(
+        "--locust-ui",
+        action="store_true",
+        help="also start Locust's web UI against the stack, with a Mesh tab (µs percentiles, "
+        "the stack's own counters); both stop on Ctrl-C",
+    )
+    parser.add_argument(
+        "--locust-port",
+        type=_checked(bench_config.whole_number(1, 65535)),
+        default=8089,
+        metavar="N",
+        help="port of Locust's web UI on 127.0.0.1 (default %(default)s)",
+    )
+    bench_config.add_options(parser, "serve")
     parser.set_defaults(handler=_serve)
 
 
-def _run_config(args: argparse.Namespace) -> bench_config.BenchConfig:
-    """The config of `run` or `whatif`: bench.toml (or --config), --quick, the options."""
-    overrides = {key: getattr(args, key, None) for key in bench_config.KEYS}
-    if getattr(args, "meshes", None) is not None:
-        overrides["meshes"] = bench_config.parse_list(args.meshes, "meshes")
-    if args.rates is not None and args.rates != "auto":
-        overrides["rates"] = bench_config.parse_list(args.rates, "rate")
-    return bench_config.load(args.config, overrides, quick=args.quick)
+def _run_config(args: argparse.Namespace, command: str, **more: object) -> bench_config.BenchConfig:
+    """The config of `run`, `whatif` or `faults`: bench.toml (or --config), --quick, the
+    command's options, then `more`."""
+    overrides = {**bench_config.given(args, command), **more}
+    return bench_config.load(args.config, overrides, quick=getattr(args, "quick", False))
 
 
 def _run(args: argparse.Namespace) -> int:
-    config = _run_config(args)
+    config = _run_config(args, "run")
     _, checks_ok = runner.run(config, ["run_bench.py", *(args.argv or [])])
     return 0 if checks_ok else 1
 
@@ -215,10 +137,8 @@ def _add_run(subparsers: argparse._SubParsersAction) -> None:
         help="run the side-by-side comparison (the default command)",
         description=_RUN_DESCRIPTION,
     )
-    parser.add_argument(
-        "--meshes", metavar="A,B", help=f"stacks to compare, in order ({','.join(MESHES)})"
-    )
-    _add_run_options(parser)
+    _add_config_file_options(parser, quick=True)
+    bench_config.add_options(parser, "run")
     parser.set_defaults(handler=_run)
 
 
@@ -229,8 +149,8 @@ def _whatif(args: argparse.Namespace) -> int:
         if mesh not in MESHES:
             raise bench_config.ConfigError(f"--baselines: unknown stack {mesh!r}")
     compared = plan.whatif_stacks(baselines, args.param, values)
-    args.meshes = ",".join([*baselines, "dpumesh"])  # what meta.json's config says was run
-    config = _run_config(args)
+    # What meta.json's config says was run.
+    config = _run_config(args, "whatif", meshes=[*baselines, "dpumesh"])
     whatif = {
         "param": args.param,
         "stack": "dpumesh",
@@ -274,7 +194,8 @@ def _add_whatif(subparsers: argparse._SubParsersAction) -> None:
         metavar="A,B",
         help="stacks measured once (default envoy,nomesh)",
     )
-    _add_run_options(parser)
+    _add_config_file_options(parser, quick=True)
+    bench_config.add_options(parser, "whatif")
     parser.set_defaults(handler=_whatif)
 
 
@@ -286,73 +207,26 @@ def _whatif_values(text: str) -> str:
     return text
 
 
-def _add_run_options(parser: argparse.ArgumentParser) -> None:
-    """The options of `run` and `whatif`, each a bench.toml key (documented there)."""
-    add = parser.add_argument
-    add("--config", type=Path, metavar="FILE", help="TOML settings (default: bench.toml)")
-    add(
-        "--quick",
-        action="store_true",
-        help="a rough look in about 2 minutes: "
-        + ", ".join(f"{k}={v}" for k, v in bench_config.QUICK.items()),
-    )
-    add(
-        "--rate",
-        dest="rates",
-        metavar="R1,R2",
-        help="open-loop rates in req/s instead of the calibrated ladder ('auto'; '' = none)",
-    )
-    add("--ladder-rates", type=int, metavar="N", help="rates in the calibrated ladder")
-    add("--refine", type=int, metavar="N", help="refinement probes per stack and repetition")
-    add("--duration", type=int, metavar="S", help="measured seconds per level")
-    add("--settle", type=int, metavar="S", help="excluded seconds at the start of other levels")
-    add("--repeat", type=int, metavar="N", help="repetitions per stack (interleaved)")
-    _add_load_options(parser)
-
-
-def _add_load_options(parser: argparse.ArgumentParser) -> None:
-    """Options of every command that starts stacks and loads them (bench.toml keys)."""
-    add = parser.add_argument
-    add("--workmodel", metavar="PATH", help="μBench workmodel.json")
-    add("--users", type=int, metavar="U", help="closed-loop users (calibration too)")
-    add("--calibrate", type=int, metavar="S", help="measured seconds of each calibration")
-    add("--warmup", type=int, metavar="S", help="warm-up seconds after each stack start")
-    add("--seed", type=int, metavar="S", help="μBench random seed")
-    add("--out", metavar="DIR", help="results root (a timestamped directory goes inside)")
-    add("--slo-p99-ms", type=float, metavar="MS", help="p99 objective for max clean throughput")
-    add("--processes", type=int, metavar="N", help="Locust processes (N > 1: master + N workers)")
-    add("--request-mode", choices=REQUEST_MODES, help="get: stochastic; trace: trace-driven POST")
-    add("--mode", choices=MODES, help="local processes or Docker Compose")
-    add("--port", type=int, metavar="N", help="public port of each stack (0 = any free port)")
-    add("--scale", type=float, metavar="F", help="multiply the cells' pi computations and sleeps")
-    add("--envoy-concurrency", type=_ENVOY_CONCURRENCY, metavar="N", help=_ENVOY_CONCURRENCY_HELP)
-    add("--functions-dir", metavar="DIR", help=_FUNCTIONS_DIR_HELP)
-    _add_restart_options(parser)
-    _add_dpu_options(parser)
-
-
-def _add_restart_options(parser: argparse.ArgumentParser) -> None:
-    """The components' restart policy (bench.toml `restart`, `restart_backoff`)."""
+def _add_config_file_options(parser: argparse.ArgumentParser, *, quick: bool) -> None:
+    """--config (and --quick): where the settings the options override come from."""
     parser.add_argument(
-        "--restart",
-        choices=RESTART_MODES,
-        help="restart policy of every component: always (with back-off, like Kubernetes; "
-        "the default) or never (a dead component stays dead)",
+        "--config", type=Path, metavar="FILE", help="TOML settings (default: bench.toml)"
     )
-    parser.add_argument(
-        "--restart-backoff",
-        type=_checked(bench_config.VALIDATORS["restart_backoff"]),
-        metavar="S",
-        help="first restart back-off in seconds, doubled per crash in a row (default 0.5)",
-    )
+    if quick:
+        parser.add_argument(
+            "--quick",
+            action="store_true",
+            help="a rough look in about 2 minutes: "
+            + ", ".join(f"{k}={v}" for k, v in bench_config.QUICK.items()),
+        )
 
 
 def _faults(args: argparse.Namespace) -> int:
-    config = _run_config(args)
+    config = _run_config(args, "faults")
     options = faults.Options(
         faults=tuple(faults.parse_faults(args.faults)),
-        rate=None if args.fault_rate == "auto" else _positive(args.fault_rate, "--fault-rate"),
-        pause_s=_positive(args.pause_s, "--pause-s"),
+        rate=None if args.fault_rate == "auto" else float(args.fault_rate),
+        pause_s=args.pause_s,
         before_s=args.before_s,
         after_s=args.after_s,
         service=args.service,
@@ -361,11 +235,12 @@ def _faults(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive(text: str | float, name: str) -> float:
-    value = float(text)
-    if not value > 0 or value == float("inf"):
-        raise bench_config.ConfigError(f"{name}: expected a number > 0, got {text!r}")
-    return value
+_POSITIVE = _checked(bench_config.finite_number(zero_ok=False))
+
+
+def _fault_rate(text: str) -> str:
+    """--fault-rate: auto, or a rate > 0."""
+    return text if text == "auto" else str(_POSITIVE(text))
 
 
 def _add_faults(subparsers: argparse._SubParsersAction) -> None:
@@ -384,9 +259,6 @@ def _add_faults(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument(
-        "--meshes", metavar="A,B", help=f"stacks to test, in order ({','.join(MESHES)})"
-    )
-    parser.add_argument(
         "--faults",
         default="all",
         metavar="K:T,...",
@@ -398,29 +270,38 @@ def _add_faults(subparsers: argparse._SubParsersAction) -> None:
         "--fault-rate",
         default="auto",
         metavar="R",
-        help="open-loop req/s of every stack (default auto: half the slowest calibrated)",
+        type=_checked(_fault_rate),
+        help="open-loop rate of every stack (default auto: half the slowest calibrated; req/s)",
     )
     parser.add_argument(
-        "--pause-s", default=3.0, type=float, metavar="S", help="SIGSTOP length (default 3)"
+        "--pause-s",
+        default=3.0,
+        type=_POSITIVE,
+        metavar="S",
+        help="SIGSTOP length (default 3 s)",
     )
     parser.add_argument(
-        "--before-s", default=3, type=int, metavar="S", help="load before the fault (default 3)"
+        "--before-s",
+        default=3,
+        type=_checked(bench_config.whole_number(0)),
+        metavar="S",
+        help="load before the fault (default 3 s)",
     )
     parser.add_argument(
         "--after-s",
         default=10,
-        type=int,
+        type=_checked(bench_config.whole_number(1)),
         metavar="S",
-        help="load after the fault (after the pause ends; default 10)",
+        help="load after the fault, after the pause ends (default 10 s)",
     )
     parser.add_argument(
         "--service",
         metavar="SVC",
         help="whose worker or sidecar is hit (default: the entry service's first callee)",
     )
-    parser.add_argument("--config", type=Path, metavar="FILE", help="TOML settings (bench.toml)")
-    _add_load_options(parser)
-    parser.set_defaults(handler=_faults, quick=False, rates=None)
+    _add_config_file_options(parser, quick=False)
+    bench_config.add_options(parser, "faults")
+    parser.set_defaults(handler=_faults)
 
 
 def _fault_list(text: str) -> str:
@@ -431,18 +312,15 @@ def _fault_list(text: str) -> str:
 def _k8s(args: argparse.Namespace) -> int:
     from harness.deploy import k8s  # YAML and schema code only when asked for
 
-    meshes = bench_config.parse_list(args.meshes, "meshes") if args.meshes else None
-    config = _stack_config(
-        args, meshes=meshes, dpu_profile=args.dpu_profile, dpu_speed=args.dpu_speed
-    )
-    model = resolve(config.dpu_profile, {"dpu_speed": config.dpu_speed})
-    settings = runner.settings_of(config)
+    config = bench_config.for_command("k8s", args)
+    model = resolve(config.dpu_profile, runner.model_overrides(config))
+    settings = runner.settings_of(config, model)
     descs = [describe(mesh, settings) for mesh in config.meshes]
-    written = k8s.write(descs, args.out, resources=k8s.resources_for(model))
-    counts = k8s.validate_all(args.out)
+    written = k8s.write(descs, args.manifests, resources=k8s.resources_for(model))
+    counts = k8s.validate_all(args.manifests)
     for mesh, paths in written.items():
         documents = sum(counts[p] for p in paths)
-        print(f"{mesh}: {len(paths)} files, {documents} objects under {args.out / mesh}")
+        print(f"{mesh}: {len(paths)} files, {documents} objects under {args.manifests / mesh}")
     print(f"every object validates against Kubernetes {k8s.KUBERNETES_VERSION} (strict)")
     return 0
 
@@ -460,12 +338,10 @@ def _add_k8s(subparsers: argparse._SubParsersAction) -> None:
             "README.md says how to apply them on a cluster."
         ),
     )
-    _add_stack_options(parser)
-    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory")
-    parser.add_argument("--meshes", metavar="A,B", help=f"stacks ({','.join(MESHES)}; default all)")
-    for flag, key, metavar, text in _DPU_OPTIONS:
-        if key in ("dpu_profile", "dpu_speed"):  # the DPU daemons' CPU limits
-            parser.add_argument(flag, dest=key, metavar=metavar, help=text)
+    parser.add_argument(
+        "--out", dest="manifests", type=Path, required=True, metavar="DIR", help="output directory"
+    )
+    bench_config.add_options(parser, "k8s")
     parser.set_defaults(handler=_k8s)
 
 

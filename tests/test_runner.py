@@ -95,10 +95,11 @@ def test_bad_config_file(tmp_path):
         config.load(bad)
 
 
-def test_cli_errors_exit_2(capsys):
-    assert run_bench.main(["run", "--users", "0"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: command line: users: must be >= 1")
+def test_a_setting_refused_after_parsing_is_a_one_line_error_with_exit_2(tmp_path, capsys):
+    bad = tmp_path / "bench.toml"
+    bad.write_text("users = 0\n")
+    assert run_bench.main(["run", "--config", str(bad)]) == 2
+    assert capsys.readouterr().err == f"error: {bad}: users: must be >= 1, not 0\n"
 
 
 def test_an_unknown_mode_is_refused_before_anything_starts(tmp_path):
@@ -642,7 +643,7 @@ def test_a_whatif_variant_gets_its_own_dpu_model_and_settings():
     dma = plan.Stack("dpumesh", (("dma_latency_us", 7.0),))
     with runner.prepare_placement(cfg, dma) as placed:
         assert placed.model.dma_latency_us == 7.0
-        assert runner.settings_of(cfg, placed).dma_latency_us == 7.0
+        assert runner.settings_of(cfg, placed.model).dma_latency_us == 7.0
     cores = plan.Stack("dpumesh", (("dpu_cores", 3.0),))
     with runner.prepare_placement(cfg, cores) as placed:
         assert placed.model.dpu_cores == 3 and isinstance(placed.model.dpu_cores, int)

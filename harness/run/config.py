@@ -1,10 +1,21 @@
-"""The settings of one `run_bench.py run`: defaults, `bench.toml`, command-line overrides.
+"""Every setting of the harness, declared once: its default, its rule, its option and help.
 
-Precedence: command line > config file > the defaults below (`BenchConfig`'s
-field defaults, which the checked-in `bench.toml` repeats and documents; a
-test keeps the two equal). Every value is validated once, here, so a bad
-setting stops the run before any process starts, with one line naming the
-source and the key (`ConfigError`).
+`BenchConfig` holds the settings of a run; each field's metadata is an
+`Option` (validator, metavar, unit, help, the commands that take it). From
+that one declaration come the argparse options of every entry point
+(`run_bench.py run`, `whatif`, `faults`, `serve`, `k8s`, and `python -m
+harness.deploy.compose generate`: `add_options`), the validation of a
+config file (`load_file`, `build`) and of the command line (the same
+validator as the option's argparse `type`, so a value is valid or invalid
+everywhere alike), and the help text with each default and unit.
+
+Precedence for `run`, `whatif` and `faults`: command line > config file
+(`bench.toml`, which repeats and documents the defaults; a test keeps the two
+equal) > `BenchConfig`'s defaults. `serve`, `k8s` and compose generation read
+no config file: their options over the defaults, where a command may have a
+default of its own (`Option.command_defaults`: `serve` listens on port 5005).
+Every value is validated before any process starts; an error is one line
+naming the source and the key (`ConfigError`, or argparse's usage error).
 
 Paths in a config file are relative to the file's directory; paths given on
 the command line are relative to the current directory.
@@ -12,15 +23,16 @@ the command line are relative to the current directory.
 
 from __future__ import annotations
 
+import argparse
 import math
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from baselines.envoy.config import DEFAULT_CONCURRENCY
-from harness.names import DEFAULT_WORKMODEL, MESHES, MODES, REPO, RESTART_MODES
+from harness.names import DEFAULT_PORT, DEFAULT_WORKMODEL, MESHES, MODES, REPO, RESTART_MODES
 from harness.placement.layout import PlacementError, parse_layout
 from harness.placement.profiles import get_profile
 from harness.placement.readback import online_cpus
@@ -28,137 +40,20 @@ from loadtests.options import REQUEST_MODES
 
 DEFAULT_CONFIG_FILE = REPO / "bench.toml"
 
+#: The entry points that take settings (`Option.commands`).
+COMMANDS = ("run", "whatif", "faults", "serve", "k8s", "compose")
+_LOADS = frozenset({"run", "whatif", "faults"})  # start stacks and load them
+_SWEEPS = frozenset({"run", "whatif"})  # the ladder and repetitions
+_STARTS = _LOADS | {"serve"}  # start stacks on this machine (placement, restarts)
+_STACKS = frozenset(COMMANDS)  # describe a stack (workmodel and cell settings)
+
 
 class ConfigError(ValueError):
     """A setting that cannot be used; `str()` is one line naming where it came from."""
 
 
-@dataclass(frozen=True)
-class BenchConfig:
-    """Everything a run needs to know; written to meta.json as `config`."""
-
-    workmodel: Path = DEFAULT_WORKMODEL
-    meshes: tuple[str, ...] = MESHES
-    users: int = 8
-    rates: tuple[float, ...] | None = None  # None: "auto", the calibrated ladder
-    ladder_rates: int = 7
-    refine: int = 1
-    calibrate: int = 3
-    duration: int = 5
-    warmup: int = 4
-    settle: int = 1
-    repeat: int = 3
-    seed: int = 0
-    out: Path = REPO / "results"
-    slo_p99_ms: float = 100.0
-    processes: int = 1
-    request_mode: str = "get"
-    mode: str = "local"
-    port: int = 0
-    scale: float = 1.0
-    envoy_concurrency: int = DEFAULT_CONCURRENCY
-    functions_dir: Path | None = None
-    restart: str = "always"
-    restart_backoff: float = 0.5
-    placement: str = "auto"
-    dpu_profile: str = "bluefield3"
-    dpu_speed: float | None = None  # None: the profile's
-    dma_latency_us: float | None = None
-    dma_gbps: float | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-ready (paths as strings, tuples as lists)."""
-        out = asdict(self)
-        for key, value in out.items():
-            if isinstance(value, Path):
-                out[key] = str(value)
-            elif isinstance(value, tuple):
-                out[key] = list(value)
-        return out
-
-
-KEYS = tuple(f.name for f in fields(BenchConfig))
-
-#: `--quick`: a rough look in about two minutes (over the config file, under the options).
-QUICK: dict[str, Any] = {
-    "repeat": 1,
-    "duration": 3,
-    "warmup": 2,
-    "calibrate": 2,
-    "ladder_rates": 5,
-    "refine": 0,
-}
-
-
-def load_file(path: Path) -> dict[str, Any]:
-    """The settings of a TOML config file, paths made absolute; unknown keys are errors."""
-    try:
-        with path.open("rb") as fh:
-            raw = tomllib.load(fh)
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
-    unknown = sorted(set(raw) - set(KEYS))
-    if unknown:
-        raise ConfigError(f"{path}: unknown key {unknown[0]!r} (known: {', '.join(KEYS)})")
-    for key in ("workmodel", "out", "functions_dir"):
-        if isinstance(raw.get(key), str) and raw[key]:
-            raw[key] = (path.parent / raw[key]).resolve()
-    return raw
-
-
-def parse_list(text: str, key: str) -> list[str]:
-    """A comma-separated command-line list; empty text is an empty list."""
-    items = [item.strip() for item in text.split(",")]
-    if items == [""]:
-        return []
-    if "" in items:
-        raise ConfigError(f"--{key}: empty item in {text!r}")
-    return items
-
-
-def build(
-    file_values: Mapping[str, Any] | None = None,
-    overrides: Mapping[str, Any] | None = None,
-    *,
-    source: str = "config",
-) -> BenchConfig:
-    """Defaults, then `file_values`, then `overrides` (None values ignored), validated."""
-    merged: dict[str, Any] = {}
-    origin: dict[str, str] = {}
-    for values, where in ((file_values or {}), source), ((overrides or {}), "command line"):
-        for key, value in values.items():
-            if value is None:
-                continue
-            if key not in KEYS:
-                raise ConfigError(f"{where}: unknown setting {key!r}")
-            merged[key] = value
-            origin[key] = where
-    checked = {}
-    for key, value in merged.items():
-        try:
-            checked[key] = VALIDATORS[key](value)
-        except ConfigError as exc:
-            raise ConfigError(f"{origin[key]}: {key}: {exc}") from None
-    return BenchConfig(**checked)
-
-
-def load(
-    config_path: Path | None, overrides: Mapping[str, Any] | None = None, *, quick: bool = False
-) -> BenchConfig:
-    """The effective config: `config_path` (default `bench.toml` if present), the `QUICK`
-    preset when asked for, then the overrides."""
-    path = config_path
-    if path is None and DEFAULT_CONFIG_FILE.is_file():
-        path = DEFAULT_CONFIG_FILE
-    values = load_file(Path(path)) if path is not None else {}
-    if quick:
-        values = {**values, **QUICK}
-    return build(values, overrides, source=str(path) if path is not None else "config")
-
-
 # --- validators: value -> normalised value, or ConfigError (message without the key) ---------
+# Each takes what TOML gives (numbers, strings, lists) and what the command line gives (text).
 
 
 def whole_number(low: int, high: int | None = None) -> Callable[[Any], int]:
@@ -283,33 +178,407 @@ def _existing_file(value: Any) -> Path:
     return path
 
 
-VALIDATORS: dict[str, Any] = {
-    "workmodel": _existing_file,
-    "meshes": _meshes,
-    "users": whole_number(1),
-    "rates": _rates,
-    "ladder_rates": whole_number(2, 12),
-    "refine": whole_number(0, 4),
-    "calibrate": whole_number(1),
-    "duration": whole_number(1),
-    "warmup": whole_number(0),
-    "settle": whole_number(0),
-    "repeat": whole_number(1),
-    "seed": whole_number(0),
-    "out": _path,
-    "slo_p99_ms": _positive_float,
-    "processes": whole_number(1, 64),
-    "request_mode": _choice(REQUEST_MODES),
-    "mode": _choice(MODES),
-    "port": whole_number(0, 65535),
-    "scale": _positive_float,
-    "envoy_concurrency": whole_number(1),
-    "functions_dir": _directory_or_none,
-    "restart": _choice(RESTART_MODES),
-    "restart_backoff": _positive_float,
-    "placement": _placement,
-    "dpu_profile": _profile,
-    "dpu_speed": from_profile(_positive_float),
-    "dma_latency_us": from_profile(finite_number(zero_ok=True)),
-    "dma_gbps": from_profile(finite_number(zero_ok=True)),
+# --- the declaration ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Option:
+    """How one setting is given: its rule, its command-line form and the commands that take it.
+
+    `check` turns a TOML or command-line value into the setting's value or
+    raises `ConfigError`; `shown` is the default as a user would type it
+    (None: derived from the field's default).
+    """
+
+    check: Callable[[Any], Any]
+    help: str
+    metavar: str
+    commands: frozenset[str]
+    unit: str = ""
+    flag: str = ""  # default: --<name with dashes>
+    shown: str | None = None
+    command_defaults: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _setting(default: Any, check: Callable[[Any], Any], help: str, **option: Any) -> Any:
+    """A `BenchConfig` field whose metadata is its `Option`."""
+    return field(default=default, metadata={"option": Option(check, help, **option)})
+
+
+_LAYOUT_HELP = "CPU sets: auto, shared, or host=0-3,dpu=4-5,loadgen=6-7 (DESIGN §5)"
+_MODEL_HELP = "(a number, or 'profile' for the DPU profile's own value)"
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Everything a run needs to know; written to meta.json as `config`."""
+
+    workmodel: Path = _setting(
+        DEFAULT_WORKMODEL,
+        _existing_file,
+        "μBench workmodel.json every stack serves",
+        metavar="PATH",
+        commands=_STACKS,
+    )
+    meshes: tuple[str, ...] = _setting(
+        MESHES,
+        _meshes,
+        f"stacks to compare, in this order ({', '.join(MESHES)})",
+        metavar="A,B",
+        commands=frozenset({"run", "faults", "k8s"}),
+    )
+    users: int = _setting(
+        8,
+        whole_number(1),
+        "closed-loop Locust users, sending back to back (the calibration's too)",
+        metavar="U",
+        commands=_LOADS,
+    )
+    rates: tuple[float, ...] | None = _setting(
+        None,
+        _rates,
+        "open-loop rates instead of the calibrated ladder: auto, a list, or '' for none",
+        metavar="R1,R2",
+        unit="req/s",
+        flag="--rate",
+        shown="auto",
+        commands=_SWEEPS,
+    )
+    ladder_rates: int = _setting(
+        7, whole_number(2, 12), "rates in the calibrated ladder", metavar="N", commands=_SWEEPS
+    )
+    refine: int = _setting(
+        1,
+        whole_number(0, 4),
+        "refinement probes per stack and repetition between its highest clean and lowest "
+        "unclean rate",
+        metavar="N",
+        commands=_SWEEPS,
+    )
+    calibrate: int = _setting(
+        3,
+        whole_number(1),
+        "measured time of each calibration level",
+        metavar="S",
+        unit="s",
+        commands=_LOADS,
+    )
+    duration: int = _setting(
+        5, whole_number(1), "measured time per load level", metavar="S", unit="s", commands=_SWEEPS
+    )
+    warmup: int = _setting(
+        4,
+        whole_number(0),
+        "warm-up after each stack start, excluded from latency and CPU",
+        metavar="S",
+        unit="s",
+        commands=_LOADS,
+    )
+    settle: int = _setting(
+        1,
+        whole_number(0),
+        "excluded time at the start of every other level",
+        metavar="S",
+        unit="s",
+        commands=_SWEEPS,
+    )
+    repeat: int = _setting(
+        3,
+        whole_number(1),
+        "repetitions per stack, interleaved across stacks",
+        metavar="N",
+        commands=_SWEEPS,
+    )
+    seed: int = _setting(
+        0,
+        whole_number(0),
+        "μBench random seed, the same for every stack",
+        metavar="S",
+        commands=_STACKS,
+    )
+    out: Path = _setting(
+        REPO / "results",
+        _path,
+        "results root (each run writes a timestamped directory inside)",
+        metavar="DIR",
+        commands=_LOADS,
+    )
+    slo_p99_ms: float = _setting(
+        100.0,
+        _positive_float,
+        "p99 latency objective of a clean rate",
+        metavar="MS",
+        unit="ms",
+        commands=_LOADS,
+    )
+    processes: int = _setting(
+        1,
+        whole_number(1, 64),
+        "Locust processes (N > 1: a master and N workers)",
+        metavar="N",
+        commands=_LOADS,
+    )
+    request_mode: str = _setting(
+        "get",
+        _choice(REQUEST_MODES),
+        "get: stochastic GET (the workmodel decides the calls); trace: trace-driven POST",
+        metavar="{" + ",".join(REQUEST_MODES) + "}",
+        commands=_LOADS,
+    )
+    mode: str = _setting(
+        "local",
+        _choice(MODES),
+        "local: processes on this machine; compose: Docker Compose",
+        metavar="{" + ",".join(MODES) + "}",
+        commands=_LOADS,
+    )
+    port: int = _setting(
+        0,
+        whole_number(0, 65535),
+        "public port of the stack on 127.0.0.1 (0: any free port)",
+        metavar="N",
+        commands=_LOADS | {"serve", "compose"},
+        command_defaults={"serve": DEFAULT_PORT, "compose": DEFAULT_PORT},
+    )
+    scale: float = _setting(
+        1.0,
+        finite_number(zero_ok=True),
+        "multiplies the cells' pi computations and sleeps (< 1 for smoke tests, 0: no work)",
+        metavar="F",
+        commands=_STACKS,
+    )
+    envoy_concurrency: int = _setting(
+        DEFAULT_CONCURRENCY,
+        whole_number(1),
+        "worker threads (--concurrency) of every Envoy of the envoy stack",
+        metavar="N",
+        commands=_STACKS,
+    )
+    functions_dir: Path | None = _setting(
+        None,
+        _directory_or_none,
+        "directory of μBench custom internal functions (*.py); '' for none",
+        metavar="DIR",
+        shown="none",
+        commands=_STACKS,
+    )
+    restart: str = _setting(
+        "always",
+        _choice(RESTART_MODES),
+        "restart policy of every component: always (with back-off, like Kubernetes) or never",
+        metavar="{" + ",".join(RESTART_MODES) + "}",
+        commands=_STARTS,
+    )
+    restart_backoff: float = _setting(
+        0.5,
+        _positive_float,
+        "first restart back-off, doubled per crash in a row",
+        metavar="S",
+        unit="s",
+        commands=_STARTS,
+    )
+    placement: str = _setting("auto", _placement, _LAYOUT_HELP, metavar="SPEC", commands=_STARTS)
+    dpu_profile: str = _setting(
+        "bluefield3",
+        _profile,
+        "DPU model: ideal, bluefield2 or bluefield3 (harness/placement/dpu-profiles.toml)",
+        metavar="NAME",
+        commands=_STARTS | {"k8s"},
+    )
+    dpu_speed: float | None = _setting(
+        None,
+        from_profile(_positive_float),
+        f"DPU core speed as a fraction of a host core {_MODEL_HELP}",
+        metavar="F",
+        shown="profile",
+        commands=_STARTS | {"k8s"},
+    )
+    dma_latency_us: float | None = _setting(
+        None,
+        from_profile(finite_number(zero_ok=True)),
+        f"DMA latency per host<->DPU transfer {_MODEL_HELP}",
+        metavar="US",
+        unit="µs",
+        shown="profile",
+        commands=_STARTS | {"k8s"},
+    )
+    dma_gbps: float | None = _setting(
+        None,
+        from_profile(finite_number(zero_ok=True)),
+        f"DMA bandwidth, 0 = free {_MODEL_HELP}",
+        metavar="GBPS",
+        unit="Gbit/s",
+        shown="profile",
+        commands=_STARTS | {"k8s"},
+    )
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready (paths as strings, tuples as lists)."""
+        out = asdict(self)
+        for key, value in out.items():
+            if isinstance(value, Path):
+                out[key] = str(value)
+            elif isinstance(value, tuple):
+                out[key] = list(value)
+        return out
+
+
+#: Each setting's `Option`, and its default, by name.
+OPTIONS: dict[str, Option] = {f.name: f.metadata["option"] for f in fields(BenchConfig)}
+_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(BenchConfig)}
+KEYS = tuple(OPTIONS)
+
+#: `--quick`: a rough look in about two minutes (over the config file, under the options).
+QUICK: dict[str, Any] = {
+    "repeat": 1,
+    "duration": 3,
+    "warmup": 2,
+    "calibrate": 2,
+    "ladder_rates": 5,
+    "refine": 0,
 }
+
+
+def load_file(path: Path) -> dict[str, Any]:
+    """The settings of a TOML config file, paths made absolute; unknown keys are errors."""
+    try:
+        with path.open("rb") as fh:
+            raw = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    unknown = sorted(set(raw) - set(KEYS))
+    if unknown:
+        raise ConfigError(f"{path}: unknown key {unknown[0]!r} (known: {', '.join(KEYS)})")
+    for key in ("workmodel", "out", "functions_dir"):
+        if isinstance(raw.get(key), str) and raw[key]:
+            raw[key] = (path.parent / raw[key]).resolve()
+    return raw
+
+
+def parse_list(text: str, key: str) -> list[str]:
+    """A comma-separated command-line list; empty text is an empty list."""
+    items = [item.strip() for item in text.split(",")]
+    if items == [""]:
+        return []
+    if "" in items:
+        raise ConfigError(f"--{key}: empty item in {text!r}")
+    return items
+
+
+def build(
+    file_values: Mapping[str, Any] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    source: str = "config",
+) -> BenchConfig:
+    """Defaults, then `file_values`, then `overrides` (None values ignored), validated."""
+    merged: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    for values, where in ((file_values or {}), source), ((overrides or {}), "command line"):
+        for key, value in values.items():
+            if value is None:
+                continue
+            if key not in KEYS:
+                raise ConfigError(f"{where}: unknown setting {key!r}")
+            merged[key] = value
+            origin[key] = where
+    checked = {}
+    for key, value in merged.items():
+        try:
+            checked[key] = OPTIONS[key].check(value)
+        except ConfigError as exc:
+            raise ConfigError(f"{origin[key]}: {key}: {exc}") from None
+    return BenchConfig(**checked)
+
+
+def load(
+    config_path: Path | None, overrides: Mapping[str, Any] | None = None, *, quick: bool = False
+) -> BenchConfig:
+    """The effective config: `config_path` (default `bench.toml` if present), the `QUICK`
+    preset when asked for, then the overrides."""
+    path = config_path
+    if path is None and DEFAULT_CONFIG_FILE.is_file():
+        path = DEFAULT_CONFIG_FILE
+    values = load_file(Path(path)) if path is not None else {}
+    if quick:
+        values = {**values, **QUICK}
+    return build(values, overrides, source=str(path) if path is not None else "config")
+
+
+# --- the command line --------------------------------------------------------------------------
+
+
+def options_of(command: str) -> dict[str, Option]:
+    """The settings `command` takes, in declaration order."""
+    if command not in COMMANDS:
+        raise ValueError(f"unknown command {command!r}")
+    return {name: opt for name, opt in OPTIONS.items() if command in opt.commands}
+
+
+def flag_of(name: str) -> str:
+    """The command-line flag of setting `name`."""
+    return OPTIONS[name].flag or "--" + name.replace("_", "-")
+
+
+def default_text(name: str, command: str) -> str:
+    """The default of `name` under `command`, as a user would type it."""
+    opt = OPTIONS[name]
+    if command in opt.command_defaults:
+        value = opt.command_defaults[command]
+    elif opt.shown is not None:
+        return opt.shown
+    else:
+        value = _DEFAULTS[name]
+    if isinstance(value, Path):
+        return str(value.relative_to(REPO)) if value.is_relative_to(REPO) else str(value)
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def add_options(parser: argparse.ArgumentParser, command: str) -> None:
+    """Add every option `command` takes to `parser`, each validated by the setting's rule.
+
+    An option left out is None in the namespace (the config file or the default
+    applies); a given one keeps its text, checked here and converted by `build`.
+    """
+    for name, opt in options_of(command).items():
+        unit = f", in {opt.unit}" if opt.unit else ""
+        parser.add_argument(
+            flag_of(name),
+            dest=name,
+            metavar=opt.metavar,
+            type=_as_argument(opt.check),
+            help=f"{opt.help}{unit}; default: {default_text(name, command)}",
+        )
+
+
+def given(args: argparse.Namespace, command: str) -> dict[str, Any]:
+    """The settings given on `command`'s command line (those left out are absent)."""
+    values = {name: getattr(args, name, None) for name in options_of(command)}
+    return {name: value for name, value in values.items() if value is not None}
+
+
+def for_command(command: str, args: argparse.Namespace, **more: Any) -> BenchConfig:
+    """The config of a command that reads no config file: its defaults, then its options."""
+    defaults = {
+        name: opt.command_defaults[command]
+        for name, opt in options_of(command).items()
+        if command in opt.command_defaults
+    }
+    return build(defaults, {**given(args, command), **more}, source=f"{command} defaults")
+
+
+def _as_argument(check: Callable[[Any], Any]) -> Callable[[str], str]:
+    """An argparse `type`: the text itself once `check` accepts it; else a usage error."""
+
+    def parse(text: str) -> str:
+        try:
+            check(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return text
+
+    return parse

@@ -194,7 +194,7 @@ class FaultBench:
         try:
             with prepare_placement(cfg) as placement, on_cpus(placement.cpus("loadgen")):
                 self.placement = placement
-                descs = {m: describe(m, settings_of(cfg, placement)) for m in cfg.meshes}
+                descs = {m: describe(m, settings_of(cfg, placement.model)) for m in cfg.meshes}
                 if self.rate is None:
                     for mesh in cfg.meshes:
                         self.calibration[mesh] = self._calibrate(descs[mesh])

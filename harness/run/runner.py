@@ -77,6 +77,7 @@ from harness.output.results import (
     role_rows,
 )
 from harness.placement.apply import Placement, prepare
+from harness.placement.profiles import DpuModel
 from harness.ports import free_ports, release_ports
 from harness.procs import RestartPolicy, StartError
 from harness.run import ladder, plan
@@ -202,12 +203,12 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def settings_of(config: BenchConfig, placement: Placement | None = None) -> Settings:
+def settings_of(config: BenchConfig, model: DpuModel | None = None) -> Settings:
     """The stack settings a run's configuration implies (the same for every stack).
 
-    The DMA cost is the DPU model's (`placement`), which the config's options override.
+    The DMA cost is the DPU model's (`Placement.model`, with the config's overrides);
+    without a model the DMA is free.
     """
-    model = placement.model if placement else None
     return Settings(
         workmodel=config.workmodel,
         seed=config.seed,
@@ -230,14 +231,15 @@ def restart_policy(config: BenchConfig) -> RestartPolicy:
 
 def prepare_placement(config: BenchConfig, stack: Stack | None = None) -> Placement:
     """The placement and DPU model of a run, or of one what-if `stack` (`PlacementError`)."""
-    overrides: dict[str, float | None] = {
-        "dpu_speed": config.dpu_speed,
-        "dma_latency_us": config.dma_latency_us,
-        "dma_gbps": config.dma_gbps,
-    }
+    overrides = model_overrides(config)
     if stack is not None:
         overrides.update((k, int(v) if k == "dpu_cores" else v) for k, v in stack.overrides)
     return prepare(config.placement, config.dpu_profile, overrides)
+
+
+def model_overrides(config: BenchConfig) -> dict[str, float | None]:
+    """The DPU model values the config sets over its profile's (None: the profile's)."""
+    return {key: getattr(config, key) for key in ("dpu_speed", "dma_latency_us", "dma_gbps")}
 
 
 class Runner:
@@ -263,7 +265,8 @@ class Runner:
         self.placement = placement  # the run's model; every stack has its layout
         self.models = {label: p.record() for label, p in placements.items()}
         self.whatif = whatif
-        base = load_cell(settings_of(config, self.placement))  # WorkmodelError before any start
+        # A bad workmodel is a WorkmodelError before any start.
+        base = load_cell(settings_of(config, self.placement.model))
         self.workmodel = base.workmodel
         self.descriptions: dict[str, StackDescription] = {
             s.label: describe(s.mesh, *self._cell(base, s)) for s in self.compared
@@ -287,7 +290,7 @@ class Runner:
 
     def _cell(self, base: Cell, stack: Stack) -> tuple[Settings, Cell]:
         """A stack's settings (its DMA cost) and the run's one loaded cell under them."""
-        settings = settings_of(self.config, self.placements[stack.label])
+        settings = settings_of(self.config, self.placements[stack.label].model)
         return settings, replace(base, settings=settings)
 
     # -- the run -----------------------------------------------------------------------------

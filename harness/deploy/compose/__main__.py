@@ -1,6 +1,8 @@
 """`python -m harness.deploy.compose build|generate`: the image, or a workmodel's compose files.
 
-`generate`'s defaults regenerate the checked-in `compose/default/`.
+`generate`'s defaults regenerate the checked-in `compose/default/`. Its stack
+options are the harness's settings (`harness.run.config`, declared once for
+every entry point); this command line is an edge, so it may import `harness.run`.
 """
 
 from __future__ import annotations
@@ -12,17 +14,17 @@ from pathlib import Path
 
 from harness.deploy.compose.image import DEFAULT_BASE_IMAGE, IMAGE, LOCAL_BASE_IMAGE, ensure_image
 from harness.deploy.compose.render import generate
-from harness.names import DEFAULT_PORT, DEFAULT_WORKMODEL, MESHES, REPO
+from harness.names import MESHES, REPO
+from harness.run import config
+from harness.run.runner import settings_of
 from harness.stacks import describe
 from harness.stacks.cell import load_cell
-from harness.stacks.model import Settings
 from mubench.workmodel import WorkmodelError
 
 DEFAULT_OUT = REPO / "compose" / "default"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """`build` the image or `generate` compose files."""
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m harness.deploy.compose",
         description="Docker Compose deployment of the dpumesh, envoy and nomesh stacks.",
@@ -45,36 +47,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         "The defaults regenerate the checked-in compose/default/.",
     )
     gen.add_argument(
-        "--workmodel",
-        type=Path,
-        default=DEFAULT_WORKMODEL,
-        metavar="PATH",
-        help="μBench workmodel.json (default: workmodels/default.json)",
-    )
-    gen.add_argument(
         "--out",
+        dest="compose_dir",
         type=Path,
         default=DEFAULT_OUT,
         metavar="DIR",
         help="output directory (default: compose/default)",
     )
     gen.add_argument("--mesh", choices=MESHES, action="append", help="repeatable; default: all")
-    gen.add_argument(
-        "--port", type=int, default=DEFAULT_PORT, metavar="N", help="public port on 127.0.0.1"
-    )
-    gen.add_argument("--seed", type=int, default=0, metavar="S", help="μBench random seed")
-    gen.add_argument("--scale", type=float, default=1.0, metavar="F", help="μBench work scale")
+    config.add_options(gen, "compose")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`build` the image or `generate` compose files."""
+    parser = _parser()
     args = parser.parse_args(argv)
     if args.command == "build":
         print(f"{IMAGE} {ensure_image(args.base_image)}")
         return 0
-    settings = Settings(workmodel=args.workmodel.resolve(), seed=args.seed, scale=args.scale)
     try:
+        settings_config = config.for_command("compose", args)
+        settings = settings_of(settings_config)
         cell = load_cell(settings)
-    except WorkmodelError as exc:
+    except (config.ConfigError, WorkmodelError) as exc:
         parser.error(str(exc))
     for mesh in args.mesh or MESHES:
-        print(generate(describe(mesh, settings, cell), args.out, port=args.port).file)
+        print(
+            generate(
+                describe(mesh, settings, cell), args.compose_dir, port=settings_config.port
+            ).file
+        )
     return 0
 
 

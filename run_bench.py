@@ -78,8 +78,8 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
         "--mesh",
         required=True,
         choices=MESHES,
-        help="dpumesh: DPU-offloaded mesh; envoy: Envoy sidecars + gateway; "
-        "nomesh: services call each other directly (the floor)",
+        help="dpumesh: DPU-offloaded mesh; envoy: Envoy sidecars + gateway; nodeproxy: one "
+        "shared Envoy per node + gateway; nomesh: services call each other directly (the floor)",
     )
     parser.add_argument(
         "--run-dir",
@@ -333,7 +333,8 @@ def _add_k8s(subparsers: argparse._SubParsersAction) -> None:
             "Render each stack's description as Kubernetes manifests: dpumesh as the seed "
             "lays it out (dpa-daemon and dpu-daemon DaemonSets in dpumesh-system, one worker "
             "Deployment per service in mubench-dpu), envoy as app + sidecar pods with a "
-            "gateway, nomesh as plain apps, and a Locust master (web UI or headless) with "
+            "gateway, nodeproxy as apps with a node-proxy DaemonSet and a gateway, nomesh as "
+            "plain apps, and a Locust master (web UI or headless) with "
             "workers. Every object is checked against the official Kubernetes schemas. "
             "README.md says how to apply them on a cluster."
         ),

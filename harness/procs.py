@@ -67,9 +67,7 @@ from typing import Any, Literal, NoReturn
 
 import psutil
 
-from harness.names import RESTART_MODES
-
-ROLES = ("app", "sidecar", "gateway", "dpu-daemon", "dpa-daemon", "loadgen")
+from harness.names import RESTART_MODES, ROLES
 
 ReadyCheck = Callable[[], bool]
 

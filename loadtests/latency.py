@@ -25,8 +25,12 @@ midpoints.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import re
+import struct
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -73,6 +77,54 @@ def decode(blob: str | bytes) -> HdrHistogram:
     if not blob:
         raise ValueError("empty histogram blob")
     return HdrHistogram.decode(blob)
+
+
+# The V2 wire format (HdrHistogram's "histoblob"): base64 of an 8-byte header (cookie,
+# length) and a zlib stream holding a 40-byte payload header (cookie, payload length,
+# normalizing offset, significant digits, lowest, highest, conversion ratio) and one
+# LEB128/ZigZag varint of at most 9 bytes per counter.
+_OUTER = struct.Struct(">II")
+_PAYLOAD = struct.Struct(">IIIIqqd")
+_MAX_VARINT_BYTES = 9
+#: The largest payload a project histogram can inflate to (every counter at its widest).
+MAX_PAYLOAD_BYTES = _PAYLOAD.size + new_histogram().counts_len * _MAX_VARINT_BYTES
+#: The longest blob `decode_checked` takes: base64 (4/3) of zlib, which never grows much.
+MAX_BLOB_CHARS = 2 * MAX_PAYLOAD_BYTES
+
+
+def decode_checked(blob: object) -> HdrHistogram:
+    """A histogram received from another process, checked before anything is allocated.
+
+    Raises `ValueError` unless `blob` is a base64 histoblob of at most
+    `MAX_BLOB_CHARS` whose zlib stream inflates to at most `MAX_PAYLOAD_BYTES`
+    and whose parameters are the project's (µs, 1 µs .. 60 s, 3 digits): no
+    decompression bomb, no foreign histogram, no exception but `ValueError`.
+    """
+    if not isinstance(blob, str) or not 0 < len(blob) <= MAX_BLOB_CHARS:
+        raise ValueError(f"histogram: not a blob of 1 to {MAX_BLOB_CHARS} characters")
+    try:
+        raw = base64.b64decode(blob, validate=True)
+    except binascii.Error as exc:
+        raise ValueError(f"histogram: bad base64: {exc}") from None
+    if len(raw) < _OUTER.size:
+        raise ValueError("histogram: shorter than its header")
+    _cookie, length = _OUTER.unpack_from(raw)
+    if length != len(raw) - _OUTER.size:
+        raise ValueError("histogram: length field does not match the blob")
+    inflater = zlib.decompressobj()
+    try:
+        payload = inflater.decompress(raw[_OUTER.size :], MAX_PAYLOAD_BYTES)
+    except zlib.error as exc:
+        raise ValueError(f"histogram: bad zlib stream: {exc}") from None
+    if not inflater.eof or inflater.unconsumed_tail or len(payload) < _PAYLOAD.size:
+        raise ValueError("histogram: payload truncated or larger than a project histogram")
+    _, _, _, digits, lowest, highest, _ = _PAYLOAD.unpack_from(payload)
+    if (digits, lowest, highest) != (SIGNIFICANT_DIGITS, LOWEST_US, HIGHEST_US):
+        raise ValueError(f"histogram: parameters {(lowest, highest, digits)} are not the project's")
+    try:
+        return decode(blob)
+    except Exception as exc:  # hdrh raises its own exception types for a corrupt payload
+        raise ValueError(f"histogram: {exc}") from None
 
 
 def dump_histogram(hist: HdrHistogram, path: str | Path) -> Path:

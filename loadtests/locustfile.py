@@ -1,8 +1,12 @@
 """Locust load for DPUmesh bench: closed or open loop, µs histograms, two protocols.
 
-Web UI::
+Web UI (``python run_bench.py serve --mesh X --locust-ui`` starts it beside a
+stack, with ``--class-picker`` and the stack's counters), or by hand::
 
     locust -f loadtests/locustfile.py --host http://127.0.0.1:5005
+
+Either way the UI has a ``Mesh`` tab (`loadtests.webui`): the running test's
+µs HDR percentiles and, given ``--mesh-status-url``, the stack's own counters.
 
 Headless (what the runner does)::
 
@@ -24,7 +28,7 @@ runs; Locust's usual default would mix both protocols half and half.
 Options (all also in the web UI, see `loadtests.options`): ``--request-mode
 {get,trace}``, ``--trace-json``, ``--request-path``, ``--open-loop-rate R``
 (0 = closed loop), ``--warmup-s``, ``--hdr-out PATH``,
-``--request-id-prefix``.
+``--request-id-prefix`` (and, not in the UI, ``--mesh-status-url``).
 
 Load models:
 
@@ -40,11 +44,13 @@ Load models:
 
 Distributed runs (``--processes P`` or ``--master``/``--worker``): at each test
 start the master numbers its connected workers 0..P-1 (in Locust's
-``worker_index`` order) and sends each its ``(index, count)`` in a custom
-message (``dpumesh_slots``, via ``runner.send_message``; workers listen with
-``runner.register_message``). The message is sent before Locust's spawn
-messages on the same connection, so a worker knows its slots when its
-``test_start`` fires. Without it (an older master) a worker falls back to
+``worker_index`` order) and sends each its ``(index, count)``, the test's
+number and whether it wants the worker's histograms (it has a web UI) in a
+custom message (``dpumesh_slots``, `loadtests.schedule.Assignment`, via
+``runner.send_message``; workers listen with ``runner.register_message``
+and check it). The message is sent before Locust's spawn messages on the
+same connection, so a worker knows its slots when its ``test_start`` fires.
+Without it (an older master, or a malformed message) a worker falls back to
 ``runner.worker_index`` of ``--expect-workers`` and logs a warning. Workers
 that join mid-test are not re-assigned.
 
@@ -62,6 +68,7 @@ Step loads: add ``loadtests/step_shape.py`` as a second locustfile (see there).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import sys
@@ -80,10 +87,17 @@ from locust.contrib.fasthttp import LocustBadStatusCode  # noqa: E402
 from locust.exception import StopUser  # noqa: E402
 from locust.runners import MasterRunner, WorkerRunner  # noqa: E402
 
-from loadtests import latency, nodelay, seedjson  # noqa: E402
+from loadtests import latency, meshstats, nodelay, seedjson, webui  # noqa: E402
 from loadtests import options as opts  # noqa: E402
 from loadtests.recorder import FAIL_CONNECTION, FAIL_STATUS, Recorder  # noqa: E402
-from loadtests.schedule import Slot, SlotSchedule, WakeupBias, reference_ns  # noqa: E402
+from loadtests.schedule import (  # noqa: E402
+    Assignment,
+    Slot,
+    SlotSchedule,
+    WakeupBias,
+    parse_assignment,
+    reference_ns,
+)
 
 logger = logging.getLogger("loadtests")
 
@@ -109,7 +123,11 @@ class LoadState:
         self.schedule = SlotSchedule()
         self.recorder = Recorder()
         self.bias = WakeupBias()
-        self.assigned: tuple[int, int] | None = None
+        self.assigned: Assignment | None = None
+        # The master's number of the test: counted by a master, the recorder's test on a
+        # worker (what its histogram reports name); None in a local runner.
+        self.test: int | None = None
+        self.report_hdr = False  # a worker sends its histogram to the master (Mesh tab)
         self.active = False
         self.error: str | None = None
 
@@ -118,7 +136,7 @@ class LoadState:
         if not isinstance(runner, WorkerRunner):
             return 0, 1
         if self.assigned is not None:
-            return self.assigned
+            return self.assigned.index, self.assigned.count
         po = self.environment.parsed_options
         index = max(int(getattr(runner, "worker_index", 0) or 0), 0)
         count = max(int(getattr(po, "expect_workers", 1) or 1), index + 1)
@@ -140,6 +158,8 @@ class LoadState:
             self.active = False
             raise
         index, count = self.slots()
+        given = self.assigned
+        self.test, self.report_hdr = (given.test, given.report) if given else (None, False)
         self.schedule = SlotSchedule(self.options.open_loop_rate, index, count)
         self.bias = WakeupBias()
         self.recorder.reset(
@@ -250,17 +270,21 @@ def _add_options(parser: Any, **_: Any) -> None:
 
 
 @events.init.add_listener
-def _on_init(environment: Any, runner: Any = None, **_: Any) -> None:
+def _on_init(environment: Any, runner: Any = None, web_ui: Any = None, **_: Any) -> None:
     try:
-        opts.from_namespace(environment.parsed_options)
+        options = opts.from_namespace(environment.parsed_options)
     except opts.OptionError as exc:
         logger.error("%s", exc)
         sys.exit(2)
-    state(environment)
+    st = state(environment)
+    st.options = options  # what a test would use, shown before the first one
     if isinstance(runner, WorkerRunner):
         runner.register_message(SLOTS_MESSAGE, _on_slots_message)
+        environment.events.report_to_master.add_listener(functools.partial(_report, environment))
     else:
         _default_user_class(environment)
+    if web_ui is not None:
+        webui.install(environment, st)
 
 
 def _default_user_class(environment: Any) -> None:
@@ -278,9 +302,21 @@ def _default_user_class(environment: Any) -> None:
 
 
 def _on_slots_message(environment: Any, msg: Any, **_: Any) -> None:
-    data = msg.data or {}
-    state(environment).assigned = (int(data["index"]), int(data["count"]))
-    logger.debug("open-loop slots: index %s of %s", data["index"], data["count"])
+    try:
+        assigned = parse_assignment(msg.data)
+    except ValueError as exc:
+        logger.error("ignoring the master's %s message: %s", SLOTS_MESSAGE, exc)
+        return
+    state(environment).assigned = assigned
+    logger.debug("open-loop slots: index %s of %s", assigned.index, assigned.count)
+
+
+def _report(environment: Any, data: dict[str, Any], **_: Any) -> None:
+    """A worker's stats message carries its histogram when the master asked for it."""
+    st = state(environment)
+    if st.report_hdr and st.test is not None:
+        rec = st.recorder
+        data[meshstats.REPORT_KEY] = meshstats.report_of(st.test, rec.hist, rec.failures)
 
 
 @events.test_start.add_listener
@@ -304,10 +340,15 @@ def _assign_slots(environment: Any, runner: MasterRunner) -> None:
         logger.error("invalid load options, stopping the test: %s", exc)
         gevent.spawn(runner.stop)
         return
+    st = state(environment)
+    st.options = options
+    st.test = 0 if st.test is None else st.test + 1
     workers = runner.clients.ready + runner.clients.spawning + runner.clients.running
     workers.sort(key=lambda w: runner.get_worker_index(w.id))
+    report = environment.web_ui is not None  # only the Mesh tab reads workers' histograms
     for k, worker in enumerate(workers):
-        runner.send_message(SLOTS_MESSAGE, {"index": k, "count": len(workers)}, client_id=worker.id)
+        message = Assignment(k, len(workers), st.test, report).as_message()
+        runner.send_message(SLOTS_MESSAGE, message, client_id=worker.id)
     if options.open_loop and 0 < (runner.target_user_count or 0) < len(workers):
         logger.warning(
             "open loop with %d users on %d workers: workers without users leave their "

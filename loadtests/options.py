@@ -1,15 +1,18 @@
 """The load generator's own command-line / web-UI parameters.
 
 Registered on Locust's parser by `loadtests.locustfile` (via
-``events.init_command_line_parser``); every one also shows in the web UI's
-start form and is forwarded by the master to its workers. This module has no
-Locust import so it can be unit-tested without gevent's monkey-patching.
+``events.init_command_line_parser``); every one but ``--mesh-status-url``
+(where the web UI's Mesh tab reads the stack's counters, set by
+``run_bench.py serve --locust-ui``) also shows in the web UI's start form and
+is forwarded by the master to its workers. This module has no Locust import
+so it can be unit-tested without gevent's monkey-patching.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,7 @@ REQUEST_MODES = ("get", "trace")
 USER_CLASS = "HttpMeshUser"
 DEFAULT_TRACE: dict[str, Any] = {"s0": [{"s1": {}}, {"s2": {}}]}
 DEFAULT_REQUEST_ID_PREFIX = "req-"
+LOOPBACK = "127.0.0.1"
 
 
 class OptionError(ValueError):
@@ -82,6 +86,13 @@ def add_arguments(parser: Any) -> None:
         "sequence in every run, so μBench's sampling is reproducible across stacks",
         **ui,
     )
+    parser.add_argument(
+        "--mesh-status-url",
+        default="",
+        help=f"http://{LOOPBACK}:PORT/PATH answering the stack's request counters as JSON, "
+        "for the web UI's Mesh tab (set by run_bench.py serve --locust-ui)",
+        include_in_web_ui=False,  # Locust's default is True
+    )
 
 
 @dataclass(frozen=True)
@@ -96,6 +107,7 @@ class LoadOptions:
     warmup_s: float = 0.0
     hdr_out: str = ""
     request_id_prefix: str = DEFAULT_REQUEST_ID_PREFIX
+    mesh_status_url: str = ""
 
     @property
     def method(self) -> str:
@@ -121,6 +133,20 @@ def parse_trace(text: str) -> Any:
     if not isinstance(trace, dict) or not trace:
         raise OptionError("--trace-json must be a non-empty JSON object {service: [groups]}")
     return trace
+
+
+def status_url(text: str) -> str:
+    """`text` if it is an ``http://127.0.0.1:PORT/...`` URL ("" = none); traffic stays local."""
+    if not text:
+        return ""
+    try:
+        parts = urllib.parse.urlsplit(text)
+        port = parts.port
+    except ValueError as exc:
+        raise OptionError(f"--mesh-status-url: {exc}") from None
+    if parts.scheme != "http" or parts.hostname != LOOPBACK or port is None:
+        raise OptionError(f"--mesh-status-url must be http://{LOOPBACK}:PORT/..., not {text!r}")
+    return text
 
 
 def from_namespace(ns: Any) -> LoadOptions:
@@ -163,4 +189,5 @@ def from_namespace(ns: Any) -> LoadOptions:
         warmup_s=warmup,
         hdr_out=str(get("hdr_out", "")),
         request_id_prefix=str(get("request_id_prefix", DEFAULT_REQUEST_ID_PREFIX)),
+        mesh_status_url=status_url(str(get("mesh_status_url", ""))),
     )

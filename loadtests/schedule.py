@@ -38,6 +38,43 @@ from dataclasses import dataclass
 Clock = Callable[[], int]
 
 
+#: At most this many Locust processes share a test's slots.
+MAX_PROCESSES = 1024
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """What the master tells each worker at a test start (`loadtests.locustfile`).
+
+    ``index`` of ``count``: the worker's slots. ``test``: the master's number
+    for the test, which the worker's histogram reports carry so the master
+    never counts one from an earlier test; ``report``: whether the master
+    wants them (it has a web UI, `loadtests.webui`).
+    """
+
+    index: int
+    count: int
+    test: int
+    report: bool
+
+    def as_message(self) -> dict[str, int | bool]:
+        return {"index": self.index, "count": self.count, "test": self.test, "report": self.report}
+
+
+def parse_assignment(data: object) -> Assignment:
+    """An `Assignment` from the master's message, checked (`ValueError` otherwise)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"slot assignment is not an object: {data!r:.60}")
+    index, count, test = (data.get(k) for k in ("index", "count", "test"))
+    ints = all(type(v) is int for v in (index, count, test))
+    if not ints or not 0 <= index < count <= MAX_PROCESSES or test < 0:
+        raise ValueError(f"bad slot assignment: {data!r:.120}")
+    report = data.get("report", False)
+    if type(report) is not bool:
+        raise ValueError(f"bad slot assignment: report is {report!r:.20}")
+    return Assignment(index, count, test, report)
+
+
 @dataclass(frozen=True)
 class Slot:
     """One request to send: global sequence number and intended send time (or None)."""

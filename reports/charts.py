@@ -37,6 +37,7 @@ ROLE_PATTERNS = {
     "app": "",
     "sidecar": "/",
     "gateway": "\\",
+    "nodeproxy": "-",
     "dpu-daemon": "x",
     "dpa-daemon": ".",
     "loadgen": "+",
@@ -378,27 +379,24 @@ def roles_figure(summary: RunSummary, field: str, title: str, y_title: str) -> g
     Values are medians over repetitions at the headline level.
     """
     fig = figure(title, "stack / side", y_title)
-    rows = [r for r in summary.run.roles if r.level == summary.level]
-    stacks = [s for s in summary.stacks if any(r.stack == s for r in rows)]
+    roles_df = summary.run.roles
+    rows = roles_df[roles_df["level"] == summary.level]
     order = {role: i for i, role in enumerate(ROLE_PATTERNS)}
-    roles = sorted({r.role for r in rows}, key=lambda r: (order.get(r, len(order)), r))
+    roles = sorted(set(rows["role"]), key=lambda r: (order.get(r, len(order)), r))
+    # Median over repetitions per role, stack and side; stacks in the summary's order.
+    medians = rows.groupby(["role", "stack", "side"])[field].median().dropna()
     for role in roles:
-        xs: list[list[str]] = [[], []]
-        ys: list[float] = []
-        colours: list[str] = []
-        for stack in stacks:
-            by_side: dict[str, list[float]] = {}
-            for r in rows:
-                value = getattr(r, field)
-                if r.stack == stack and r.role == role and value is not None:
-                    by_side.setdefault(r.side, []).append(value)
-            for side, values in sorted(by_side.items()):
-                xs[0].append(escape(stack))
-                xs[1].append(escape(side))
-                ys.append(stats.median(values))
-                colours.append(colour(stack, summary.stacks))
-        if not ys:
+        shown = [
+            (stack, side, value)
+            for stack in summary.stacks
+            for (r, s, side), value in medians.items()
+            if r == role and s == stack
+        ]
+        if not shown:
             continue
+        xs = [[escape(stack) for stack, _, _ in shown], [escape(side) for _, side, _ in shown]]
+        ys = [float(value) for _, _, value in shown]
+        colours = [colour(stack, summary.stacks) for stack, _, _ in shown]
         fig.add_trace(
             go.Bar(
                 x=xs,

@@ -8,17 +8,19 @@ the offered rate, the fault at t = 0, a pause shaded and the recovery marked.
 
 from __future__ import annotations
 
-import csv
 import json
+import math
 from html import escape
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import plotly.graph_objects as go
 
-from harness.output.results import FAULT_COLUMNS, FAULTS_CSV, FAULTS_JSON
+from harness.output.results import FAULTS_JSON
+from harness.output.schema import FAULTS_CSV
 from reports import charts, page
-from reports.load import ResultsError
+from reports.load import ResultsError, load_results
 
 ERROR_COLOUR = "#B00020"
 
@@ -28,29 +30,22 @@ def is_faults_dir(path: Path) -> bool:
     return (path / FAULTS_CSV).is_file()
 
 
-def load(path: Path) -> tuple[list[dict[str, str]], list[dict[str, Any]]]:
-    """The rows of faults.csv and the timelines of faults.json (ResultsError when unusable)."""
-    try:
-        with (path / FAULTS_CSV).open(newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
-            missing = [c for c in FAULT_COLUMNS if c not in (reader.fieldnames or ())]
-            if missing:
-                raise ResultsError(f"{FAULTS_CSV}: missing columns {', '.join(missing)}")
-            rows = list(reader)
-    except OSError as exc:
-        raise ResultsError(f"{FAULTS_CSV} unreadable: {exc}") from exc
+def load(path: Path) -> tuple[pd.DataFrame, dict[str, Any], list[dict[str, Any]]]:
+    """faults.csv, meta.json and the timelines of faults.json (ResultsError when unusable)."""
+    data = load_results(path)
+    if data.faults is None:
+        raise ResultsError(f"{path / FAULTS_CSV}: missing")
     try:
         doc = json.loads((path / FAULTS_JSON).read_text(encoding="utf-8"))
         timelines = list(doc["timelines"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ResultsError(f"{FAULTS_JSON} unreadable: {exc}") from exc
-    return rows, timelines
+    return data.faults, data.meta, timelines
 
 
 def section(path: Path, figures: page.Figures) -> str:
     """The HTML of the faults section of `path`."""
-    rows, timelines = load(path)
-    meta = _meta(path)
+    rows, meta, timelines = load(path)
     info = meta.get("faults", {})
     head = (
         "stack",
@@ -66,18 +61,18 @@ def section(path: Path, figures: page.Figures) -> str:
     )
     cells = [
         [
-            page.swatch(charts.colour(r["mesh"])) + escape(r["mesh"]),
-            escape(r["fault"]),
-            escape(r["target"]),
-            escape(r["requests"]),
-            escape(r["failed"]),
-            escape(r["failed_by_status"] or "none"),
-            escape(_ms(r["worst_ms"])),
-            escape(f"{float(r['recovery_s']):.2f}" if r["recovery_s"] else "not within the run"),
-            escape(r["blast_radius"] or "none"),
-            escape(r["restarts"] or "none"),
+            page.swatch(charts.colour(r.mesh)) + escape(r.mesh),
+            escape(r.fault),
+            escape(r.target),
+            str(r.requests),
+            str(r.failed),
+            escape(r.failed_by_status or "none"),
+            _ms(r.worst_ms),
+            "not within the run" if math.isnan(r.recovery_s) else f"{r.recovery_s:.2f}",
+            escape(r.blast_radius or "none"),
+            escape(r.restarts or "none"),
         ]
-        for r in rows
+        for r in rows.itertuples(index=False)
     ]
     skipped = info.get("not_applicable") or []
     skipped_html = (
@@ -162,17 +157,9 @@ def timeline_figure(timeline: dict[str, Any]) -> go.Figure:
     return fig
 
 
-def _meta(path: Path) -> dict[str, Any]:
-    try:
-        meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return meta if isinstance(meta, dict) else {}
-
-
 def _num(value: Any) -> str:
     return "?" if value is None else f"{float(value):g}"
 
 
-def _ms(text: str) -> str:
-    return f"{float(text):.1f}" if text else "n/a"
+def _ms(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.1f}"

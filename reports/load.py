@@ -1,140 +1,84 @@
-"""Read one results directory (DESIGN §6) into typed rows.
+"""Read one results directory (DESIGN §6) as pandas DataFrames.
 
-The runner writes ``results.csv`` (stack x repetition x load level),
-``roles.csv`` (... x role), ``hist/<stack>-rep<rep>-<level>.hdr`` and
-``meta.json``. Only ``results.csv`` is indispensable: anything else that is
-missing or unreadable is recorded in `Run.problems`, which the report shows
-at the top instead of failing or hiding it.
+`load_results(dir)` is for anyone, the report or a notebook: meta.json and the
+directory's CSVs as DataFrames with the columns and dtypes of
+`harness.output.schema`, the module that wrote them (ints ``int64``, or
+``Int64`` where a cell may be empty; floats ``float64``, NaN = empty; strings
+``string``; bools ``boolean``). A directory of another schema version, or a CSV
+that does not match its declaration, is a `ResultsError` naming what is wrong.
 
-Rows are keyed by their *stack* label: the mesh in an ordinary run,
-``dpumesh@dpu_speed=0.5`` for a what-if variant (results written before the
-``stack`` column existed: the mesh).
+`load_run(dir)` is the report's view of the same directory: a `Run`, which
+answers the report's questions (stacks, levels, a stack's repetitions at a
+level, merged histograms). Rows are keyed by their *stack* label: the mesh in
+an ordinary run, ``dpumesh@dpu_speed=0.5`` for a what-if variant. Only
+results.csv (with a row) is indispensable: a missing roles.csv or histogram is
+recorded in `Run.problems`, which the report shows at the top instead of
+failing or hiding it.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 from hdrh.histogram import HdrHistogram
 
-from harness.output.results import DPU_MODEL_VALUES, HIST_DIR, META_JSON, RESULTS_CSV, ROLES_CSV
+from harness.names import MESHES
+from harness.output import schema
+from harness.output.results import HIST_DIR
+from harness.output.schema import FAULTS, RESULTS, ROLES, ResultsError, Table
 from loadtests import latency
 
-REQUIRED_RESULT_COLUMNS = (
-    "mesh",
-    "mode",
-    "workmodel",
-    "rep",
-    "users",
-    "offered_rps",
-    "achieved_rps",
-    "requests",
-    "failures",
-    "duration_s",
-    "mean_us",
-    "p50_us",
-    "p90_us",
-    "p99_us",
-    "p999_us",
-    "cpu_host_ms_per_req",
-    "cpu_offload_ms_per_req",
-    "cpu_loadgen_ms_per_req",
-    "rss_host_mb",
-    "rss_offload_mb",
-)
-REQUIRED_ROLE_COLUMNS = (
-    "mesh",
-    "rep",
-    "level",
-    "role",
-    "side",
-    "cpu_s",
-    "cpu_ms_per_req",
-    "rss_mean_mb",
-    "rss_max_mb",
-)
-
-#: Display order of the known meshes; others follow alphabetically.
-MESH_ORDER = ("dpumesh", "envoy", "nodeproxy", "nomesh")
-#: The DPU model values a row may carry (those in force for that row's stack).
-MODEL_COLUMNS = DPU_MODEL_VALUES
-
-
-class ResultsError(ValueError):
-    """The results directory cannot be reported on (missing or malformed results.csv)."""
-
-
-@dataclass(frozen=True)
-class ResultRow:
-    """One stack x repetition x load level (results.csv); None = empty cell."""
-
-    mesh: str
-    stack: str
-    mode: str
-    workmodel: str
-    rep: int
-    level: str
-    users: int | None
-    offered_rps: float | None
-    achieved_rps: float | None
-    requests: int
-    failures: int
-    duration_s: float | None
-    mean_us: float | None
-    p50_us: float | None
-    p90_us: float | None
-    p99_us: float | None
-    p999_us: float | None
-    cpu_host_ms_per_req: float | None
-    cpu_offload_ms_per_req: float | None
-    cpu_loadgen_ms_per_req: float | None
-    rss_host_mb: float | None
-    rss_offload_mb: float | None
-    checks_ok: bool | None = None
-    failed_checks: tuple[str, ...] = ()
-    downstream_calls_per_req: float | None = None
-    dpu_speed: float | None = None
-    dma_latency_us: float | None = None
-    dma_gbps: float | None = None
-    dpu_cores: float | None = None
-
-    @property
-    def open_loop(self) -> bool:
-        """Open loop (constant offered rate) rather than closed loop (fixed users)."""
-        return self.offered_rps is not None
-
-
-@dataclass(frozen=True)
-class RoleRow:
-    """CPU and memory of one role in one stack x repetition x level (roles.csv)."""
-
-    mesh: str
-    stack: str
-    rep: int
-    level: str
-    role: str
-    side: str
-    cpu_s: float | None
-    cpu_ms_per_req: float | None
-    rss_mean_mb: float | None
-    rss_max_mb: float | None
+__all__ = ["Results", "ResultsError", "Run", "load_results", "load_run"]
 
 
 @dataclass
-class Run:
-    """Everything one results directory holds, plus what was wrong with it."""
+class Results:
+    """One results directory: meta.json and its CSVs as DataFrames (`load_results`).
+
+    `results` and `roles` have every column of `schema.RESULTS` and `schema.ROLES`
+    (no rows when the file is absent); `faults` is faults.csv's (`schema.FAULTS`),
+    None in a directory without one.
+    """
 
     path: Path
-    label: str
-    rows: list[ResultRow]
-    roles: list[RoleRow]
     meta: dict[str, Any]
+    results: pd.DataFrame
+    roles: pd.DataFrame
+    faults: pd.DataFrame | None = None
+
+
+def frame(table: Table, rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """Parsed rows of `table` as a DataFrame with its columns, in order, and their dtypes."""
+    return pd.DataFrame.from_records(rows, columns=list(table.names)).astype(table.dtypes)
+
+
+def load_results(path: str | Path) -> Results:
+    """The results directory `path` as DataFrames; ResultsError when it cannot be read.
+
+    Refused: a meta.json missing or of another schema version (one line naming both
+    versions), a CSV whose header or cells do not match `harness.output.schema`.
+    """
+    path = Path(path)
+    meta = schema.read_meta(path)
+
+    def read(table: Table) -> pd.DataFrame:
+        present = (path / table.file).is_file()
+        return frame(table, schema.read_table(path, table) if present else [])
+
+    faults = read(FAULTS) if (path / FAULTS.file).is_file() else None
+    return Results(path, meta, read(RESULTS), read(ROLES), faults)
+
+
+@dataclass
+class Run(Results):
+    """A results directory as the report reads it, plus what was wrong with it."""
+
+    label: str = ""
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -145,12 +89,9 @@ class Run:
     def config_number(self, key: str) -> float | None:
         """A numeric setting of meta.json's config, None when absent or not a number."""
         value = self.config.get(key)
-        if isinstance(value, bool) or not isinstance(value, int | float | str):
+        if isinstance(value, bool) or not isinstance(value, int | float):
             return None
-        try:
-            return _float(value)
-        except ValueError:
-            return None
+        return float(value) if math.isfinite(value) else None
 
     @property
     def slo_p99_ms(self) -> float | None:
@@ -159,7 +100,7 @@ class Run:
 
     def stacks(self) -> list[str]:
         """The stack labels of the run in display order."""
-        return stack_order({r.stack for r in self.rows})
+        return stack_order(self.results["stack"])
 
     @property
     def whatif(self) -> dict[str, Any] | None:
@@ -174,15 +115,14 @@ class Run:
         top = ladder.get("top") if isinstance(ladder, dict) else None
         if isinstance(top, int | float) and not isinstance(top, bool):
             return float(top)
-        return max((r.offered_rps for r in self.rows if r.offered_rps is not None), default=None)
+        highest = self.results["offered_rps"].max()
+        return None if pd.isna(highest) else float(highest)
 
     def ladder_levels(self) -> dict[float, str]:
         """Offered rate -> level name of the common ladder's levels (``open-<R>``)."""
-        return {
-            r.offered_rps: r.level
-            for r in self.rows
-            if r.offered_rps is not None and r.level.startswith("open-")
-        }
+        df = self.results
+        rows = df[df["offered_rps"].notna() & df["level"].str.startswith("open-")]
+        return dict(zip(rows["offered_rps"].tolist(), rows["level"].tolist(), strict=True))
 
     def recorded_at_top(self, stack: str) -> bool | None:
         """meta.json's ``max_clean_throughput[stack].at_top``; None when not recorded."""
@@ -193,19 +133,21 @@ class Run:
 
     def levels(self) -> list[str]:
         """Level names, closed loop by users then open loop by offered rate."""
-        first: dict[str, ResultRow] = {}
-        for r in self.rows:
-            first.setdefault(r.level, r)
-        return sorted(first, key=lambda name: _level_sort_key(first[name]))
+        first = self.results.drop_duplicates("level")
+        open_loop = first["offered_rps"].notna()
+        load = first["offered_rps"].where(open_loop, first["users"].astype("float64"))
+        ordered = first.assign(open_loop=open_loop, load=load)
+        return ordered.sort_values(["open_loop", "load", "level"])["level"].tolist()
 
-    def rows_at(self, stack: str, level: str) -> list[ResultRow]:
-        """The repetitions of `stack` at `level`, ordered by repetition."""
-        return sorted(
-            (r for r in self.rows if r.stack == stack and r.level == level), key=lambda r: r.rep
-        )
+    def at(self, stack: str, level: str) -> pd.DataFrame:
+        """The results rows of `stack` at `level`, one per repetition, by repetition."""
+        df = self.results
+        rows = df[(df["stack"] == stack) & (df["level"] == level)]
+        return rows.sort_values("rep", kind="stable")
 
     def is_open_loop(self, level: str) -> bool:
-        return any(r.open_loop for r in self.rows if r.level == level)
+        df = self.results
+        return bool(df.loc[df["level"] == level, "offered_rps"].notna().any())
 
     def hist_path(self, stack: str, rep: int, level: str) -> Path:
         return self.path / HIST_DIR / f"{stack}-rep{rep}-{level}.hdr"
@@ -216,10 +158,10 @@ class Run:
         Missing or unreadable files are added to `problems`.
         """
         files: list[Path] = []
-        for row in self.rows_at(stack, level):
-            found = latency.histogram_files(self.hist_path(stack, row.rep, level))
+        for rep in self.at(stack, level)["rep"].tolist():
+            found = latency.histogram_files(self.hist_path(stack, rep, level))
             if not found:
-                self.problem(f"histogram missing: {self.hist_path(stack, row.rep, level).name}")
+                self.problem(f"histogram missing: {self.hist_path(stack, rep, level).name}")
             files.extend(found)
         if not files:
             return None
@@ -255,7 +197,7 @@ def _variant_key(variant: str) -> tuple[tuple[float, str], ...]:
 
 def stack_order(stacks: Iterable[str]) -> list[str]:
     """`stacks` in the fixed display order: known meshes first, each one's variants by value."""
-    known = {m: i for i, m in enumerate(MESH_ORDER)}
+    known = {m: i for i, m in enumerate(MESHES)}  # the one display order; others after
 
     def key(label: str) -> tuple[int, str, bool, tuple[tuple[float, str], ...]]:
         mesh, variant = split_stack(label)
@@ -264,126 +206,16 @@ def stack_order(stacks: Iterable[str]) -> list[str]:
     return sorted(set(stacks), key=key)
 
 
-def level_name(users: int | None, offered_rps: float | None) -> str:
-    """The runner's level name when results.csv has no `level` column."""
-    if offered_rps is not None:
-        return f"open-{offered_rps:g}"
-    return f"closed-{users}"
-
-
 def load_run(path: Path, label: str | None = None) -> Run:
-    """Read results directory `path`; raises `ResultsError` if results.csv is unusable."""
+    """Results directory `path` for the report; ResultsError without a results.csv row."""
     path = Path(path)
-    problems: list[str] = []
-    rows = [_result_row(rec) for rec in _read_csv(path / RESULTS_CSV, REQUIRED_RESULT_COLUMNS)]
-    if not rows:
-        raise ResultsError(f"{path / RESULTS_CSV}: no rows")
-    roles: list[RoleRow] = []
-    try:
-        roles = [_role_row(rec) for rec in _read_csv(path / ROLES_CSV, REQUIRED_ROLE_COLUMNS)]
-    except ResultsError as exc:
-        problems.append(str(exc))
-    meta: dict[str, Any] = {}
-    try:
-        loaded = json.loads((path / META_JSON).read_text(encoding="utf-8"))
-        if isinstance(loaded, dict):
-            meta = loaded
-        else:
-            problems.append(f"{META_JSON}: not a JSON object")
-    except (OSError, ValueError) as exc:
-        problems.append(f"{META_JSON} unreadable: {exc}")
-    return Run(path, label or path.resolve().name, rows, roles, meta, problems)
-
-
-def _read_csv(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:
-    try:
-        with path.open(newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
-            missing = [c for c in required if c not in (reader.fieldnames or ())]
-            if missing:
-                raise ResultsError(f"{path.name}: missing columns {', '.join(missing)}")
-            return list(reader)
-    except OSError as exc:
-        raise ResultsError(f"{path.name} unreadable: {exc}") from exc
-
-
-def _result_row(rec: dict[str, str]) -> ResultRow:
-    try:
-        users = _int(rec["users"])
-        offered = _float(rec["offered_rps"])
-        failed = (rec.get("checks") or "").strip()
-        mesh = rec["mesh"].strip()
-        return ResultRow(
-            mesh=mesh,
-            stack=(rec.get("stack") or "").strip() or mesh,
-            mode=rec["mode"].strip(),
-            workmodel=rec["workmodel"].strip(),
-            rep=int(rec["rep"]),
-            level=(rec.get("level") or "").strip() or level_name(users, offered),
-            users=users,
-            offered_rps=offered,
-            achieved_rps=_float(rec["achieved_rps"]),
-            requests=_int(rec["requests"]) or 0,
-            failures=_int(rec["failures"]) or 0,
-            duration_s=_float(rec["duration_s"]),
-            mean_us=_float(rec["mean_us"]),
-            p50_us=_float(rec["p50_us"]),
-            p90_us=_float(rec["p90_us"]),
-            p99_us=_float(rec["p99_us"]),
-            p999_us=_float(rec["p999_us"]),
-            cpu_host_ms_per_req=_float(rec["cpu_host_ms_per_req"]),
-            cpu_offload_ms_per_req=_float(rec["cpu_offload_ms_per_req"]),
-            cpu_loadgen_ms_per_req=_float(rec["cpu_loadgen_ms_per_req"]),
-            rss_host_mb=_float(rec["rss_host_mb"]),
-            rss_offload_mb=_float(rec["rss_offload_mb"]),
-            checks_ok=_bool(rec.get("checks_ok")),
-            failed_checks=tuple(c.strip() for c in failed.split(";") if c.strip()),
-            downstream_calls_per_req=_float(rec.get("downstream_calls_per_req")),
-            **{name: _float(rec.get(name)) for name in MODEL_COLUMNS},
-        )
-    except ValueError as exc:
-        raise ResultsError(f"{RESULTS_CSV}: bad row {rec!r}: {exc}") from exc
-
-
-def _role_row(rec: dict[str, str]) -> RoleRow:
-    try:
-        mesh = rec["mesh"].strip()
-        return RoleRow(
-            mesh=mesh,
-            stack=(rec.get("stack") or "").strip() or mesh,
-            rep=int(rec["rep"]),
-            level=rec["level"].strip(),
-            role=rec["role"].strip(),
-            side=rec["side"].strip(),
-            cpu_s=_float(rec["cpu_s"]),
-            cpu_ms_per_req=_float(rec["cpu_ms_per_req"]),
-            rss_mean_mb=_float(rec["rss_mean_mb"]),
-            rss_max_mb=_float(rec["rss_max_mb"]),
-        )
-    except ValueError as exc:
-        raise ResultsError(f"{ROLES_CSV}: bad row {rec!r}: {exc}") from exc
-
-
-def _float(text: Any) -> float | None:
-    """A number, or None for an empty/absent cell; NaN counts as absent."""
-    if text is None or (isinstance(text, str) and not text.strip()):
-        return None
-    value = float(text)
-    return None if math.isnan(value) else value
-
-
-def _int(text: str | None) -> int | None:
-    value = _float(text)
-    return None if value is None else int(value)
-
-
-def _bool(text: str | None) -> bool | None:
-    if text is None or not text.strip():
-        return None
-    return text.strip().lower() in ("true", "1", "yes", "ok")
-
-
-def _level_sort_key(row: ResultRow) -> tuple[int, float, str]:
-    if row.open_loop:
-        return (1, row.offered_rps or 0.0, row.level)
-    return (0, float(row.users or 0), row.level)
+    data = load_results(path)
+    if data.results.empty:
+        raise ResultsError(f"{path / RESULTS.file}: no rows")
+    run = Run(
+        **{f.name: getattr(data, f.name) for f in fields(data)},
+        label=label or path.resolve().name,
+    )
+    if not (path / ROLES.file).is_file():
+        run.problem(f"{ROLES.file} missing: no CPU and memory per role")
+    return run

@@ -17,8 +17,11 @@ from typing import Any
 from urllib.parse import quote
 
 from harness.measure import speed
+from harness.measure.checks import MAX_ERROR_RATE, MIN_DELIVERY
+from harness.names import ENVOY_MESHES
+from harness.output.schema import META_JSON, RESULTS_CSV, ROLES_CSV
 from reports import charts, faults, page, stats, whatif
-from reports.load import META_JSON, RESULTS_CSV, ROLES_CSV, Run, load_run
+from reports.load import Run, load_run, stack_order
 from reports.summary import HEADLINE, P50, THROUGHPUT, RunSummary, compare_runs, summarize
 
 REPORT_HTML = "report.html"
@@ -29,8 +32,8 @@ confidence interval, a percentile bootstrap over repetitions ({stats.RESAMPLES} 
 fixed seed). With few repetitions the interval is close to the range of the repetitions and
 under-covers (n=2: it is that range); n=1 gives none. Ratios resample both sides independently.
 <b>Max clean throughput</b>: per repetition, the highest open-loop offered rate (ladder and
-refinement probes) whose achieved/offered ≥ {stats.MIN_DELIVERY}, failures/requests ≤
-{stats.MAX_ERROR_RATE:.1%}, p99 ≤ the SLO and self-checks passed (0 when none: shown n/a); the
+refinement probes) whose achieved/offered ≥ {MIN_DELIVERY}, failures/requests ≤
+{MAX_ERROR_RATE:.1%}, p99 ≤ the SLO and self-checks passed (0 when none: shown n/a); the
 number is the lower median of those over repetitions (with an even count the lower of the two
 middle ones, so it is always a rate that was measured), its interval a bootstrap over
 repetitions. A
@@ -90,7 +93,7 @@ def _load_runs(dirs: list[Path]) -> list[Run]:
 def _run_section(summary: RunSummary, figures: page.Figures, out_dir: Path, several: bool) -> str:
     run = summary.run
     prefix = f"{run.label}: " if several else ""
-    n_reps = len({r.rep for r in run.rows})
+    n_reps = run.results["rep"].nunique()
     chart_html = _charts(summary, figures, prefix)  # first: it finds missing histograms
     sensitivity_html = _sensitivity(summary, figures)  # and this one inconsistent variants
     probes = [lv for lv in run.levels() if lv.startswith("refine-")]
@@ -103,6 +106,7 @@ def _run_section(summary: RunSummary, figures: page.Figures, out_dir: Path, seve
         f"levels {', '.join(escape(lv) for lv in levels)}{probes_text}.</p>",
         _banners(run),
         _model(run.meta.get("dpu_model")),
+        _transport(run),
         _headline(summary),
         sensitivity_html,
         _overhead(summary),
@@ -118,6 +122,26 @@ def _run_section(summary: RunSummary, figures: page.Figures, out_dir: Path, seve
         "</section>",
     ]
     return "\n".join(parts)
+
+
+def _transport(run: Run) -> str:
+    """Whether the Envoy stacks' proxy-to-proxy hops ran mutual TLS (results.csv's `mtls`)."""
+    rows = run.results[run.results["mesh"].isin(ENVOY_MESHES)]
+    if rows.empty:
+        return ""
+    stacks = ", ".join(escape(s) for s in stack_order(rows["stack"]))
+    if not rows["mtls"].any():
+        return (
+            f"<p class='note'><b>Transport.</b> The Envoy stacks ({stacks}) ran plaintext "
+            "between proxies; real meshes run mutual TLS by default, a large part of a proxy's "
+            "CPU (<code>--mtls true</code>).</p>"
+        )
+    plain = stack_order(rows.loc[~rows["mtls"].astype(bool), "stack"])
+    text = f"<p class='note'><b>Transport.</b> Proxy-to-proxy hops of {stacks} ran mutual TLS"
+    text += " (certificates from a local CA per run; app-to-local-proxy hops plain, as in Istio)"
+    if plain:
+        text += f"; these rows ran plaintext: {escape(', '.join(plain))}"
+    return text + ".</p>"
 
 
 def _model(model: dict | None) -> str:
@@ -348,7 +372,7 @@ def _charts(summary: RunSummary, figures: page.Figures, prefix: str) -> str:
         )
     else:
         out.append("<p class='note'>No open-loop levels: rate charts not drawn.</p>")
-    if any(r.level == level for r in run.roles):
+    if (run.roles["level"] == level).any():
         out.append(
             figures.embed(
                 charts.roles_figure(
@@ -390,10 +414,9 @@ def _checks(run: Run) -> list[dict[str, Any]]:
         if isinstance(c, dict):
             checks.append({**c, "ok": bool(c.get("ok")), "source": META_JSON})
     known = {(c.get("mesh"), str(c.get("rep")), c.get("level"), c.get("name")) for c in checks}
-    for r in run.rows:
-        if r.checks_ok is not False:
-            continue
-        for name in r.failed_checks or ("(unnamed)",):
+    failed = run.results[~run.results["checks_ok"]]
+    for r in failed.itertuples(index=False):
+        for name in [c for c in r.checks.split(";") if c] or ["(unnamed)"]:
             if (r.stack, str(r.rep), r.level, name) not in known:
                 checks.append(
                     {

@@ -21,21 +21,24 @@ in any resample (e.g. a ratio to zero), no interval is given.
 
 Maximum clean throughput (DESIGN §5): per repetition, the highest offered
 rate whose achieved/offered >= 0.98, failures/requests <= 0.001, p99 <= the
-SLO and whose self-checks passed (the harness's rule, so the report and
-meta.json agree); 0 when no rate was clean. The statistic is the median of
-those per-repetition values. A maximum at the ladder's top rate is only a
-lower bound ("≥"): the ladder did not reach that stack's knee.
+SLO and whose self-checks passed (`harness.measure.checks.is_clean`, the rule
+the harness climbs by, so the report and meta.json agree); 0 when no rate was
+clean. The statistic is the median of those per-repetition values. A maximum
+at the ladder's top rate is only a lower bound ("≥"): the ladder did not reach
+that stack's knee. Repetitions are grouped with pandas (a *points frame*:
+`POINT_FIELDS` and ``rep``); the bootstrap resamples plain lists.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Literal, TypeVar
 
-# DESIGN §5's clean rule has one definition, the harness's (the report judges levels the same).
-from harness.measure.checks import MAX_ERROR_RATE, MIN_DELIVERY
+import pandas as pd
+
+from harness.measure import checks
 
 CONFIDENCE = 0.95
 RESAMPLES = 2000
@@ -166,56 +169,52 @@ class LevelPoint:
     p99_us: float
     checks_ok: bool = True
 
-
-def is_clean(point: LevelPoint, slo_p99_ms: float | None) -> bool:
-    """DESIGN §5's clean level with its self-checks passed; no SLO: latency is not judged."""
-    if point.offered_rps <= 0:
-        return False
-    return (
-        point.checks_ok
-        and point.achieved_rps / point.offered_rps >= MIN_DELIVERY
-        and point.error_rate <= MAX_ERROR_RATE
-        and (slo_p99_ms is None or point.p99_us <= slo_p99_ms * 1000)
-    )
-
-
-def knee(points: Iterable[LevelPoint], slo_p99_ms: float | None) -> LevelPoint | None:
-    """The clean level with the highest offered rate, None when no level is clean."""
-    clean = [p for p in points if is_clean(p, slo_p99_ms)]
-    return max(clean, key=lambda p: p.offered_rps, default=None)
-
-
-def median_curve(reps: Sequence[Sequence[LevelPoint]]) -> list[LevelPoint]:
-    """Per offered rate, the median over repetitions of every field, by rate.
-
-    The median point passed its self-checks when more than half of its repetitions did.
-    """
-    by_rate: dict[float, list[LevelPoint]] = {}
-    for rep in reps:
-        for p in rep:
-            by_rate.setdefault(p.offered_rps, []).append(p)
-    return [
-        LevelPoint(
-            offered_rps=rate,
-            achieved_rps=median(p.achieved_rps for p in pts),
-            error_rate=median(p.error_rate for p in pts),
-            p50_us=median(p.p50_us for p in pts),
-            p99_us=median(p.p99_us for p in pts),
-            checks_ok=2 * sum(p.checks_ok for p in pts) > len(pts),
+    def clean(self, slo_p99_ms: float | None) -> bool:
+        """DESIGN §5's clean level (`harness.measure.checks.is_clean`); no SLO: latency is
+        not judged."""
+        return checks.is_clean(
+            self.offered_rps,
+            self.achieved_rps,
+            self.error_rate,
+            self.p99_us,
+            slo_p99_ms,
+            self.checks_ok,
         )
-        for rate, pts in sorted(by_rate.items())
+
+
+#: A *points frame* has these columns: the fields of a `LevelPoint` and, per
+#: repetition, ``rep`` (`reports.summary.open_loop_points`).
+POINT_FIELDS = tuple(f.name for f in fields(LevelPoint))
+
+
+def level_points(points: pd.DataFrame) -> list[LevelPoint]:
+    """The rows of a points frame as `LevelPoint`s, in order."""
+    return [
+        LevelPoint(float(o), float(a), float(e), float(p50), float(p99), bool(ok))
+        for o, a, e, p50, p99, ok in points[list(POINT_FIELDS)].itertuples(index=False)
     ]
 
 
-def max_clean_per_rep(
-    reps: Sequence[Sequence[LevelPoint]], slo_p99_ms: float | None
-) -> list[float]:
-    """Each repetition's highest clean offered rate; 0.0 for a repetition with none.
+def median_curve(points: pd.DataFrame) -> list[LevelPoint]:
+    """Per offered rate, the median over repetitions of every field of a points frame.
+
+    The median point passed its self-checks when more than half of its repetitions did.
+    """
+    by_rate = points.groupby("offered_rps", sort=True)
+    medians = by_rate[["achieved_rps", "error_rate", "p50_us", "p99_us"]].median()
+    medians["checks_ok"] = by_rate["checks_ok"].mean() > 0.5
+    return level_points(medians.reset_index())
+
+
+def max_clean_per_rep(points: pd.DataFrame, slo_p99_ms: float | None) -> list[float]:
+    """Each repetition's highest clean offered rate (a points frame); 0.0 for one with none.
 
     Zero (rather than None) keeps the median defined in every bootstrap
     resample; the report prints a median of zero as "n/a".
     """
-    return [p.offered_rps if (p := knee(rep, slo_p99_ms)) else 0.0 for rep in reps]
+    clean = points.loc[[p.clean(slo_p99_ms) for p in level_points(points)]]
+    best = clean.groupby("rep")["offered_rps"].max()
+    return [float(best.get(rep, 0.0)) for rep in sorted(points["rep"].unique())]
 
 
 def at_top(max_clean: float | None, top: float | None) -> bool:
@@ -231,5 +230,5 @@ def common_rate(
     `rates` are the ladder's (every stack was offered them, as far as its
     climb went); a stack without a point at a rate stopped below it.
     """
-    clean = [{p.offered_rps for p in curve if is_clean(p, slo_p99_ms)} for curve in curves]
+    clean = [{p.offered_rps for p in curve if p.clean(slo_p99_ms)} for curve in curves]
     return max((r for r in rates if clean and all(r in c for c in clean)), default=None)

@@ -12,11 +12,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from reports import stats
-from reports.load import ResultRow, ResultsError, Run
-from reports.stats import Bound, Estimate, LevelPoint
+import pandas as pd
 
-BASELINES = ("envoy", "nomesh")
+from harness.measure.checks import failure_rate
+from reports import stats
+from reports.load import ResultsError, Run
+from reports.stats import POINT_FIELDS, Bound, Estimate, LevelPoint
+
+BASELINES = ("envoy", "nodeproxy", "nomesh")
 #: Max clean throughput of meta.json and of results.csv agree within this (req/s).
 RECORDED_TOLERANCE_RPS = 0.5
 
@@ -54,8 +57,7 @@ def _bounded(e: Estimate, bound: Bound) -> Estimate:
 
 def _column(name: str) -> Callable[[Run, str, str], list[float]]:
     def samples(run: Run, stack: str, level: str) -> list[float]:
-        values = (getattr(r, name) for r in run.rows_at(stack, level))
-        return [v for v in values if v is not None]
+        return run.at(stack, level)[name].dropna().tolist()
 
     return samples
 
@@ -64,28 +66,20 @@ def _median_stat(_run: Run) -> Callable[[Sequence[float]], float | None]:
     return stats.median
 
 
-def level_point(row: ResultRow) -> LevelPoint | None:
-    """An open-loop row as a `LevelPoint`; None for closed loop or missing numbers."""
-    offered, achieved, p50, p99 = row.offered_rps, row.achieved_rps, row.p50_us, row.p99_us
-    if offered is None or achieved is None or p50 is None or p99 is None:
-        return None
-    error_rate = row.failures / row.requests if row.requests else 1.0
-    return LevelPoint(offered, achieved, error_rate, p50, p99, row.checks_ok is not False)
-
-
-def open_loop_reps(run: Run, stack: str) -> list[list[LevelPoint]]:
-    """Per repetition, the open-loop points (ladder and refinement) of `stack`."""
-    reps: dict[int, list[LevelPoint]] = {}
-    for row in run.rows:
-        point = level_point(row) if row.stack == stack else None
-        if point is not None:
-            reps.setdefault(row.rep, []).append(point)
-    return [reps[k] for k in sorted(reps)]
+def open_loop_points(run: Run, stack: str) -> pd.DataFrame:
+    """The open-loop levels (ladder and refinement) of `stack` as a points frame
+    (`stats.POINT_FIELDS` and ``rep``); rows without the numbers of a point are left out."""
+    df = run.results
+    rows = df[df["stack"] == stack].dropna(
+        subset=["offered_rps", "achieved_rps", "p50_us", "p99_us"]
+    )
+    rates = [failure_rate(n, f) for n, f in zip(rows["requests"], rows["failures"], strict=True)]
+    return rows.assign(error_rate=rates)[["rep", *POINT_FIELDS]]
 
 
 def _max_clean_samples(run: Run, stack: str, _level: str = "") -> list[float]:
     """Each repetition's maximum clean throughput (the level is irrelevant)."""
-    return stats.max_clean_per_rep(open_loop_reps(run, stack), run.slo_p99_ms)
+    return stats.max_clean_per_rep(open_loop_points(run, stack), run.slo_p99_ms)
 
 
 def _max_clean_at_top(run: Run, stack: str) -> bool:
@@ -195,7 +189,7 @@ def headline_level(run: Run, requested: str | None = None) -> HeadlineLevel:
         return HeadlineLevel(requested, "the level asked for")
     stacks = run.stacks()
     ladder = run.ladder_levels()
-    curves = [stats.median_curve(open_loop_reps(run, s)) for s in stacks]
+    curves = [stats.median_curve(open_loop_points(run, s)) for s in stacks]
     rate = stats.common_rate(curves, ladder, run.slo_p99_ms)
     if rate is not None:
         why = (
@@ -203,7 +197,7 @@ def headline_level(run: Run, requested: str | None = None) -> HeadlineLevel:
             "stack's median over repetitions was clean"
         )
         return HeadlineLevel(ladder[rate], why, common_rate=rate)
-    common = [lv for lv in levels if all(run.rows_at(s, lv) for s in stacks)] or levels
+    common = [lv for lv in levels if all(not run.at(s, lv).empty for s in stacks)] or levels
     closed = [lv for lv in common if not run.is_open_loop(lv)]
     chosen, kind = (closed[-1], "closed-loop level") if closed else (common[0], "lowest level")
     why = f"no ladder rate was clean for every stack, so the {kind} every stack ran"
@@ -214,15 +208,16 @@ def summarize(run: Run, level: str | None = None) -> RunSummary:
     """Every estimate the report shows for `run` (headline at `level` or the default)."""
     out = RunSummary(run, headline_level(run, level))
     at = out.level
+    modes = run.results.groupby("stack")["mode"].agg(lambda m: ", ".join(sorted(set(m))))
     for stack in run.stacks():
         out.stacks[stack] = StackSummary(
             label=stack,
-            modes=", ".join(sorted({r.mode for r in run.rows if r.stack == stack})),
+            modes=modes[stack],
             values={
                 m.key: m.estimate(run, stack, at) for m in dict.fromkeys((*PERCENTILES, *HEADLINE))
             },
             vs={},
-            curve=stats.median_curve(open_loop_reps(run, stack)),
+            curve=stats.median_curve(open_loop_points(run, stack)),
         )
         _check_recorded_max(run, stack, out.stacks[stack].values[THROUGHPUT.key])
     for base in out.baselines:
@@ -260,11 +255,7 @@ def _add_overhead(summary: RunSummary) -> None:
     for label, stack in summary.stacks.items():
         if label == "nomesh":
             continue
-        column = [
-            r.downstream_calls_per_req
-            for r in run.rows_at(label, at)
-            if r.downstream_calls_per_req is not None
-        ]
+        column = run.at(label, at)["downstream_calls_per_req"].dropna().tolist()
         if column:
             stack.calls_per_req, stack.calls_source = stats.median(column), "results.csv"
         elif meta_calls is not None:

@@ -20,18 +20,20 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from reports.load import MODEL_COLUMNS
+from harness.output.schema import DPU_MODEL
 from reports.stats import Estimate
 from reports.summary import CPU_HOST, P99, THROUGHPUT, Metric, RunSummary, ratio_of
 
 #: Baselines in order of preference: dpumesh is compared with the first one in the run.
-BASELINE_PREFERENCE = ("envoy", "nomesh")
+BASELINE_PREFERENCE = ("envoy", "nodeproxy", "nomesh")
 #: (metric, key, label, dpumesh is the numerator): each advantage, oriented so > 1 is better.
 ADVANTAGES: tuple[tuple[Metric, str, str, bool], ...] = (
     (THROUGHPUT, "throughput", "max clean throughput: dpumesh / {base}", True),
     (P99, "p99", "p99: {base} / dpumesh", False),
     (CPU_HOST, "cpu_host", "host CPU per request: {base} / dpumesh", False),
 )
+#: The parameters a sweep may vary that every results.csv row carries (the DPU model's numbers).
+SWEPT_COLUMNS = tuple(c.name for c in DPU_MODEL if c.kind is not str)
 #: A log x axis only for a sweep spanning more than this factor.
 LOG_SPAN = 10.0
 
@@ -158,10 +160,10 @@ def sensitivity(summary: RunSummary) -> Sensitivity | None:
 
 def _check_rows(summary: RunSummary, label: str, param: str, value: float) -> None:
     """Every row of a variant must carry the variant's value of the swept parameter."""
-    if param not in MODEL_COLUMNS:
+    results = summary.run.results
+    if param not in SWEPT_COLUMNS:
         return
-    rows = (r for r in summary.run.rows if r.stack == label)
-    seen = {v for r in rows if (v := getattr(r, param)) is not None}
+    seen = set(results.loc[results["stack"] == label, param].dropna().tolist())
     if any(not math.isclose(v, value) for v in seen):
         shown = ", ".join(f"{v:g}" for v in sorted(seen))
         summary.run.problem(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import subprocess
 from collections.abc import Iterator
 
 import pytest
@@ -25,6 +26,18 @@ def require_external(available: bool, what: str) -> None:
     if os.environ.get("DPUMESH_REQUIRE_EXTERNAL") == "1":
         pytest.fail(f"{what} is required in CI but missing")
     pytest.skip(f"{what} not available")
+
+
+def stop_process(proc: subprocess.Popen, timeout_s: float = 15.0) -> None:
+    """SIGTERM `proc` (its own teardown runs), SIGKILL if it has not exited in `timeout_s`."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
 
 
 @pytest.fixture

@@ -53,6 +53,7 @@ REQUESTS = 30
 BUSY_ROLES = {
     "dpumesh": ("app", "dpu-daemon", "dpa-daemon"),
     "envoy": ("app", "sidecar", "gateway"),
+    "nodeproxy": ("app", "nodeproxy", "gateway"),
     "nomesh": ("app",),
 }
 

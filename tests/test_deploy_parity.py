@@ -11,7 +11,9 @@ local start records exactly the local rendering.
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 from pathlib import Path
 
 import pytest
@@ -19,11 +21,12 @@ import yaml
 
 from harness.deploy import start_stack
 from harness.deploy.compose import generate
-from harness.deploy.image import EXECUTABLES
+from harness.deploy.image import EXECUTABLES, IMAGE_UID
 from harness.deploy.local import LocalResolver, program
-from harness.names import DEFAULT_PORT, DEFAULT_WORKMODEL, MESHES, REPO
+from harness.names import DEFAULT_PORT, DEFAULT_WORKMODEL, ENVOY_MESHES, MESHES, REPO
 from harness.ports import free_ports, release_ports
 from harness.stacks import describe
+from harness.stacks.envoy import TLS_CA, TLS_CERT, TLS_KEY, TLS_MOUNTS
 from harness.stacks.model import Rendered, Settings, StackDescription, placeholders, render
 
 WORKMODELS = [DEFAULT_WORKMODEL, *sorted((REPO.parent / "shared" / "workmodels").glob("*.json"))]
@@ -114,3 +117,30 @@ def test_a_local_start_runs_the_local_rendering(mesh: str, tmp_path: Path) -> No
         item = render(component, resolver)
         assert record["argv"] == [program(component.program), *item.args], component.name
         assert record["env"] == dict(item.env), component.name
+
+
+@pytest.mark.parametrize("mesh", ENVOY_MESHES)
+def test_with_mtls_both_deployers_give_each_envoy_the_same_certificates(
+    mesh: str, tmp_path: Path
+) -> None:
+    """One CA per description: local and compose render the same certificates and keys; the
+    compose file mounts each Envoy's own, readable by the image's user, and publishes none."""
+    desc = describe(mesh, Settings(workmodel=DEFAULT_WORKMODEL.resolve(), mtls=True))
+    local = {item.component.name: item.files for item in _render_locally(desc, tmp_path / "l")}
+    deployment = generate(desc, tmp_path / "compose", port=DEFAULT_PORT)
+    services = yaml.safe_load(deployment.file.read_text())["services"]
+    envoys = [c for c in desc.components if c.program == "envoy"]
+    assert envoys and set(deployment.configs) == {c.name for c in envoys}  # bootstraps only
+    for item in deployment.rendered:
+        c = item.component
+        secret = {f.name for f in c.files if f.secret}
+        assert secret == ({TLS_CA, TLS_CERT, TLS_KEY} if c in envoys else set()), c.name
+        assert {n: item.files[n] for n in secret} == {n: local[c.name][n] for n in secret}
+        for name in secret:
+            path = deployment.files_dir / "secrets" / c.name / Path(TLS_MOUNTS[name]).name
+            assert path.read_text() == item.files[name]
+            mount = f"./{path.relative_to(deployment.file.parent)}:{TLS_MOUNTS[name]}:ro"
+            assert mount in services[c.name]["volumes"]
+            info = path.stat()
+            assert stat.S_IMODE(info.st_mode) == 0o600
+            assert info.st_uid == (IMAGE_UID if os.geteuid() == 0 else os.geteuid())

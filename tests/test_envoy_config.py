@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import http.client
 import json
 import sys
@@ -162,6 +163,7 @@ def test_tuning_reads_back_the_generated_mesh():
         "upstream_protocol": "HTTP/1.1",
         "upstream_connection_reuse": True,
         "app_idle_timeout": "1.000s",
+        "mtls": False,
         "ok": True,
     }
 
@@ -243,10 +245,13 @@ def test_generated_configs_pass_envoy_validation(tmp_path):
     assert set(paths) == {"sidecar-s0", "sidecar-s1", "sidecar-s2", "gateway"}
 
 
-def _write_configs(desc: config.MeshDescription, out: Path) -> dict[str, Path]:
+def _write_configs(
+    desc: config.MeshDescription | config.NodeMeshDescription, out: Path
+) -> dict[str, Path]:
     """Every Envoy's bootstrap written to `out`, each checked by Envoy itself."""
     paths = {}
-    for name, bootstrap in config.render(desc).items():
+    nodes = isinstance(desc, config.NodeMeshDescription)
+    for name, bootstrap in (config.render_nodes if nodes else config.render)(desc).items():
         paths[name] = out / f"{name}.json"
         paths[name].write_text(json.dumps(bootstrap))
         config.validate(paths[name])
@@ -262,7 +267,8 @@ def test_validate_raises_with_envoys_message(tmp_path):
 
 
 # Stand-in for a μBench cell: answers with what it saw and, when CALLS is set,
-# first calls each listed service through its sidecar's outbound listener.
+# first calls each listed service through its sidecar's outbound listener (OUTBOUND,
+# by Host) or the port UPSTREAMS names for it (a node proxy's listener for that service).
 _APP = textwrap.dedent(
     """
     import http.client, json, os
@@ -270,6 +276,7 @@ _APP = textwrap.dedent(
 
     NAME, CALLS = os.environ["NAME"], [c for c in os.environ.get("CALLS", "").split(",") if c]
     OUTBOUND = int(os.environ.get("OUTBOUND", "0"))
+    UPSTREAMS = dict(u.split("=") for u in os.environ.get("UPSTREAMS", "").split(",") if u)
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -279,7 +286,8 @@ _APP = textwrap.dedent(
             calls = {}
             if self.path != "/health":
                 for callee in CALLS:
-                    conn = http.client.HTTPConnection("127.0.0.1", OUTBOUND, timeout=10)
+                    port = int(UPSTREAMS.get(callee, OUTBOUND))
+                    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
                     headers = {"Host": callee}
                     if self.headers.get("x-request-id"):
                         headers["x-request-id"] = self.headers["x-request-id"]
@@ -373,8 +381,10 @@ def test_requests_cross_gateway_and_both_sidecars(tmp_path):
         assert unknown_status == 404
         assert _get(public, "/")[1]["request_id"] is None  # Envoy generated none
 
-        sidecars = {s: p.admin_port for s, p in desc.services.items()}
-        counts = config.mesh_counts(desc.gateway.admin_port, sidecars)
+        sidecars = [p.admin_port for p in desc.services.values()]
+        counts = config.mesh_listeners(
+            map(config.counted_stats, [desc.gateway.admin_port, *sidecars])
+        )
         totals = {prefix: c["downstream_rq_total"] for prefix, c in counts.items()}
         assert totals == {
             "gateway": 6,
@@ -398,3 +408,267 @@ def test_every_envoy_of_the_description_gets_the_configured_concurrency():
     envoys = [c for c in desc.components if c.program == "envoy"]
     assert [c.name for c in envoys] == ["sidecar-s0", "sidecar-s1", "sidecar-s2", "gateway"]
     assert {_concurrency_flag(list(c.args)) for c in envoys} == {"3"}
+
+
+# --- the node-proxy mesh and mTLS -------------------------------------------------------------
+
+# Two nodes: s0 and s2 on node a, s1 on node b, so s0's calls go to s2 on its own node and
+# to s1 on the other.
+NODE_OF = {"s0": "a", "s1": "b", "s2": "a"}
+NODE_PORTS = 16  # apps 3, node a 2 + 3 + admin, node b 1 + 3 + admin, gateway 2
+NODE_FIXED_PORTS = list(range(20100, 20100 + NODE_PORTS))  # for configs never started
+
+
+def _node_description(ports: list[int], **kwargs) -> config.NodeMeshDescription:
+    taken = iter(ports)
+    apps = {s: config.AppAddress(node, next(taken)) for s, node in NODE_OF.items()}
+    nodes = {
+        node: config.NodeProxyPorts(
+            inbound={s: next(taken) for s, n in NODE_OF.items() if n == node},
+            outbound={s: next(taken) for s in NODE_OF},
+            admin_port=next(taken),
+        )
+        for node in ("a", "b")
+    }
+    gateway = config.GatewayPorts(next(taken), next(taken))
+    return config.NodeMeshDescription(apps=apps, nodes=nodes, gateway=gateway, **kwargs)
+
+
+def _listener(bootstrap: dict, name: str) -> dict:
+    (found,) = [x for x in bootstrap["static_resources"]["listeners"] if x["name"] == name]
+    return found
+
+
+def _routed_cluster(listener: dict) -> str:
+    (vhost,) = listener["filter_chains"][0]["filters"][0]["typed_config"]["route_config"][
+        "virtual_hosts"
+    ]
+    (route,) = vhost["routes"]
+    return route["route"]["cluster"]
+
+
+def _pki(out: Path, envoys: list[str]) -> dict[str, config.MtlsFiles]:
+    """A fresh mesh CA's files for `envoys`, written under `out` (as a deployer would)."""
+    from baselines.envoy.tls import MeshCa
+
+    ca = MeshCa("test")
+    files = {}
+    for name in envoys:
+        issued = ca.issue(name)
+        (out / name).mkdir(parents=True)
+        for file, text in (("ca", ca.ca_pem), ("cert", issued.cert_pem), ("key", issued.key_pem)):
+            (out / name / f"{file}.pem").write_text(text)
+        files[name] = config.MtlsFiles(
+            *(str(out / name / f"{f}.pem") for f in ("ca", "cert", "key"))
+        )
+    return files
+
+
+def _tls(holder: dict) -> dict | None:
+    socket = holder.get("transport_socket")
+    return None if socket is None else socket["typed_config"]
+
+
+def test_node_proxies_route_same_node_calls_to_the_app_and_others_to_its_node():
+    desc = _node_description(NODE_FIXED_PORTS)
+    configs = config.render_nodes(desc)
+    assert list(configs) == ["nodeproxy-a", "nodeproxy-b", "gateway"]
+    a, b = configs["nodeproxy-a"], configs["nodeproxy-b"]
+    # An inbound listener per local service, an outbound one per service.
+    assert [x["name"] for x in a["static_resources"]["listeners"]] == [
+        "inbound_s0",
+        "inbound_s2",
+        "outbound_to_s0",
+        "outbound_to_s1",
+        "outbound_to_s2",
+    ]
+    assert [x["name"] for x in b["static_resources"]["listeners"]] == [
+        "inbound_s1",
+        "outbound_to_s0",
+        "outbound_to_s1",
+        "outbound_to_s2",
+    ]
+    # Same node: straight to the app (once through the node proxy); other node: its proxy.
+    assert _routed_cluster(_listener(a, "outbound_to_s2")) == config.app_cluster("s2")
+    assert _routed_cluster(_listener(a, "outbound_to_s1")) == "to_s1"
+    assert _cluster_port(a, "to_s1") == desc.nodes["b"].inbound["s1"]
+    assert _cluster_port(a, config.app_cluster("s2")) == desc.apps["s2"].port
+    assert _routed_cluster(_listener(b, "inbound_s1")) == config.app_cluster("s1")
+    # The gateway calls the inbound listener for each service on the service's node.
+    for s, node in NODE_OF.items():
+        assert _cluster_port(configs["gateway"], f"to_{s}") == desc.nodes[node].inbound[s]
+    found = config.tuning(_argv(desc), configs)
+    assert found["ok"] is True and found["mtls"] is False
+    assert found["app_idle_timeout"] == "1.000s"
+
+
+def test_node_description_rejects_bad_input():
+    ports = NODE_FIXED_PORTS
+    desc = _node_description(ports)
+    with pytest.raises(ValueError, match="no described node"):
+        dataclasses.replace(desc, apps={**desc.apps, "s3": config.AppAddress("c", 20500)})
+    missing = {**desc.nodes, "b": dataclasses.replace(desc.nodes["b"], inbound={})}
+    with pytest.raises(ValueError, match="an inbound port per local service"):
+        dataclasses.replace(desc, nodes=missing)
+    with pytest.raises(ValueError, match="distinct"):
+        _node_description([*ports[:-1], ports[0]])
+    with pytest.raises(ValueError, match="mtls needs the files of every Envoy"):
+        files = config.MtlsFiles("ca", "cert", "key")
+        dataclasses.replace(desc, mtls={"gateway": files})
+
+
+@pytest.mark.parametrize("mesh", ["sidecars", "nodes"])
+def test_mtls_on_every_hop_between_envoys_and_only_there(mesh, tmp_path):
+    desc, render = _mtls_description(mesh, tmp_path)
+    plain = dataclasses.replace(desc, mtls={})
+    files = desc.mtls
+    configs = render(desc)
+    for name, bootstrap in configs.items():
+        for cluster in bootstrap["static_resources"]["clusters"]:
+            tls = _tls(cluster)
+            if cluster["name"].startswith(config.LOCAL_APP_CLUSTER):
+                assert tls is None, (name, cluster["name"])  # to its own app: plaintext
+                continue
+            common = tls["common_tls_context"]
+            assert common["tls_certificates"] == [
+                {
+                    "certificate_chain": {"filename": files[name].cert},
+                    "private_key": {"filename": files[name].key},
+                }
+            ]
+            (san,) = common["validation_context"]["match_typed_subject_alt_names"]
+            peer = (
+                config.sidecar_name(cluster["name"].removeprefix("to_"))
+                if mesh == "sidecars"
+                else config.node_proxy_name(NODE_OF[cluster["name"].removeprefix("to_")])
+            )
+            assert san == {"san_type": "URI", "matcher": {"exact": config.spiffe_id(peer)}}
+            assert common["validation_context"]["trusted_ca"] == {"filename": files[name].ca}
+        for listener in bootstrap["static_resources"]["listeners"]:
+            tls = _tls(listener["filter_chains"][0])
+            if listener["name"].startswith("inbound_"):  # other Envoys call it: mTLS only
+                assert tls["require_client_certificate"] is True, (name, listener["name"])
+            else:  # the public port, and what apps call
+                assert tls is None, (name, listener["name"])
+    found = config.tuning(_argv(desc), configs)
+    assert found["ok"] is True and found["mtls"] is True
+    assert config.tuning(_argv(desc), {**configs, "gateway": render(plain)["gateway"]})["mtls"] == [
+        False,
+        True,
+    ]
+
+
+@pytest.mark.parametrize("mesh", ["sidecars", "nodes"])
+def test_mtls_configs_pass_envoy_validation(mesh, tmp_path):
+    require_external(_envoy_available(), "Envoy")
+    desc, render = _mtls_description(mesh, tmp_path)
+    (tmp_path / "configs").mkdir()
+    paths = _write_configs(desc, tmp_path / "configs")  # Envoy loads every certificate and key
+    assert set(paths) == set(render(desc))
+
+
+def _mtls_description(mesh: str, out: Path):
+    """A mesh with mTLS (`mesh`: sidecars or nodes) and its renderer, certificates in `out`."""
+    if mesh == "sidecars":
+        plain, render = _description(FIXED_PORTS), config.render
+    else:
+        plain, render = _node_description(NODE_FIXED_PORTS), config.render_nodes
+    return dataclasses.replace(plain, mtls=_pki(out / "tls", list(render(plain)))), render
+
+
+def test_certificates_name_each_envoy_and_chain_to_the_mesh_ca():
+    from cryptography import x509
+
+    from baselines.envoy.tls import LIFETIME, MeshCa
+
+    ca = MeshCa("envoy")
+    root = x509.load_pem_x509_certificate(ca.ca_pem.encode())
+    issued = ca.issue("sidecar-s1")
+    assert ca.issue("sidecar-s1") == issued  # one certificate per Envoy, however often asked
+    cert = x509.load_pem_x509_certificate(issued.cert_pem.encode())
+    cert.verify_directly_issued_by(root)
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.UniformResourceIdentifier) == [
+        config.spiffe_id("sidecar-s1")
+    ]
+    assert cert.not_valid_after_utc - cert.not_valid_before_utc == LIFETIME
+    assert root.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is True
+    assert ca.issue("gateway").key_pem != issued.key_pem
+
+
+@pytest.mark.e2e
+def test_a_call_to_another_node_crosses_both_node_proxies_over_mtls(tmp_path):
+    """Two node proxies, a gateway and three stand-in apps on loopback, mTLS on."""
+    require_external(_envoy_available(), "Envoy")
+    ports = free_ports(NODE_PORTS)
+    plain = _node_description(ports, concurrency=1)
+    desc = dataclasses.replace(plain, mtls=_pki(tmp_path / "tls", list(config.render_nodes(plain))))
+    app = tmp_path / "app.py"
+    app.write_text(_APP)
+    admin = {config.node_proxy_name(n): p.admin_port for n, p in desc.nodes.items()}
+    admin[config.GATEWAY] = desc.gateway.admin_port
+    with Supervisor(tmp_path / "run", grace_s=2) as sup:
+        for service, where in desc.apps.items():
+            env = {"NAME": service, "PORT": str(where.port)}
+            if service == "s0":  # through its node proxy's listener for each callee
+                outbound = desc.nodes[where.node].outbound
+                env |= {"CALLS": "s1,s2", "UPSTREAMS": f"s1={outbound['s1']},s2={outbound['s2']}"}
+            sup.start(
+                service,
+                [sys.executable, str(app)],
+                role="app",
+                env=env,
+                ready=http_ok(f"http://127.0.0.1:{where.port}/health"),
+            )
+        (tmp_path / "envoy").mkdir()
+        for name, path in _write_configs(desc, tmp_path / "envoy").items():
+            sup.start(
+                name,
+                [config.envoy_binary(), *config.envoy_args(desc.concurrency, str(path))],
+                role="gateway" if name == config.GATEWAY else "nodeproxy",
+                ready=http_ok(f"http://127.0.0.1:{admin[name]}/ready"),
+            )
+        sup.wait_ready(timeout_s=30)
+        status, body = _get(desc.gateway.listen_port, "/", {"x-request-id": "rid-n"})
+        assert status == 200 and body["service"] == "s0"
+        assert {c: (s, b["service"]) for c, (s, b) in body["calls"].items()} == {
+            "s1": (200, "s1"),
+            "s2": (200, "s2"),
+        }
+        assert body["calls"]["s1"][1]["request_id"] == "rid-n"
+        assert body["envoy_headers"] == body["calls"]["s1"][1]["envoy_headers"] == []
+        per_envoy = {
+            name: {
+                p: c["downstream_rq_total"]
+                for p, c in config.listeners(config.counted_stats(port)).items()
+            }
+            for name, port in admin.items()
+        }
+        tls = {name: config.read_stats(port, r"\.ssl\.handshake$") for name, port in admin.items()}
+    assert per_envoy == {
+        # s0's node: the gateway's request in, then one call to each callee out.
+        "nodeproxy-a": {
+            "inbound_s0": 1,
+            "inbound_s2": 0,
+            "outbound_to_s0": 0,
+            "outbound_to_s1": 1,
+            "outbound_to_s2": 1,
+        },
+        # s1's node: the call from node a in (the destination node proxy), nothing out.
+        "nodeproxy-b": {
+            "inbound_s1": 1,
+            "outbound_to_s0": 0,
+            "outbound_to_s1": 0,
+            "outbound_to_s2": 0,
+        },
+        "gateway": {"gateway": 1},
+    }
+    # Both hops between Envoys were TLS: gateway -> node a, node a -> node b; none else.
+    assert {name: {k for k, v in stats.items() if v} for name, stats in tls.items()} == {
+        "gateway": {"cluster.to_s0.ssl.handshake"},
+        "nodeproxy-a": {"listener.inbound_s0.ssl.handshake", "cluster.to_s1.ssl.handshake"},
+        "nodeproxy-b": {"listener.inbound_s1.ssl.handshake"},
+    }
+    for port in ports:
+        wait_port_free(port, timeout_s=5)
+    release_ports(ports)

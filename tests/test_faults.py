@@ -14,7 +14,7 @@ import pytest
 from harness.measure import recovery
 from harness.measure.accounting import counted_since
 from harness.names import REPO
-from harness.output.results import FAULT_COLUMNS
+from harness.output.schema import FAULTS
 from harness.run import faults
 from harness.stacks import describe
 from harness.stacks.model import Settings
@@ -158,7 +158,7 @@ def test_a_short_faults_run_writes_faults_csv_and_renders_timelines(tmp_path):
     run_dir = (out / "latest").resolve()
     with (run_dir / "faults.csv").open(newline="") as fh:
         reader = csv.DictReader(fh)
-        assert tuple(reader.fieldnames or ()) == FAULT_COLUMNS
+        assert tuple(reader.fieldnames or ()) == FAULTS.names
         rows = list(reader)
     assert [(r["mesh"], r["fault"]) for r in rows] == [
         ("dpumesh", "kill:worker"),

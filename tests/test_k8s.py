@@ -20,12 +20,12 @@ import pytest
 import yaml
 
 from harness.deploy import k8s
-from harness.names import DEFAULT_WORKMODEL, MESHES, REPO
+from harness.names import DEFAULT_WORKMODEL, ENVOY_MESHES, MESHES, REPO
 from harness.placement.profiles import resolve
 from harness.run.loadgen import LocustSpec, locust_argv
 from harness.stacks import describe
 from harness.stacks.cell import FUNCTIONS_MOUNT, WORKMODEL_MOUNT, app_name
-from harness.stacks.envoy import sidecar_name
+from harness.stacks.envoy import TLS_MOUNTS, sidecar_name
 from harness.stacks.model import Settings, StackDescription, placeholders
 from loadtests.options import USER_CLASS
 
@@ -325,7 +325,8 @@ def test_the_headless_master_takes_the_runners_options(default: dict[str, Any]) 
     job = find(default["files"]["envoy"], "Job", "locust-headless")
     (container,) = pod_spec(job)["containers"]
     args = container["args"]
-    options = {a for a in runner if a.startswith("-")}
+    plugin = {"--events-out"}  # the runner's live plugin (harness.run.locust_live) only
+    options = {a for a in runner if a.startswith("-")} - plugin
     assert options <= {a for a in args if a.startswith("-")}
     for option in ("-u", "-r", "-t", "--warmup-s", "--open-loop-rate", "--request-id-prefix"):
         assert args[args.index(option) + 1] == runner[runner.index(option) + 1]
@@ -364,7 +365,7 @@ def test_every_object_has_the_labels_and_every_container_resources(
                 owner.service,
             )
             assert labels["dpumesh.cpu-set"] == owner.cpu_set
-    for role in k8s.NODE_ROLES:  # the `dpu` CPU set: whole cores, Guaranteed
+    for role in k8s.DPU_ROLES:  # the `dpu` CPU set: whole cores, Guaranteed
         spec = k8s.RESOURCES[role].spec()
         assert spec["requests"] == spec["limits"]
 
@@ -421,10 +422,10 @@ def test_generated_files_are_checked_before_anything_is_written(tmp_path: Path) 
     desc = describe("envoy", Settings(workmodel=DEFAULT_WORKMODEL))
     checked: dict[str, str] = {}
 
-    def record(path: Path) -> None:
+    def record(path: Path, _files_here: Any) -> None:
         checked[path.name] = path.read_text()
 
-    def fail(path: Path) -> None:
+    def fail(path: Path, _files_here: Any) -> None:
         raise RuntimeError(f"rejected {path.name}")
 
     def with_check(check: Any) -> StackDescription:
@@ -500,3 +501,56 @@ def test_the_dpu_daemons_limits_follow_the_dpu_model():
     assert slow["app"] == k8s.RESOURCES["app"] and slow["loadgen"] == k8s.RESOURCES["loadgen"]
     big = k8s.resources_for(resolve("bluefield3", {}))  # 0.5 x 16 cores: capped at one each
     assert {big[r].cpu_limit for r in k8s.DPU_ROLES} == {"1000m"}
+
+
+def test_the_node_proxy_is_one_daemonset_its_apps_reach_on_their_node(
+    default: dict[str, Any],
+) -> None:
+    files = default["files"]["nodeproxy"]
+    desc = default["descs"]["nodeproxy"]
+    namespace = k8s.stack_namespace("nodeproxy")
+    (daemonset,) = [o for o in objects(files) if o["kind"] == "DaemonSet"]
+    assert daemonset["metadata"]["name"] == "nodeproxy"
+    assert daemonset["metadata"]["namespace"] == namespace
+    assert [c["name"] for c in pod_spec(daemonset)["containers"]] == ["nodeproxy-node1"]
+    service = find(files, "Service", "nodeproxy")
+    assert service["spec"]["internalTrafficPolicy"] == "Local"  # each node's own node proxy
+    host = f"nodeproxy.{namespace}.svc.cluster.local"
+    for svc in desc.services:
+        (app,) = pod_spec(find(files, "Deployment", app_name(svc)))["containers"]
+        upstreams = [app["args"][i + 1] for i, a in enumerate(app["args"]) if a == "--upstream"]
+        assert {u.split("//")[1].split(":")[0] for u in upstreams} == {host}
+
+
+def test_mtls_keys_are_secrets_mounted_by_their_envoy(tmp_path: Path) -> None:
+    descs = [
+        describe(mesh, Settings(workmodel=DEFAULT_WORKMODEL, mtls=True)) for mesh in ENVOY_MESHES
+    ]
+    k8s.write(descs, tmp_path, check=False)
+    k8s.validate_all(tmp_path)
+    for desc in descs:
+        files = read(tmp_path, desc.mesh)
+        envoys = [c for c in desc.components if c.program == "envoy"]
+        secrets = {o["metadata"]["name"]: o for o in objects(files) if o["kind"] == "Secret"}
+        names = {k8s.k8s_name(f"{c.name}-{f}") for c in envoys for f in TLS_MOUNTS}
+        assert set(secrets) == names
+        assert all(s["type"] == "Opaque" for s in secrets.values())
+        configmaps = [o for o in objects(files) if o["kind"] == "ConfigMap"]
+        assert not any("PRIVATE KEY" in v for o in configmaps for v in o["data"].values())
+        rendered = containers(files)
+        for c in envoys:
+            mounts = {m["mountPath"]: m for m in rendered[c.name]["volumeMounts"]}
+            for name, mount in TLS_MOUNTS.items():
+                secret = k8s.k8s_name(f"{c.name}-{name}")
+                assert mounts[mount]["name"] == secret and mounts[mount]["readOnly"] is True
+                assert "BEGIN" in next(iter(secrets[secret]["stringData"].values()))
+            workload = next(
+                o
+                for o in objects(files)
+                if o["kind"] in WORKLOADS
+                and c.name in [x["name"] for x in pod_spec(o)["containers"]]
+            )
+            volumes = {v["name"]: v for v in pod_spec(workload)["volumes"]}
+            for name in TLS_MOUNTS:
+                secret = k8s.k8s_name(f"{c.name}-{name}")
+                assert volumes[secret] == {"name": secret, "secret": {"secretName": secret}}

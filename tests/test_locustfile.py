@@ -29,6 +29,7 @@ from loadtests import latency, seedjson
 from loadtests import options as opts
 from loadtests.recorder import FAIL_CONNECTION, FAIL_STATUS, Recorder
 from loadtests.schedule import SlotSchedule, WakeupBias, reference_ns
+from tests.conftest import stop_process
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCUSTFILE = "loadtests/locustfile.py"
@@ -614,6 +615,7 @@ def test_web_ui_parameters(server, tmp_path):
             "warmup_s",
         ):
             assert name in page, name
+        assert "mesh_status_url" not in page  # set by serve --locust-ui, not in the form
         form = "user_count=2&spawn_rate=2&host=" + server.url + "&open_loop_rate=50"
         assert json.loads(_http(web_port, "POST", "/swarm", form))["success"] is True
         deadline = time.monotonic() + 20
@@ -628,13 +630,111 @@ def test_web_ui_parameters(server, tmp_path):
         side = latency.load_sidecar(hdr)
         assert side["intended_rate"] == 50.0 and side["mode"] == "open"
         assert side["requests"] > 0
+        mesh = json.loads(_http(web_port, "GET", "/mesh/stats"))  # the Mesh tab's numbers
+        assert mesh["latency_us"]["count"] == side["histogram_count"]  # the same histogram
+        assert mesh["latency_us"]["failures"] == side["failures"]
+        assert mesh["load"] == {"loop": "open", "open_loop_rate": 50.0, "request_mode": "get"}
+        assert mesh["mesh"] is None and "--mesh-status-url" in mesh["mesh_error"]
     finally:
-        proc.terminate()
-        try:
-            proc.communicate(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
+        stop_process(proc)
+
+
+@pytest.mark.e2e
+def test_distributed_mesh_tab_merges_each_worker_once(server, tmp_path):
+    """A master's Mesh tab: the workers' histograms, merged exactly, none counted twice."""
+    web_port, closed_port = _free_port(), _free_port()  # nothing listens on closed_port
+    hdr = tmp_path / "dist.hdr"
+    with (tmp_path / "locust.log").open("wb") as log:
+        proc = subprocess.Popen(
+            _locust_cmd(
+                *("--host", server.url, "--processes", "2", "--hdr-out", str(hdr)),
+                *("--web-host", "127.0.0.1", "--web-port", str(web_port)),
+                *("--mesh-status-url", f"http://127.0.0.1:{closed_port}/traffic"),
+                "HttpMeshUser",
+            ),
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=_env(),
+        )
+    try:
+        _http(web_port, "GET", "/", deadline_s=30)
+        deadline = time.monotonic() + 30
+        while json.loads(_http(web_port, "GET", "/stats/requests")).get("worker_count") != 2:
+            assert time.monotonic() < deadline, "the workers did not connect"
+            time.sleep(0.2)
+        form = "user_count=4&spawn_rate=4&host=" + server.url + "&open_loop_rate=100"
+        assert json.loads(_http(web_port, "POST", "/swarm", form))["success"] is True
+        deadline = time.monotonic() + 30
+        while (mesh := json.loads(_http(web_port, "GET", "/mesh/stats")))["latency_us"][
+            "processes"
+        ] < 2:
+            assert time.monotonic() < deadline, f"no report from both workers: {mesh}"
+            time.sleep(0.2)
+        assert mesh["mesh"] is None  # an unreachable status endpoint is an error field
+        assert mesh["mesh_error"].startswith("no reading at the test start")
+        polled = json.loads(_http(web_port, "GET", "/stats/requests"))
+        assert [t["key"] for t in polled["extended_stats"]] == ["mesh"]
+        _http(web_port, "POST", "/stop", "")
+        deadline = time.monotonic() + 20
+        while len(latency.histogram_files(hdr)) < 2:
+            assert time.monotonic() < deadline, "no worker histograms after stop"
+            time.sleep(0.1)
+        hist, merged = latency.load_run(hdr)
+        # Workers report their final histogram every few seconds after the stop too.
+        deadline = time.monotonic() + 20
+        while (mesh := json.loads(_http(web_port, "GET", "/mesh/stats")))["latency_us"][
+            "count"
+        ] != hist.get_total_count():
+            assert time.monotonic() < deadline, (mesh["latency_us"], hist.get_total_count())
+            time.sleep(0.2)
+        assert mesh["latency_us"] == {
+            **latency.summarize(hist).as_dict(),
+            "failures": merged["failures"],
+            "processes": 2,
+        }
+    finally:
+        stop_process(proc)
+
+
+@pytest.mark.e2e
+def test_runner_sees_test_stopping_before_locust_exits(server, tmp_path):
+    """The runner's CPU window ends on Locust's event, read from the plugin's events file
+    while Locust still runs; Locust's log is gone from the start, so nothing reads it."""
+    from harness.run.loadgen import EventsFile, LocustRun, LocustSpec
+
+    spec = LocustSpec(
+        host=server.url,
+        users=2,
+        rate=None,
+        excluded_s=0,
+        measured_s=2,
+        hdr_out=tmp_path / "hist" / "x.hdr",
+        csv_prefix=tmp_path / "locust" / "x",
+        request_id_prefix="x-",
+    )
+    with LocustRun(spec) as run:
+        spec.log_path.unlink()  # Locust writes on into the unlinked file; no one can read it
+        deadline = time.monotonic() + 60
+        while not run.stopping():
+            assert not run.exited(), "Locust exited before its test_stopping event was seen"
+            assert time.monotonic() < deadline, "no test_stopping event"
+            time.sleep(0.005)
+        alive_when_seen = not run.exited()
+        assert run.wait(60) == 0
+        last = run.live()
+    assert alive_when_seen
+    events = EventsFile(spec.events_path).read()
+    names = [e.name for e in events]
+    assert names[0] == "test_start" and names[-3:] == ["test_stopping", "test_stop", "quitting"]
+    assert "tick" in names[1:-3] and set(names[1:-3]) == {"tick"}
+    assert [e.t for e in events] == sorted(e.t for e in events)  # Locust's order, by time
+    counts = [e.live.requests for e in events]
+    assert counts == sorted(counts) and counts[-1] > 0
+    assert last == events[-1].live
+    http = server.stats()["http"]
+    assert last.requests <= http <= last.requests + spec.users  # ± requests in flight at stop
+    assert not spec.log_path.exists()
 
 
 def _free_port() -> int:

@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from harness.measure import metrics
-from harness.output import results
+from harness.output import results, schema
 from loadtests import latency
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -223,7 +223,8 @@ def test_derived_numbers():
         sidecar={},
         usage=d2,
         downstream_calls_per_req=None,
-        dpu_model=dict.fromkeys(results.DPU_MODEL_COLUMNS),
+        mtls=False,
+        dpu_model=dict.fromkeys(c.name for c in schema.DPU_MODEL),
         checks_ok=True,
         failed_checks=[],
     )

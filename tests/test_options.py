@@ -47,6 +47,7 @@ CASES: dict[str, tuple[str, Any, str]] = {
     "port": ("0", 0, "65536"),
     "scale": ("0", 0.0, "-1"),
     "envoy_concurrency": ("3", 3, "1.5"),
+    "mtls": ("true", True, "yes"),
     "functions_dir": (str(REPO / "tests" / "apps"), REPO / "tests" / "apps", "/no/such/dir"),
     "restart": ("never", "never", "sometimes"),
     "restart_backoff": ("1.5", 1.5, "0"),

@@ -120,6 +120,7 @@ def test_role_cpusets() -> None:
     assert {role: role_cpuset(role) for role in ROLE_CPU_SET} == {
         "app": "host",
         "sidecar": "host",
+        "nodeproxy": "host",
         "gateway": "host",
         "dpu-daemon": "dpu",
         "dpa-daemon": "dpu",

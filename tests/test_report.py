@@ -7,28 +7,30 @@ Chromium (`tests.browser`: no console error, nothing fetched, every chart drawn)
 
 from __future__ import annotations
 
-import csv
 import json
 import random
 import re
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
 
+from harness.output import schema
+from harness.output.results import ResultsDir
 from loadtests import latency
 from reports import charts, page, write_report
 from reports.__main__ import main as reports_main
-from reports.load import REQUIRED_RESULT_COLUMNS, ResultsError, Run, load_run, stack_order
+from reports.load import ResultsError, Run, load_run, stack_order
 from reports.stats import (
+    POINT_FIELDS,
     Estimate,
     LevelPoint,
     at_top,
     bootstrap,
     common_rate,
-    is_clean,
-    knee,
     max_clean_per_rep,
     median,
     median_curve,
@@ -43,10 +45,6 @@ from tests.browser import assert_renders
 from tests.conftest import require_external
 
 SAMPLE = Path(__file__).parent / "data" / "results-sample"
-RECORD = (
-    "python run_bench.py run --duration 5 --warmup 2 --repeat 2 --rate 50,100 "
-    "--out tests/data/results-sample"
-)
 
 # --- statistics -----------------------------------------------------------------------
 
@@ -131,32 +129,10 @@ def _point(
     return LevelPoint(rate, achieved, err, p99_ms * 500, p99_ms * 1000, checks_ok)
 
 
-@pytest.mark.parametrize(
-    ("point", "clean"),
-    [
-        (_point(100, achieved=98.0), True),
-        (_point(100, achieved=97.9), False),
-        (_point(100, err=0.001), True),
-        (_point(100, err=0.0011), False),
-        (_point(100, p99_ms=5.0), True),  # p99 exactly at the SLO
-        (_point(100, p99_ms=5.001), False),
-        (_point(100, checks_ok=False), False),  # the harness's rule: self-checks passed
-        (_point(0), False),
-    ],
-)
-def test_is_clean_boundaries(point: LevelPoint, clean: bool) -> None:
-    assert is_clean(point, slo_p99_ms=5.0) is clean
-
-
-def test_is_clean_without_slo_ignores_latency() -> None:
-    assert is_clean(_point(100, p99_ms=1e6), None)
-
-
-def test_knee_is_highest_clean_level_even_above_a_dirty_one() -> None:
-    points = [_point(50), _point(100, err=0.01), _point(200), _point(400, achieved=300)]
-    assert knee(points, 5.0) == _point(200)
-    assert knee([_point(50, p99_ms=9.0)], 5.0) is None
-    assert knee([], 5.0) is None
+def _frame(reps: list[list[LevelPoint]]) -> pd.DataFrame:
+    """A points frame (`reports.stats`): repetition i + 1 has the points of reps[i]."""
+    rows = [{"rep": i, **asdict(p)} for i, rep in enumerate(reps, 1) for p in rep]
+    return pd.DataFrame(rows, columns=["rep", *POINT_FIELDS])
 
 
 def test_max_clean_throughput_is_per_repetition() -> None:
@@ -165,10 +141,12 @@ def test_max_clean_throughput_is_per_repetition() -> None:
         [_point(100), _point(200, p99_ms=50.0), _point(150)],
         [_point(100, err=0.5)],  # nothing clean
         [_point(100), _point(200, checks_ok=False)],
+        [_point(50), _point(100, err=0.01), _point(200), _point(400, achieved=300)],
     ]
-    assert max_clean_per_rep(reps, 5.0) == [250, 150, 0.0, 100]
-    assert median(max_clean_per_rep(reps, 5.0)) == 125  # the median over repetitions
-    assert max_clean_per_rep([], 5.0) == []
+    # The highest clean rate, even above a dirty one (the fifth repetition).
+    assert max_clean_per_rep(_frame(reps), 5.0) == [250, 150, 0.0, 100, 200]
+    assert median(max_clean_per_rep(_frame(reps[:4]), 5.0)) == 125  # median over repetitions
+    assert max_clean_per_rep(_frame([]), 5.0) == []
 
 
 def test_median_curve_takes_medians_per_rate_and_a_majority_of_checks() -> None:
@@ -177,10 +155,14 @@ def test_median_curve_takes_medians_per_rate_and_a_majority_of_checks() -> None:
         [_point(100), _point(200, p99_ms=50.0, checks_ok=False)],
         [_point(100), _point(200), _point(250)],  # a refine probe only this repetition ran
     ]
-    curve = median_curve(reps)
+    curve = median_curve(_frame(reps))
     assert [p.offered_rps for p in curve] == [100, 200, 250]
     assert curve[1].p99_us == 1000 and curve[1].checks_ok  # 2 of 3 passed
-    assert not median_curve(reps[:2])[1].checks_ok  # 1 of 2 is not a majority
+    assert not median_curve(_frame(reps[:2]))[1].checks_ok  # 1 of 2 is not a majority
+    assert median_curve(_frame([[_point(100, p99_ms=2.0)], [_point(100, p99_ms=3.0)]])) == [
+        LevelPoint(100.0, 100.0, 0.0, 1250.0, 2500.0)  # the mean of the middle two
+    ]
+    assert median_curve(_frame([])) == []
 
 
 def test_at_top() -> None:
@@ -263,6 +245,26 @@ STACKS = {"dpumesh": 900, "envoy": 1500, "nomesh": 700}
 LEVELS = (("closed-4", 4, None), ("open-50", None, 50.0), ("open-100", None, 100.0))
 
 
+#: What a synthetic row carries in the columns the report does not vary (the rest empty).
+FIXED = {
+    "mode": "local",
+    "workmodel": "default",
+    "duration_s": 5.0,
+    "cpu_loadgen_ms_per_req": 0.2,
+    "rss_host_mb": 100.0,
+    "rss_offload_mb": 0.0,
+    "mtls": False,
+    "placement": "host=0;dpu=1;loadgen=1",
+    "dpu_profile": "bluefield3",
+    "dpu_cores": 1,
+    "dpu_speed": 1.0,
+    "dma_latency_us": 0.0,
+    "dma_gbps": 0.0,
+    "checks_ok": True,
+    "checks": "",
+}
+
+
 def _measured(
     root: Path,
     stack: str,
@@ -285,33 +287,34 @@ def _measured(
         hist.record_value(int(latency_us * rng.uniform(0.5, 2.0)))
     latency.dump_histogram(hist, root / "hist" / f"{stack}-rep{rep}-{level}.hdr")
     s = latency.summarize(hist)
-    return {
-        "mesh": stack,
-        "mode": "local",
-        "workmodel": "default",
-        "rep": rep,
-        "users": users or "",
-        "offered_rps": rate or "",
-        "achieved_rps": (rate or 80) * 0.995 if achieved is None else achieved,
-        "requests": 300,
-        "failures": 0,
-        "duration_s": 5,
-        "mean_us": s.mean_us,
-        "p50_us": s.p50_us,
-        "p90_us": s.p90_us,
-        "p99_us": s.p99_us,
-        "p999_us": s.p999_us,
-        "cpu_host_ms_per_req": cpu[0],
-        "cpu_offload_ms_per_req": cpu[1],
-        "cpu_loadgen_ms_per_req": 0.2,
-        "rss_host_mb": 100,
-        "rss_offload_mb": 0,
-    }
+    empty = {c.name: None for c in schema.RESULTS.columns if c.optional}
+    return (
+        empty
+        | FIXED
+        | {
+            "mesh": stack,
+            "stack": stack,
+            "rep": rep,
+            "level": level,
+            "users": users or 8,
+            "offered_rps": rate,
+            "achieved_rps": (rate or 80) * 0.995 if achieved is None else achieved,
+            "requests": 300,
+            "failures": 0,
+            "mean_us": s.mean_us,
+            "p50_us": s.p50_us,
+            "p90_us": s.p90_us,
+            "p99_us": s.p99_us,
+            "p999_us": s.p999_us,
+            "cpu_host_ms_per_req": cpu[0],
+            "cpu_offload_ms_per_req": cpu[1],
+        }
+    )
 
 
 def _roles(row: dict[str, Any]) -> list[dict[str, Any]]:
     """roles.csv rows of one results.csv row: app, sidecar and loadgen."""
-    keys = {k: row[k] for k in ("mesh", "stack", "rep", "level") if k in row}
+    keys = {k: row[k] for k in ("mesh", "stack", "rep", "level")}
     return [
         keys
         | {
@@ -319,17 +322,35 @@ def _roles(row: dict[str, Any]) -> list[dict[str, Any]]:
             "side": side,
             "cpu_s": 0.1,
             "cpu_ms_per_req": 0.3,
-            "rss_mean_mb": 50,
-            "rss_max_mb": 60,
+            "vcpu_per_1000rps": None,
+            "rss_mean_mb": 50.0,
+            "rss_max_mb": 60.0,
+            "pss_mean_mb": None,
+            "processes": 1,
+            "window_s": 5.0,
+            "notes": "",
         }
         for role, side in (("app", "host"), ("sidecar", "host"), ("loadgen", "loadgen"))
     ]
 
 
+def _write(root: Path, rows: list[dict[str, Any]], roles: list[dict[str, Any]]) -> ResultsDir:
+    """The rows through the harness's own writer (`harness.output.schema`)."""
+    out = ResultsDir(root)
+    for row in rows:
+        out.append_result(row)
+    out.append_roles(roles)
+    return out
+
+
 def _make_results(
-    root: Path, *, optional: bool = True, meshes: dict[str, int] = STACKS, with_meta: bool = True
+    root: Path, *, extras: bool = True, meshes: dict[str, int] = STACKS, with_meta: bool = True
 ) -> Path:
-    """A results directory in the DESIGN §6 layout; `optional=False` omits optional columns."""
+    """A results directory in the DESIGN §6 layout.
+
+    `extras=False`: no failed check, no downstream call count; `with_meta=False`: a
+    meta.json with its schema version only (no config, checks, fairness).
+    """
     rng = random.Random(7)
     rows, roles = [], []
     for rep in (1, 2):
@@ -339,19 +360,19 @@ def _make_results(
                 row = _measured(
                     root, mesh, rep, level, users, rate, latency_us=base, cpu=cpu, rng=rng
                 )
-                if optional:
+                if extras:
                     bad = mesh == "envoy" and rep == 2 and level == "open-100"
                     row |= {
-                        "level": level,
-                        "checks_ok": "false" if bad else "true",
+                        "checks_ok": not bad,
                         "checks": "loadgen_saturated" if bad else "",
-                        "downstream_calls_per_req": 2,
+                        "downstream_calls_per_req": 2.0,
                     }
                 rows.append(row)
-                roles += _roles(row | {"level": level})
-    _write_csv(root / "results.csv", rows)
-    _write_csv(root / "roles.csv", roles)
-    if with_meta:
+                roles += _roles(row)
+    out = _write(root, rows, roles)
+    if not with_meta:
+        out.write_meta({})
+    else:
         meta = {
             "git": {"commit": "abc123"},
             "config": {"slo_p99_ms": 10, "seed": 0, "repetitions": 2},
@@ -380,34 +401,23 @@ def _make_results(
                 "envoy_flags": ["--concurrency 1"],
             },
         }
-        (root / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+        out.write_meta(meta)
     return root
 
 
-def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def test_loader_derives_level_and_tolerates_missing_optional_columns(tmp_path: Path) -> None:
-    run = load_run(_make_results(tmp_path, optional=False, with_meta=False))
+def test_a_run_answers_the_reports_questions_with_dataframes(tmp_path: Path) -> None:
+    run = load_run(_make_results(tmp_path, extras=False, with_meta=False))
     assert run.levels() == ["closed-4", "open-50", "open-100"]
     assert run.stacks() == ["dpumesh", "envoy", "nomesh"]
-    row = run.rows_at("envoy", "open-50")[0]
-    assert row.stack == "envoy" and run.roles[0].stack == run.roles[0].mesh  # no stack column
-    assert row.dpu_cores is None
-    assert row.checks_ok is None and row.failed_checks == ()
-    assert row.downstream_calls_per_req is None
-    assert run.slo_p99_ms is None
-    assert any("meta.json" in p for p in run.problems)
-
-
-def test_loader_rejects_missing_required_column(tmp_path: Path) -> None:
-    _write_csv(tmp_path / "results.csv", [{c: "1" for c in REQUIRED_RESULT_COLUMNS[:-1]}])
-    with pytest.raises(ResultsError, match="rss_offload_mb"):
+    assert run.at("envoy", "open-50")["rep"].tolist() == [1, 2]
+    assert run.is_open_loop("open-50") and not run.is_open_loop("closed-4")
+    assert run.ladder_levels() == {50.0: "open-50", 100.0: "open-100"}
+    assert run.ladder_top == 100.0  # no ladder in meta.json: the highest offered rate
+    assert run.slo_p99_ms is None and run.problems == []
+    (tmp_path / "roles.csv").unlink()
+    assert load_run(tmp_path).problems == ["roles.csv missing: no CPU and memory per role"]
+    (tmp_path / "results.csv").unlink()
+    with pytest.raises(ResultsError, match=r"results\.csv: no rows"):
         load_run(tmp_path)
 
 
@@ -421,7 +431,7 @@ def test_headline_level_choice(tmp_path: Path) -> None:
     assert headline_level(run, "open-100").common_rate is None
     with pytest.raises(ResultsError):
         headline_level(run, "closed-999")
-    run.rows = [r for r in run.rows if not r.open_loop]
+    run.results = run.results[run.results["offered_rps"].isna()]
     assert headline_level(run) == HeadlineLevel(
         "closed-4",
         "no ladder rate was clean for every stack, so the closed-loop level every stack ran",
@@ -479,7 +489,7 @@ def test_report_content_and_escaping(tmp_path: Path) -> None:
 
 
 def test_report_without_optional_files(tmp_path: Path) -> None:
-    results = _make_results(tmp_path, optional=False, with_meta=False)
+    results = _make_results(tmp_path, extras=False, with_meta=False)
     (results / "roles.csv").unlink()
     shutil.rmtree(results / "hist")
     text = write_report([results]).read_text(encoding="utf-8")
@@ -587,21 +597,12 @@ def _make_whatif(root: Path, stacks: tuple[str, ...] = tuple(WHATIF_STACKS)) -> 
                     rng=rng,
                     achieved=None if clean else 0.9 * (rate or 0),
                 )
-                row |= {
-                    "mesh": mesh,
-                    "stack": label,
-                    "level": level,
-                    "dpu_speed": speed,
-                    "dpu_cores": 1,
-                    "checks_ok": "true",
-                    "checks": "",
-                }
+                row |= {"mesh": mesh, "stack": label, "dpu_speed": speed}
                 rows.append(row)
                 roles += _roles(row)
             best = max(r for _, r in _climb(capacity) if r <= capacity)
             max_clean.setdefault(label, {})[str(rep)] = {"rps": best, "at_top": best >= LADDER[-1]}
-    _write_csv(root / "results.csv", rows)
-    _write_csv(root / "roles.csv", roles)
+    out = _write(root, rows, roles)
     variants = [s for s in stacks if "@" in s]
     meta = {
         "config": {"slo_p99_ms": 10, "repetitions": 2},
@@ -627,7 +628,7 @@ def _make_whatif(root: Path, stacks: tuple[str, ...] = tuple(WHATIF_STACKS)) -> 
         "checks": [],
         "fairness": {"same_seed": True},
     }
-    (root / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+    out.write_meta(meta)
     return root
 
 
@@ -635,7 +636,7 @@ def test_whatif_summary_and_sensitivity(tmp_path: Path) -> None:
     run = load_run(_make_whatif(tmp_path))
     assert run.stacks() == list(WHATIF_STACKS)  # variants by value, then the baselines
     assert run.ladder_top == 800 and run.whatif is not None
-    assert run.rows_at("dpumesh@dpu_speed=0.5", "refine-300")[0].mesh == "dpumesh"
+    assert run.at("dpumesh@dpu_speed=0.5", "refine-300")["mesh"].tolist() == ["dpumesh"] * 2
     s = summarize(run)
     assert (s.level, s.headline.common_rate) == ("open-100", 100)  # dpu_speed=0.25 is dirty at 200
     throughput = {k: v.values["max_clean_rps"] for k, v in s.stacks.items()}
@@ -674,7 +675,7 @@ def test_whatif_summary_and_sensitivity(tmp_path: Path) -> None:
 
 def _median_at(run: Run, stack: str, column: str) -> float:
     """The median over repetitions of one results.csv column at the headline's open-100."""
-    return median(getattr(r, column) for r in run.rows_at(stack, "open-100"))
+    return median(run.at(stack, "open-100")[column])
 
 
 def test_whatif_report(tmp_path: Path) -> None:
@@ -727,7 +728,7 @@ def test_whatif_variant_with_the_wrong_model_is_a_data_problem(tmp_path: Path) -
 def test_sample_report_renders_in_chromium(tmp_path: Path) -> None:
     require_external(shutil.which("chromium") is not None, "chromium")
     if not (SAMPLE / "results.csv").is_file():
-        pytest.fail(f"no recorded sample results in {SAMPLE}: record them with `{RECORD}`")
+        pytest.fail(f"no recorded sample results in {SAMPLE}: its README.md says how to record")
     results = tmp_path / "results-sample"
     shutil.copytree(SAMPLE, results)
     assert_renders(write_report([results]), tmp_path, charts=6)
@@ -756,3 +757,16 @@ def test_informational_checks_are_findings_not_failures() -> None:
     assert _failed({"ok": False, "info": False})
     assert not _failed({"ok": False, "info": True})  # e.g. a rate past the knee not delivered
     assert not _failed({"ok": True})
+
+
+def test_the_report_says_whether_the_envoy_stacks_ran_mutual_tls(tmp_path: Path) -> None:
+    from reports.load import load_run
+    from reports.render import _transport
+
+    run = load_run(_make_results(tmp_path / "plain"))
+    assert "The Envoy stacks (envoy) ran plaintext between proxies" in _transport(run)
+    run.results.loc[run.results["mesh"] == "envoy", "mtls"] = True
+    text = _transport(run)
+    assert "Proxy-to-proxy hops of envoy ran mutual TLS" in text and "plaintext" not in text
+    run.results = run.results[run.results["mesh"] != "envoy"]
+    assert _transport(run) == ""  # no Envoy stack, nothing to say

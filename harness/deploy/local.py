@@ -11,7 +11,9 @@ Where and how, decided here:
 * an IPC group (`ipc_of`) is a DPUmesh namespace unique to this start, so two
   stacks on one machine never meet in /dev/shm;
 * generated files (Envoy bootstraps) go to `<run_dir>/configs/<name>.json`,
-  checked by their validator before anything starts.
+  checked by their validator before anything starts; secrets (mTLS
+  certificates and keys) to `<run_dir>/secrets/`, removed at teardown
+  (`harness.deploy.files`).
 
 A stack counts as started when every component passed its probe, all are
 still alive and the public URL answers; otherwise everything is torn down
@@ -22,11 +24,12 @@ always, with back-off; `harness.procs`): a restarted component keeps its
 argv (placement included), environment, ports and log, and
 `restarts()`/`restart_events()` report what happened. Teardown (on
 `stop()`, on leaving `with`, on Ctrl-C or SIGTERM) leaves no process, no
-bound port and no shared-memory object of the stack.
+bound port, no shared-memory object and no secret of the stack.
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import itertools
 import os
@@ -46,7 +49,7 @@ from harness.deploy import files, manifest
 from harness.measure import accounting
 from harness.measure.accounting import Traffic, get_json, since
 from harness.measure.metrics import RoleSampler
-from harness.names import REPO, ROLE_CPU_SET, STACK_ROLES
+from harness.names import LOCAL_NODE, REPO, ROLE_CPU_SET, STACK_ROLES
 from harness.placement.apply import Placement
 from harness.ports import free_ports, port_is_free, release_ports, wait_port_free
 from harness.procs import (
@@ -65,7 +68,6 @@ from mubench.fingerprint import fingerprint
 MODE = "local"
 PORTS_FREE_TIMEOUT_S = 10.0  # after every process stopped, ports must be free by then
 LOOPBACK = "127.0.0.1"
-NODE = "node1"
 
 _STATS_TTL_S = 0.2
 _namespaces = itertools.count()
@@ -124,7 +126,7 @@ class LocalResolver:
         return self.namespace
 
     def node(self, component: Component) -> str:
-        return NODE
+        return LOCAL_NODE
 
     def generated_path(self, component: Component, name: str) -> Path:
         return files.generated_path(self.run_dir, component, name)
@@ -217,11 +219,12 @@ class LocalStack:
 
 
 def teardown(desc: StackDescription, resolver: LocalResolver, sup: Supervisor) -> None:
-    """Stop every process, then make sure its ports and shared memory are gone."""
+    """Stop every process, then make sure its ports, shared memory and secrets are gone."""
     with signals_deferred():
         sup.stop()
         if any(c.ipc_owner for c in desc.components):
             _remove_shm(resolver.namespace)
+        files.remove_secrets(resolver.run_dir)
         busy = []
         deadline = time.monotonic() + PORTS_FREE_TIMEOUT_S  # one wait for all ports
         for port in resolver.ports.values():
@@ -313,11 +316,17 @@ def start(
         raise
 
 
-def serve(desc: StackDescription, **options: Any) -> None:
-    """Run one stack until SIGINT or SIGTERM, then tear it down.
+#: Work beside a served stack (`serve`): entered once the stack answers, left before it
+#: stops; it may set the event to end the serve, and raise on leaving to report a failure.
+Beside = Callable[[LocalStack, threading.Event], contextlib.AbstractContextManager[object]]
+
+
+def serve(desc: StackDescription, *, beside: Beside | None = None, **options: Any) -> None:
+    """Run one stack until SIGINT or SIGTERM (or `beside` ends it), then tear it down.
 
     Prints one line containing `ready` and the URL once the stack answers.
-    `options` are `start`'s keyword arguments.
+    `beside` (e.g. Locust's web UI, `harness.run.webui`) runs while the stack
+    is up and is left first; `options` are `start`'s keyword arguments.
     """
     stop = threading.Event()
     with start(desc, **options) as stack:
@@ -330,11 +339,12 @@ def serve(desc: StackDescription, **options: Any) -> None:
             for sig in (signal.SIGINT, signal.SIGTERM)
         }
         try:
-            stop.wait()  # the handlers run in this thread and set it
+            with beside(stack, stop) if beside is not None else contextlib.nullcontext():
+                stop.wait()  # the handlers run in this thread and set it
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-        print(f"stopping the {desc.mesh} stack", flush=True)
+            print(f"stopping the {desc.mesh} stack", flush=True)
     print("stopped", flush=True)
 
 

@@ -9,20 +9,29 @@ reader returns the same shape, a `Traffic` dict::
      "errors": {svc: n, ...},       # of those, answered with a 5xx (fault blast radius)
      "raw": {...}}                  # the counters they were taken from (absolute)
 
+Differences between two readings (`since`, `counted_since`) live in
+`loadtests.counters`, which the Locust web UI's Mesh tab uses too.
+
 Errors per service are the callee side's count of 5xx answers: the bridge's
 per-service `errors` (DPUmesh: 5xx routed to the service, its 503s and 504s
-included), the service's inbound sidecar listener's `downstream_rq_5xx`
-(Envoy: also counts a dead app behind a live sidecar) and the app's own
+included), the 5xx count of the Envoy in front of the service's app (Envoy
+stacks: also counts a dead app behind a live proxy) and the app's own
 `errors` (nomesh). A caller answering 500 because a callee failed counts too,
 so a fault's errors show how far it spread.
 
 Sources:
 
-* `envoy`: Envoy admin stats, `downstream_rq_total` per listener: the gateway
-  listener for entry requests, each sidecar's `inbound_<svc>` per service.
-  `raw["listeners"]` holds every listener (`outbound_<svc>` too, so a run can
-  prove calls left through the sidecars) and `raw["apps"]` the apps' own
-  counters, which must equal the inbound counts.
+* `envoy` (the `envoy` and `nodeproxy` stacks): Envoy admin stats. Entry
+  requests: the gateway listener's `downstream_rq_total`. Per service: the
+  stats the description names (`Counters.served`): a sidecar's `inbound_<svc>`
+  listener, or on the service's node proxy its `inbound_<svc>` (from other
+  Envoys) plus `outbound_to_<svc>` (from the node's apps) listeners.
+  `raw["listeners"]` holds every listener of every Envoy, a prefix found on
+  several summed (a sidecar's `outbound_<svc>`, a node proxy's
+  `outbound_to_<svc>` too, so a run can prove calls left through the
+  proxies), `raw["apps"]` the apps' own counters, which must equal the
+  per-service counts: every request into an app came through the Envoy in
+  front of it.
 * `dpumesh`: the bridge's `/_dpumesh/stats`: entry = the requests the bridge
   routed to a service (`ingress`, summed; the bridge's own `/_dpumesh/*`
   endpoints are not in it), per service = `requests` (ingress + egress).
@@ -39,12 +48,15 @@ import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from baselines.envoy.config import GATEWAY, inbound_stat_prefix, mesh_counts, sidecar_name
+from baselines.envoy.config import GATEWAY, counted_stats, mesh_listeners
 from dpumesh.dpu_daemon import STATS_PATH as BRIDGE_STATS_PATH
-from harness.stacks.model import Counters
+from harness.stacks.model import Counters, ServedAt
+from loadtests.counters import Traffic as Traffic  # the counter arithmetic, re-exported
+from loadtests.counters import counted_since as counted_since
+from loadtests.counters import since as since
+from loadtests.counters import traffic as _traffic
 from mubench.http_app import STATS_PATH as APP_STATS_PATH
 
-Traffic = dict[str, Any]
 #: Where a reader finds a counter endpoint: (component, port name) -> port on 127.0.0.1.
 PortOf = Callable[[str, str], int]
 
@@ -77,16 +89,25 @@ def nomesh_traffic(app_ports: Mapping[str, int], entry: str) -> Traffic:
 
 
 def envoy_traffic(
-    gateway_admin: int, sidecar_admin: Mapping[str, int], app_ports: Mapping[str, int]
+    admin: Mapping[str, int], served: Mapping[str, ServedAt], app_ports: Mapping[str, int]
 ) -> Traffic:
-    """Traffic of the Envoy stack, from every proxy's admin stats (plus the apps')."""
-    listeners = mesh_counts(gateway_admin, sidecar_admin)
-    inbound = {svc: listeners[inbound_stat_prefix(svc)] for svc in sidecar_admin}
-    per_service = {svc: c["downstream_rq_total"] for svc, c in inbound.items()}
-    errors = {svc: c["downstream_rq_5xx"] for svc, c in inbound.items()}
-    entry = listeners[GATEWAY]["downstream_rq_total"]
-    raw = {"listeners": listeners, "apps": app_counters(app_ports)}
-    return _traffic(entry, per_service, raw, errors)
+    """Traffic of an Envoy stack, from every Envoy's admin stats (plus the apps').
+
+    `admin` is each Envoy's admin port by name (the gateway's included); one read each.
+    """
+    wanted: dict[str, list[str]] = {name: [] for name in admin}
+    for at in served.values():
+        wanted[at.proxy] += [*at.requests, *at.errors]
+    stats = {name: counted_stats(port, wanted[name]) for name, port in admin.items()}
+
+    def total(proxy: str, names: tuple[str, ...]) -> int:
+        return sum(stats[proxy].get(name, 0) for name in names)
+
+    per_service = {svc: total(at.proxy, at.requests) for svc, at in served.items()}
+    errors = {svc: total(at.proxy, at.errors) for svc, at in served.items()}
+    every = mesh_listeners(stats.values())
+    raw = {"listeners": every, "apps": app_counters(app_ports)}
+    return _traffic(every[GATEWAY]["downstream_rq_total"], per_service, raw, errors)
 
 
 def dpumesh_traffic(bridge_port: int, services: list[str]) -> Traffic:
@@ -111,34 +132,8 @@ def reader(counters: Counters, services: tuple[str, ...], entry: str, port_of: P
     if counters.kind == "nomesh":
         return lambda: nomesh_traffic(apps, entry)
     if counters.kind == "envoy":
-        sidecars = {svc: ports[f"admin:{sidecar_name(svc)}"] for svc in services}
-        return lambda: envoy_traffic(ports[f"admin:{GATEWAY}"], sidecars, apps)
+        admin = {
+            key.removeprefix("admin:"): p for key, p in ports.items() if key.startswith("admin:")
+        }
+        return lambda: envoy_traffic(admin, counters.served, apps)
     raise ValueError(f"no traffic reader for {counters.kind!r}")
-
-
-def since(after: Traffic, before: Traffic) -> Traffic:
-    """The requests counted between two readings; `raw` stays `after`'s absolute counters.
-
-    A counter's process may have restarted in between: `counted_since`."""
-    per_service = {
-        svc: counted_since(n, before["per_service"].get(svc, 0))
-        for svc, n in after["per_service"].items()
-    }
-    errors = {
-        svc: counted_since(n, before["errors"].get(svc, 0)) for svc, n in after["errors"].items()
-    }
-    entry = counted_since(after["entry_requests"], before["entry_requests"])
-    return _traffic(entry, per_service, after["raw"], errors)
-
-
-def counted_since(after: int, before: int) -> int:
-    """A counter's increase; a counter below its earlier reading restarted from zero
-    (its process was restarted), so all of `after` is new (what the dead one counted
-    after `before` is lost: a lower bound)."""
-    return after - before if after >= before else after
-
-
-def _traffic(
-    entry: int, per_service: dict[str, int], raw: dict[str, Any], errors: dict[str, int]
-) -> Traffic:
-    return {"entry_requests": entry, "per_service": per_service, "errors": errors, "raw": raw}

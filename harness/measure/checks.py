@@ -16,8 +16,9 @@ and flagged. *Info* checks record findings that are results, not faults
   the window; a saturated generator sends late and inflates latency.
 * `mesh_crossed`: every service the workmodel calls often enough to be
   certain (expected >= `MIN_EXPECTED_CALLS` calls over the level) received
-  calls, counted by the mesh itself: Envoy sidecars' inbound listeners, the
-  DPUmesh bridge's per-service counters, the apps' own counters for nomesh.
+  calls, counted by the mesh itself: Envoy sidecars' inbound listeners, a
+  node proxy's cluster of each app (nodeproxy), the DPUmesh bridge's
+  per-service counters, the apps' own counters for nomesh.
 * `open_loop_delivery` (info): achieved / offered >= 0.98.
 * `placement`: every process and thread of the stack has exactly its CPU set's
   CPUs, and the DPU daemons the dpu set's CPU bandwidth, as read back from the
@@ -25,6 +26,9 @@ and flagged. *Info* checks record findings that are results, not faults
 * `no_restarts`: no component of the stack was restarted during the window
   (`RunningStack.restarts()` before and after it): a restart means the level
   measured a recovery, not the stack, and its counters started over.
+
+`is_clean` is DESIGN §5's clean level, the one rule the ladder climbs by and the
+report judges by (`reports` imports it from here: `harness` never imports `reports`).
 """
 
 from __future__ import annotations
@@ -63,6 +67,30 @@ class Check:
         }
 
 
+def failure_rate(requests: int, failures: int) -> float:
+    """failures / requests; 1 (as bad as it gets) for a level without a request."""
+    return failures / requests if requests > 0 else 1.0
+
+
+def is_clean(
+    offered_rps: float,
+    achieved_rps: float,
+    error_rate: float,
+    p99_us: float,
+    slo_p99_ms: float | None,
+    checks_ok: bool,
+) -> bool:
+    """DESIGN §5's clean level: achieved/offered >= 0.98, `error_rate` (`failure_rate`) <=
+    0.1 %, p99 <= the SLO, and its self-checks passed. No SLO: latency is not judged."""
+    return (
+        checks_ok
+        and offered_rps > 0
+        and achieved_rps / offered_rps >= MIN_DELIVERY
+        and error_rate <= MAX_ERROR_RATE
+        and (slo_p99_ms is None or p99_us <= slo_p99_ms * 1000)
+    )
+
+
 def verdict(checks: Iterable[Check]) -> tuple[bool, list[str]]:
     """(all non-info checks passed, names of the failed non-info checks)."""
     failed = [c.name for c in checks if not c.ok and not c.info]
@@ -93,10 +121,10 @@ def counts_match(sidecar: Mapping[str, Any], stack_requests: int) -> Check:
 
 
 def error_rate(requests: int, failures: int, *, info: bool = False) -> Check:
-    rate = failures / requests if requests else 1.0
+    rate = failure_rate(requests, failures)
     return Check(
         "error_rate",
-        requests > 0 and rate <= MAX_ERROR_RATE,
+        rate <= MAX_ERROR_RATE,
         f"{failures} failures / {requests} requests = {rate:.3%} (limit {MAX_ERROR_RATE:.1%})",
         info=info,
     )

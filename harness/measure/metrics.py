@@ -66,7 +66,7 @@ import psutil
 
 MIB = 1024 * 1024
 
-HOST_ROLES = ("app", "sidecar", "gateway")
+HOST_ROLES = ("app", "sidecar", "nodeproxy", "gateway")
 OFFLOAD_ROLES = ("dpu-daemon", "dpa-daemon")
 LOADGEN_ROLES = ("loadgen",)
 ROLE_CLASS: dict[str, str] = {

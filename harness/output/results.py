@@ -1,11 +1,11 @@
-"""One results directory (DESIGN §6): what goes where, and the row formats.
+"""One results directory (DESIGN §6): what goes where, and the rows the runner writes.
 
 Layout of ``<out>/<UTC timestamp>/`` (``<out>/latest`` links to the newest)::
 
     results.csv                      one row per stack x repetition x load level
     faults.csv, faults.json          `run_bench.py faults`: a row and a timeline per stack x fault
     roles.csv                        ... x role: CPU and memory of each role
-    meta.json                        versions, git, machine, config, checks, fairness
+    meta.json                        schema_version, versions, git, machine, config, checks, ...
     hist/<stack>-rep<r>-<level>.hdr  merged µs histogram of the level (+ .hdr.json sidecar)
     hist/parts/                      per-process histograms of distributed Locust runs
     locust/<stack>-rep<r>-<level>*   Locust's own CSV stats (full history) and its log
@@ -16,14 +16,13 @@ Layout of ``<out>/<UTC timestamp>/`` (``<out>/latest`` links to the newest)::
 a what-if variant. Repetition 0 is the calibration start (histograms and Locust
 files only; its throughput is in meta.json ``ladder.calibration``).
 
-Rows are appended as each level finishes, so an interrupted run keeps what
-it measured. Empty cells mean "not applicable" (offered_rps in closed loop)
-or "not measurable" (CPU per request of a level with no request).
+The CSVs' columns and types are `harness.output.schema`'s, which both writes
+and reads them. Rows are appended as each level finishes, so an interrupted run
+keeps what it measured.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shutil
@@ -34,100 +33,13 @@ from typing import Any
 
 from hdrh.histogram import HdrHistogram
 
-from harness.placement import profiles
+from harness.output import schema
+from harness.output.schema import DPU_MODEL, FAULTS, META_JSON, RESULTS, ROLES, SCHEMA_VERSION
 from loadtests import latency
 
-RESULTS_CSV = "results.csv"
-ROLES_CSV = "roles.csv"
-FAULTS_CSV = "faults.csv"
 FAULTS_JSON = "faults.json"
-META_JSON = "meta.json"
 HIST_DIR = "hist"
 LATEST = "latest"
-
-#: The DPU model's numbers (what a what-if sweep varies), then every model column of a row.
-DPU_MODEL_VALUES = profiles.KEYS
-DPU_MODEL_COLUMNS = ("placement", "dpu_profile", *DPU_MODEL_VALUES)
-RESULT_COLUMNS = (
-    "mesh",
-    "stack",
-    "mode",
-    "workmodel",
-    "rep",
-    "level",
-    "users",
-    "offered_rps",
-    "achieved_rps",
-    "requests",
-    "failures",
-    "duration_s",
-    "mean_us",
-    "p50_us",
-    "p90_us",
-    "p99_us",
-    "p999_us",
-    "max_us",
-    "cpu_host_ms_per_req",
-    "cpu_offload_ms_per_req",
-    "cpu_loadgen_ms_per_req",
-    "cpu_total_ms_per_req",
-    "vcpu_host_per_1000rps",
-    "vcpu_offload_per_1000rps",
-    "vcpu_total_per_1000rps",
-    "cpu_window_s",
-    "cpu_window_requests",
-    "rss_host_mb",
-    "rss_offload_mb",
-    "downstream_calls_per_req",
-    *DPU_MODEL_COLUMNS,
-    "checks_ok",
-    "checks",
-)
-ROLE_COLUMNS = (
-    "mesh",
-    "stack",
-    "rep",
-    "level",
-    "role",
-    "side",
-    "cpu_s",
-    "cpu_ms_per_req",
-    "vcpu_per_1000rps",
-    "rss_mean_mb",
-    "rss_max_mb",
-    "pss_mean_mb",
-    "processes",
-    "window_s",
-    "notes",
-)
-
-
-#: `run_bench.py faults`: one row per stack x fault (`harness.run.faults` says what each means).
-FAULT_COLUMNS = (
-    "mesh",
-    "stack",
-    "mode",
-    "workmodel",
-    "fault",
-    "kind",
-    "target",
-    "service",
-    "pid",
-    "injected_at_s",
-    "pause_s",
-    "offered_rps",
-    "run_s",
-    "requests",
-    "failed",
-    "failed_by_status",
-    "failed_after_fault",
-    "worst_ms",
-    "recovery_s",
-    "recovered",
-    "blast_radius",
-    "restarts",
-    "loadgen_ok",
-)
 
 
 def new_run_dir(out: Path, now: datetime | None = None) -> Path:
@@ -154,17 +66,6 @@ def link_latest(run_dir: Path) -> Path:
     return link
 
 
-def _cell(value: Any) -> Any:
-    """CSV text of one value: None -> empty, floats rounded to what they can mean."""
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        return f"{value:.6g}" if abs(value) < 1e6 else f"{value:.0f}"
-    return value
-
-
 class ResultsDir:
     """Writes one run's files; paths for the runner's Locust runs and stacks."""
 
@@ -187,26 +88,20 @@ class ResultsDir:
         return self.path / "stacks" / f"{stack}-rep{rep}"
 
     def append_result(self, row: Mapping[str, Any]) -> None:
-        self._append(RESULTS_CSV, RESULT_COLUMNS, [row])
+        """Append one results.csv row (`result_row`); ValueError when it is not one."""
+        schema.append_rows(self.path, RESULTS, [row])
 
     def append_roles(self, rows: Iterable[Mapping[str, Any]]) -> None:
-        self._append(ROLES_CSV, ROLE_COLUMNS, rows)
+        """Append roles.csv rows (`role_rows`)."""
+        schema.append_rows(self.path, ROLES, rows)
 
     def append_fault(self, row: Mapping[str, Any]) -> None:
-        self._append(FAULTS_CSV, FAULT_COLUMNS, [row])
-
-    def _append(self, name: str, columns: tuple[str, ...], rows: Iterable[Mapping[str, Any]]):
-        path = self.path / name
-        new = not path.exists()
-        with path.open("a", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(fh, columns, extrasaction="ignore")
-            if new:
-                writer.writeheader()
-            for row in rows:
-                writer.writerow({c: _cell(row.get(c)) for c in columns})
+        """Append one faults.csv row (`harness.run.faults`)."""
+        schema.append_rows(self.path, FAULTS, [row])
 
     def write_meta(self, meta: Mapping[str, Any]) -> Path:
-        return self.write_json(META_JSON, meta)
+        """meta.json, with the schema version its CSVs are written in."""
+        return self.write_json(META_JSON, {schema.VERSION_KEY: SCHEMA_VERSION, **meta})
 
     def write_json(self, name: str, doc: Mapping[str, Any]) -> Path:
         """Write `name` whole or not at all (a reader never sees half a file)."""
@@ -266,11 +161,13 @@ def result_row(
     sidecar: Mapping[str, Any],
     usage: Mapping[str, Any] | None,
     downstream_calls_per_req: float | None,
+    mtls: bool,
     dpu_model: Mapping[str, Any],
     checks_ok: bool,
     failed_checks: list[str],
 ) -> dict[str, Any]:
-    """One results.csv row; `usage` is `WindowUsage.derive(...)` (None: not measured).
+    """One results.csv row (`schema.RESULTS`); `usage` is `WindowUsage.derive(...)` (None:
+    not measured).
 
     `stack` is the compared stack's label (`harness.run.plan.Stack.label`); `dpu_model`
     is `Placement.record()`: the placement and DPU model in force for that stack.
@@ -307,7 +204,8 @@ def result_row(
         "rss_host_mb": usage.get("rss_host_mb"),
         "rss_offload_mb": usage.get("rss_offload_mb"),
         "downstream_calls_per_req": downstream_calls_per_req,
-        **{key: dpu_model[key] for key in DPU_MODEL_COLUMNS},
+        "mtls": mtls,
+        **{c.name: dpu_model[c.name] for c in DPU_MODEL},
         "checks_ok": checks_ok,
         "checks": ";".join(failed_checks),
     }
@@ -316,7 +214,8 @@ def result_row(
 def role_rows(
     mesh: str, stack: str, rep: int, level: str, usage: Mapping[str, Any]
 ) -> list[dict[str, Any]]:
-    """roles.csv rows of one level from `WindowUsage.derive(...)`: roles with processes only."""
+    """roles.csv rows (`schema.ROLES`) of one level from `WindowUsage.derive(...)`: roles
+    with processes only."""
     rows = []
     for role, u in usage["roles"].items():
         if not u["processes"]:

@@ -32,7 +32,16 @@ from pathlib import Path
 from typing import Any
 
 from baselines.envoy.config import DEFAULT_CONCURRENCY
-from harness.names import DEFAULT_PORT, DEFAULT_WORKMODEL, MESHES, MODES, REPO, RESTART_MODES
+from harness.names import (
+    DEFAULT_MESHES,
+    DEFAULT_PORT,
+    DEFAULT_WORKMODEL,
+    ENVOY_MESHES,
+    MESHES,
+    MODES,
+    REPO,
+    RESTART_MODES,
+)
 from harness.placement.layout import PlacementError, parse_layout
 from harness.placement.profiles import get_profile
 from harness.placement.readback import online_cpus
@@ -130,6 +139,15 @@ def _choice(choices: tuple[str, ...]) -> Any:
     return check
 
 
+def _boolean(value: Any) -> bool:
+    """A TOML boolean, or its command-line text `true` / `false`."""
+    if isinstance(value, bool):
+        return value
+    if value in ("true", "false"):
+        return value == "true"
+    raise ConfigError(f"must be true or false, not {value!r}")
+
+
 def _items(value: Any) -> list[Any]:
     if isinstance(value, str):
         return parse_list(value, "list")
@@ -221,11 +239,12 @@ class BenchConfig:
         commands=_STACKS,
     )
     meshes: tuple[str, ...] = _setting(
-        MESHES,
+        DEFAULT_MESHES,
         _meshes,
         f"stacks to compare, in this order ({', '.join(MESHES)})",
         metavar="A,B",
         commands=frozenset({"run", "faults", "k8s"}),
+        command_defaults={"k8s": MESHES},
     )
     users: int = _setting(
         8,
@@ -350,8 +369,17 @@ class BenchConfig:
     envoy_concurrency: int = _setting(
         DEFAULT_CONCURRENCY,
         whole_number(1),
-        "worker threads (--concurrency) of every Envoy of the envoy stack",
+        "worker threads (--concurrency) of every Envoy of the envoy and nodeproxy stacks",
         metavar="N",
+        commands=_STACKS,
+    )
+    mtls: bool = _setting(
+        False,
+        _boolean,
+        f"mutual TLS between the proxies of {' and '.join(ENVOY_MESHES)} (app-to-proxy hops "
+        "stay plaintext; the other stacks have no proxy-to-proxy hop and run as without it)",
+        metavar="{true,false}",
+        shown="false",
         commands=_STACKS,
     )
     functions_dir: Path | None = _setting(

@@ -180,7 +180,6 @@ class FaultBench:
         self.machine = machine_metadata(REPO)
         self.rate = options.rate
         self.calibration: dict[str, float | None] = {}
-        self.rows: list[dict[str, Any]] = []
         self.timelines: list[dict[str, Any]] = []
         self.skipped: list[dict[str, str]] = []
         self.problems: list[str] = []
@@ -380,7 +379,6 @@ class FaultBench:
             "restarts": ";".join(f"{c}={n}" for c, n in sorted(restarts.items())),
             "loadgen_ok": returncode == 0 and bool(hist_files),
         }
-        self.rows.append(row)
         self.results.append_fault(row)
         self.timelines.append(
             {

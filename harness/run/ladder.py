@@ -10,8 +10,9 @@ stack sustains, and a top rate `REACH` x the fastest C; rates closer than
 `MIN_GAP` merge, and the closest pairs merge until at most `count` remain.
 
 Each stack climbs the ladder until `STOP_AFTER_DIRTY` rates in a row were
-not clean (the rates above are past its knee: clean-ness is taken to be
-monotonic in the rate, as any knee search does). `refine` then bisects
+not clean (`harness.measure.checks.is_clean`, the one rule; the rates above
+are past its knee: clean-ness is taken to be monotonic in the rate, as any
+knee search does). `refine` then bisects
 between a repetition's highest clean and the lowest dirty rate above it.
 
 Everything here is pure: rates in, rates out.
@@ -42,23 +43,6 @@ METHOD = (
     "highest clean and lowest unclean rate. Max clean throughput: the highest clean rate of "
     "each repetition, median over repetitions; at_top = clean at the top rate (a lower bound)."
 )
-
-
-def is_clean(
-    offered_rps: float,
-    achieved_rps: float,
-    requests: int,
-    failures: int,
-    p99_us: float,
-    slo_p99_ms: float,
-) -> bool:
-    """DESIGN §5: achieved/offered >= 0.98, failures <= 0.1 % of requests, p99 <= the SLO."""
-    return (
-        requests > 0
-        and achieved_rps / offered_rps >= MIN_DELIVERY
-        and failures / requests <= MAX_ERROR_RATE
-        and p99_us <= slo_p99_ms * 1000
-    )
 
 
 def nice(rate: float) -> float:

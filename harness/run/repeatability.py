@@ -18,16 +18,16 @@ two existing results directories: ``--compare DIR_A DIR_B``.
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import statistics
 import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from harness.measure.speed import spread
 from harness.names import REPO
+from harness.output import schema
 
 METRICS = (
     ("req/s", "achieved_rps"),
@@ -38,14 +38,15 @@ METRICS = (
 AIM = 0.05
 
 
-def _rows(run_dir: Path) -> list[dict[str, str]]:
-    with (run_dir / "results.csv").open(newline="") as fh:
-        return list(csv.DictReader(fh))
+def _rows(run_dir: Path) -> list[dict[str, Any]]:
+    """results.csv of `run_dir`, parsed by the results schema (its version checked)."""
+    schema.read_meta(run_dir)
+    return schema.read_table(run_dir, schema.RESULTS)
 
 
-def _values(rows: list[dict[str, str]], stack: str, level: str, key: str) -> list[float]:
+def _values(rows: list[dict[str, Any]], stack: str, level: str, key: str) -> list[float]:
     return [
-        float(r[key]) for r in rows if r["stack"] == stack and r["level"] == level and r[key] != ""
+        r[key] for r in rows if r["stack"] == stack and r["level"] == level and r[key] is not None
     ]
 
 
@@ -94,7 +95,7 @@ def compare(a: Path, b: Path) -> str:
                 f"levels only in {name} (the calibrated ladders differ): {', '.join(only)}"
             )
     lines += ["", "max clean throughput (median over reps; >= = clean at the top rate):"]
-    meta_a, meta_b = (json.loads((d / "meta.json").read_text()) for d in (a, b))
+    meta_a, meta_b = schema.read_meta(a), schema.read_meta(b)
     for stack, best in meta_a.get("max_clean_throughput", {}).items():
         other = meta_b.get("max_clean_throughput", {}).get(stack, {})
         lines.append(f"  {stack:<24} A {_best(best):>10}   B {_best(other):>10}")

@@ -24,7 +24,8 @@ One level (`measure_level`):
    then wait the excluded seconds;
 4. open the CPU window: read the counters, start the per-role sampler on
    the stack's processes plus the Locust process tree (role ``loadgen``);
-5. close it when Locust logs that ``-t`` expired (polled every 50 ms), and
+5. close it when Locust fires ``test_stopping`` (``-t`` expired; the
+   `harness.run.locust_live` plugin's events file, polled every 50 ms), and
    read the counters again; CPU-ms per request = the window's CPU over the
    entry requests the *stack* counted inside the window, so the window's
    exact alignment with Locust's does not bias the ratio. Locust's start-up
@@ -66,8 +67,7 @@ from harness.measure.accounting import Traffic, since
 from harness.measure.callgraph import CycleError, expected_calls
 from harness.measure.metrics import WindowUsage, machine_metadata
 from harness.measure.speed import loop_rate
-from harness.names import REPO
-from harness.output import summary
+from harness.names import ENVOY_MESHES, REPO
 from harness.output.results import (
     ResultsDir,
     link_latest,
@@ -76,6 +76,7 @@ from harness.output.results import (
     result_row,
     role_rows,
 )
+from harness.output.schema import ResultsError
 from harness.placement.apply import Placement, prepare
 from harness.placement.profiles import DpuModel
 from harness.ports import free_ports, release_ports
@@ -98,8 +99,8 @@ COUNTER_POLL_S = 0.02
 
 WINDOW_METHOD = (
     "CPU window: opens the excluded seconds (warm-up or settle) after the stack counted the "
-    "level's first request (counters polled every 20 ms) and closes when Locust logs that its "
-    "run time expired (polled every 50 ms); Locust start-up and shutdown are outside it. "
+    "level's first request (counters polled every 20 ms) and closes at Locust's test_stopping "
+    "event, its run time expired (polled every 50 ms); start-up and shutdown are outside it. "
     "CPU-ms per request = role CPU in the window / entry requests the stack counted in the "
     "window. Latency: Locust's µs histograms, requests sent in the excluded seconds dropped; "
     "open loop measured from each request's intended send time."
@@ -175,7 +176,7 @@ def measure_level(
             sampler.start()
             try:
                 deadline = time.monotonic() + spec.measured_s + 30
-                while not run.time_limit_reached() and time.monotonic() < deadline:
+                while not (run.stopping() or run.exited()) and time.monotonic() < deadline:
                     tick()
                     time.sleep(POLL_S)
             finally:
@@ -217,6 +218,7 @@ def settings_of(config: BenchConfig, model: DpuModel | None = None) -> Settings:
         envoy_concurrency=config.envoy_concurrency,
         dma_latency_us=model.dma_latency_us if model else 0.0,
         dma_gbps=model.dma_gbps if model else 0.0,
+        mtls=config.mtls,
     )
 
 
@@ -272,7 +274,6 @@ class Runner:
             s.label: describe(s.mesh, *self._cell(base, s)) for s in self.compared
         }
         self.results = ResultsDir(new_run_dir(config.out))
-        self.rows: list[dict[str, Any]] = []
         self.checks: list[dict[str, Any]] = []
         self.mesh_configs: dict[str, dict[str, str]] = {}
         self.manifests: dict[str, list[dict[str, Any]]] = {}
@@ -459,14 +460,14 @@ class Runner:
         return plan.open_level(rate, self.config, prefix)
 
     def _clean(self, row: dict[str, Any]) -> bool:
-        """DESIGN §5's clean level, and every self-check of the level passed."""
-        return bool(row["checks_ok"]) and ladder.is_clean(
+        """DESIGN §5's clean level (`checks.is_clean`, the report's rule too) of a results row."""
+        return chk.is_clean(
             row["offered_rps"],
             row["achieved_rps"] or 0.0,
-            row["requests"],
-            row["failures"],
+            chk.failure_rate(row["requests"], row["failures"]),
             row["p99_us"] if row["p99_us"] is not None else float("inf"),
             self.config.slo_p99_ms,
+            row["checks_ok"],
         )
 
     def _spec(
@@ -520,11 +521,11 @@ class Runner:
             sidecar=m.sidecar,
             usage=derived,
             downstream_calls_per_req=downstream_per_request(m.level_traffic, stack.entry),
+            mtls=self.descriptions[seg.label].mtls,
             dpu_model=self.models[seg.label],
             checks_ok=ok,
             failed_checks=failed,
         )
-        self.rows.append(row)
         self.results.append_result(row)
         if derived is not None:
             self.results.append_roles(role_rows(seg.mesh, seg.label, seg.rep, level.name, derived))
@@ -683,15 +684,16 @@ class Runner:
             "same_host_cores": self._same_host_cores(every),
             "load_generator": self._loadgen_isolation(),
         }
-        if "envoy" in first:
-            from baselines.envoy.config import tuning
+        for mesh in ENVOY_MESHES:  # each Envoy stack's tuning, read back from what ran
+            if mesh in first:
+                from baselines.envoy.config import tuning
 
-            envoy = first["envoy"]
-            gateway = [c["argv"] for c in envoy["components"] if c["role"] == "gateway"]
-            bootstraps = {
-                name: json.loads(Path(p).read_text()) for name, p in envoy["configs"].items()
-            }
-            fairness["envoy_tuning"] = tuning(gateway[0], bootstraps)
+                envoy = first[mesh]
+                gateway = [c["argv"] for c in envoy["components"] if c["role"] == "gateway"]
+                bootstraps = {
+                    name: json.loads(Path(p).read_text()) for name, p in envoy["configs"].items()
+                }
+                fairness[f"{mesh}_tuning"] = tuning(gateway[0], bootstraps)
         return fairness
 
     def _same_host_cores(self, manifests: list[dict[str, Any]]) -> dict[str, Any]:
@@ -769,17 +771,16 @@ class Runner:
         )
 
     def _print_summary(self) -> None:
+        """The report's headline of the directory just written (`reports.terminal`: the same
+        code as report.html's), then the failed self-checks and the wall time."""
         wall = time.monotonic() - self.t0
-        self.console.print(
-            summary.table(self.rows, f"Results (median over reps): {self.results.path}")
-        )
-        text = summary.ratio_text(self.rows)
-        if text:
-            self.console.print(text, highlight=False)
-        for label, record in self._max_clean_record().items():
-            rps = record["rps"]
-            shown = "none" if rps is None else f"{'>= ' if record['at_top'] else ''}{rps:g} req/s"
-            self.console.print(f"{label}: max clean throughput {shown}", highlight=False)
+        try:  # harness never imports reports at module level (reports imports harness)
+            terminal = importlib.import_module("reports.terminal")
+            terminal.print_summary(self.results.path, self.console)
+        except ResultsError as exc:  # e.g. no level finished: nothing to summarise
+            self.console.print(f"[yellow]no summary:[/] {exc}", highlight=False)
+        except Exception as exc:  # the results are written; a summary bug must not lose the report
+            self.console.print(f"[red]summary not printed:[/] {type(exc).__name__}: {exc}")
         failed = [c for c in self.checks if not c["ok"] and not c["info"]]
         if failed:
             self.console.print(f"[red bold]self-checks FAILED ({len(failed)}):[/]")

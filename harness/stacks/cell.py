@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from harness.stacks.model import Component, File, Port, Probe, Settings
+from harness.stacks.model import Component, Counters, File, Port, Probe, Settings, StackDescription
 from mubench.http_app import HEALTH_PATH as APP_HEALTH_PATH
 from mubench.internal import custom_function_names
 from mubench.workmodel import Workmodel, load_workmodel, plan_processes
@@ -35,6 +35,27 @@ class Cell:
     def entry(self) -> str:
         """μBench's convention: `s0`, or without one the first service in the file."""
         return "s0" if "s0" in self.workmodel else self.services[0]
+
+    def stack(
+        self,
+        mesh: str,
+        components: tuple[Component, ...],
+        counters: Counters,
+        front: tuple[str, ...],
+    ) -> StackDescription:
+        """A stack of the cell's apps (`http_app`): the cell's settings, services and plan."""
+        return StackDescription(
+            mesh=mesh,
+            settings=self.settings,
+            entry=self.entry,
+            services=self.services,
+            plan=self.plan,
+            warnings=self.warnings,
+            components=components,
+            probe_path=APP_HEALTH_PATH,
+            counters=counters,
+            front=front,
+        )
 
     def files(self) -> tuple[File, ...]:
         """The workmodel and, if any, the directory of custom functions."""

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from baselines.envoy.config import DEFAULT_CONCURRENCY
-from harness.names import CPU_SETS, ROLE_CPU_SET, ROLES
+from harness.names import CPU_SETS, ENVOY_MESHES, ROLE_CPU_SET, ROLES
 from mubench.workmodel import DEFAULT_PER_SERVICE_CAP, DEFAULT_TOTAL_CAP
 
 PROGRAMS = ("python", "envoy")
@@ -113,18 +113,25 @@ class File:
     `mount` is its path inside a container; locally the file is used where it is
     (`source`) or written to the run directory (generated). `generate` gets the
     resolver of the component that reads it, so addresses inside match.
+    `secret`: key material (`harness.deploy.files`: readable by its reader only,
+    never published with the results; a Kubernetes Secret, not a ConfigMap).
     """
 
     name: str
     mount: str
     source: Path | None = None
     generate: Callable[[Resolver, Component], str] | None = None
-    check: Callable[[Path], None] | None = None  # validates a generated file once written
+    # Validates a generated file once written, given where its reader's other files were
+    # written here, by their path in its container (`mount`), for a file that names them.
+    check: Callable[[Path, Mapping[str, Path]], None] | None = None
     directory: bool = False
+    secret: bool = False
 
     def __post_init__(self) -> None:
         if (self.source is None) == (self.generate is None):
             raise ValueError(f"file {self.name}: exactly one of source and generate")
+        if self.secret and self.generate is None:
+            raise ValueError(f"file {self.name}: only a generated file can be secret")
 
 
 @dataclass(frozen=True)
@@ -176,6 +183,7 @@ class Settings:
     envoy_concurrency: int = DEFAULT_CONCURRENCY
     dma_latency_us: float = 0.0
     dma_gbps: float = 0.0
+    mtls: bool = False  # mutual TLS between the Envoy stacks' proxies (`ENVOY_MESHES`)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -188,7 +196,18 @@ class Settings:
             "envoy_concurrency": self.envoy_concurrency,
             "dma_latency_us": self.dma_latency_us,
             "dma_gbps": self.dma_gbps,
+            "mtls": self.mtls,
         }
+
+
+@dataclass(frozen=True)
+class ServedAt:
+    """Where an Envoy stack counts the requests one service received, and its 5xx answers:
+    the sums of stats (full names) of the Envoy `proxy` in front of the service's app."""
+
+    proxy: str
+    requests: tuple[str, ...]
+    errors: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -197,11 +216,13 @@ class Counters:
 
     `endpoints` name (component, port) pairs the reader of `kind` needs:
     ``app:<svc>`` for apps' own counters, ``admin:<envoy>`` for Envoy admin
-    stats, ``bridge`` for the DPUmesh bridge.
+    stats, ``bridge`` for the DPUmesh bridge. `served`: per service, which
+    Envoy stat counts it (kind ``envoy``).
     """
 
     kind: str
     endpoints: Mapping[str, tuple[str, str]]
+    served: Mapping[str, ServedAt] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -240,6 +261,11 @@ class StackDescription:
             if c.name == name:
                 return c
         raise KeyError(f"{self.mesh} stack has no component {name!r}")
+
+    @property
+    def mtls(self) -> bool:
+        """Whether its proxy-to-proxy hops run mutual TLS (asked for, and an Envoy stack)."""
+        return self.settings.mtls and self.mesh in ENVOY_MESHES
 
     @property
     def public(self) -> tuple[Component, str]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from harness.stacks.cell import Cell, app_counters, app_name, http_app
 from harness.stacks.model import Counters, StackDescription
-from mubench.http_app import HEALTH_PATH as APP_HEALTH_PATH
 
 
 def describe(cell: Cell) -> StackDescription:
@@ -21,15 +20,6 @@ def describe(cell: Cell) -> StackDescription:
         )
     )
     apps = tuple(http_app(cell, svc, routing, public=svc == cell.entry) for svc in cell.services)
-    return StackDescription(
-        mesh="nomesh",
-        settings=cell.settings,
-        entry=cell.entry,
-        services=cell.services,
-        plan=cell.plan,
-        warnings=cell.warnings,
-        components=apps,
-        probe_path=APP_HEALTH_PATH,
-        counters=Counters("nomesh", app_counters(cell)),
-        front=(app_name(cell.entry),),
+    return cell.stack(
+        "nomesh", apps, Counters("nomesh", app_counters(cell)), (app_name(cell.entry),)
     )

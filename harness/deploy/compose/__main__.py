@@ -43,7 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     gen = sub.add_parser(
         "generate",
         help="write the compose files (and Envoy configs) of a workmodel",
-        description="Write <out>/<mesh>.yml for each mesh, and <out>/configs/*.json for envoy. "
+        description="Write <out>/<mesh>.yml for each mesh, and <out>/<mesh>/configs/*.json for "
+        "the Envoy stacks. "
         "The defaults regenerate the checked-in compose/default/.",
     )
     gen.add_argument(

@@ -14,7 +14,10 @@ Where and how, decided here (what runs is the description's):
   DPUmesh namespace is `default`;
 * files are read-only bind mounts at their `mount`, paths relative to the
   compose file (the tree can move); generated ones (Envoy bootstraps) are
-  written to `configs/<component>.json` next to it and checked first;
+  written to `<mesh>/configs/<component>.json` next to it (stacks generated
+  into one directory share component names, `gateway`) and checked first,
+  secrets (mTLS certificates and keys) to `<mesh>/secrets/<component>/`, made
+  readable by the image's user (`IMAGE_UID`);
 * ports are published on the service owning the network namespace, on
   loopback only: the public one on the caller's port, every `read` one on an
   ephemeral port (found through the Docker SDK);
@@ -40,15 +43,21 @@ from typing import Any
 import yaml
 
 from harness.deploy import files
-from harness.deploy.image import EXECUTABLES, IMAGE, LABEL_CPU_SET, LABEL_ROLE, LABEL_SERVICE
-from harness.names import CPU_SETS
+from harness.deploy.image import (
+    EXECUTABLES,
+    IMAGE,
+    IMAGE_UID,
+    LABEL_CPU_SET,
+    LABEL_ROLE,
+    LABEL_SERVICE,
+)
+from harness.names import CPU_SETS, LOCAL_NODE
 from harness.procs import ALWAYS, RestartPolicy
 from harness.stacks.model import Component, Rendered, StackDescription, render
 
 ANY = "0.0.0.0"
 LOOPBACK = "127.0.0.1"
 IPC_NAMESPACE = "default"
-NODE = "node1"
 SHM_SIZE = "1g"
 _YAML_WIDTH = 1 << 16  # one line per value, however long
 
@@ -59,6 +68,7 @@ class ComposeResolver:
     def __init__(self, desc: StackDescription, out_dir: Path) -> None:
         self.desc = desc
         self.out_dir = out_dir
+        self.files_dir = out_dir / desc.mesh  # this stack's generated files
 
     def bind(self, component: Component) -> str:
         return ANY
@@ -77,11 +87,11 @@ class ComposeResolver:
         return IPC_NAMESPACE
 
     def node(self, component: Component) -> str:
-        return NODE
+        return LOCAL_NODE
 
     def generated_path(self, component: Component, name: str) -> Path:
-        """Where the generated file `name` of `component` is written, next to the compose file."""
-        return files.generated_path(self.out_dir, component, name)
+        """Where the generated file `name` of `component` is written, beside the compose file."""
+        return files.generated_path(self.files_dir, component, name)
 
 
 @dataclass(frozen=True)
@@ -91,7 +101,8 @@ class Deployment:
     desc: StackDescription
     file: Path
     rendered: tuple[Rendered, ...]
-    configs: Mapping[str, Path]  # generated files by component name
+    configs: Mapping[str, Path]  # generated configs by component name
+    files_dir: Path  # where the generated files (configs, secrets) are
 
 
 def command(item: Rendered) -> list[str]:
@@ -109,7 +120,8 @@ def generate(
     cgroup_parents: Mapping[str, str] | None = None,
     restart: RestartPolicy = ALWAYS,
 ) -> Deployment:
-    """Write `<out_dir>/<mesh>.yml` (and checked `configs/*`) running `desc` on `127.0.0.1:port`.
+    """Write `<out_dir>/<mesh>.yml` (and checked `<mesh>/configs/*`) running `desc` on
+    `127.0.0.1:port`.
 
     `cpusets` maps CPU-set names (`harness.names.CPU_SETS`) to cpuset strings
     ("0", "1-2"); a component whose set is not in it is not pinned.
@@ -128,7 +140,9 @@ def generate(
     out.mkdir(parents=True, exist_ok=True)
     resolver = ComposeResolver(desc, out)
     rendered = [render(c, resolver) for c in desc.components]
-    configs = files.write_generated(rendered, out)
+    configs = files.write_generated(rendered, resolver.files_dir)
+    for path in files.secrets(rendered, resolver.files_dir):
+        _hand_to_image(path)
     services = {
         item.component.name: _service(
             item, resolver, port, image, per_set[item.component.cpu_set], restart
@@ -151,7 +165,7 @@ def generate(
         width=_YAML_WIDTH,
     )
     file.write_text(header + body)
-    return Deployment(desc, file, tuple(rendered), configs)
+    return Deployment(desc, file, tuple(rendered), configs, resolver.files_dir)
 
 
 def restart_value(policy: RestartPolicy) -> str:
@@ -195,6 +209,16 @@ def _service(
     if published:
         spec["ports"] = published
     return spec
+
+
+def _hand_to_image(path: Path) -> None:
+    """Make a secret (mode 0600) readable by the image's user, who reads it in the container:
+    its owner becomes `IMAGE_UID` when we may give files away (root), else it must be
+    readable by all (no other user can read a 0600 file of ours)."""
+    if os.geteuid() == 0:
+        os.chown(path, IMAGE_UID, IMAGE_UID)
+    else:
+        path.chmod(0o644)
 
 
 def _mount(host: Path, target: str, out: Path) -> str:

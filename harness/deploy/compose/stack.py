@@ -27,7 +27,7 @@ import docker.errors
 import psutil
 from docker.models.containers import Container
 
-from harness.deploy import manifest
+from harness.deploy import files, manifest
 from harness.deploy.compose.cli import (
     PROJECT_LABEL,
     SERVICE_LABEL,
@@ -369,7 +369,8 @@ class ComposeStack:
         }
 
     def stop(self) -> None:
-        """Save every container's log to the run dir, then `down -v`; nothing may remain.
+        """Save every container's log to the run dir, then `down -v`; nothing may remain
+        (the mTLS secrets written for the containers are deleted too).
 
         Raises `ComposeError` if a container, network or volume of the project
         is still there afterwards (after trying to force-remove it).
@@ -393,6 +394,7 @@ class ComposeStack:
                 except ComposeError as exc:
                     failed = exc
                 left = self._remove_leftovers()
+                files.remove_secrets(self.deployment.files_dir)
         if left:
             raise ComposeError(f"{self.project}: still there after teardown: {left}") from failed
         if failed:

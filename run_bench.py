@@ -11,10 +11,9 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TypeVar
 
 from harness.deploy.local import serve
 from harness.names import MESHES
@@ -25,20 +24,6 @@ from harness.run import config as bench_config
 from harness.run import faults, plan, runner
 from harness.stacks import describe
 from reports import __main__ as reports_cli
-
-T = TypeVar("T")
-
-
-def _checked(validate: Callable[[str], T]) -> Callable[[str], T]:
-    """An argparse `type` from a validator: its ValueError becomes a usage error (exit 2)."""
-
-    def parse(text: str) -> T:
-        try:
-            return validate(text)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    return parse
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -95,7 +80,7 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--locust-port",
-        type=_checked(bench_config.whole_number(1, 65535)),
+        type=bench_config.argument(bench_config.whole_number(1, 65535)),
         default=8089,
         metavar="N",
         help="port of Locust's web UI on 127.0.0.1 (default %(default)s)",
@@ -185,7 +170,7 @@ def _add_whatif(subparsers: argparse._SubParsersAction) -> None:
         "--values",
         required=True,
         metavar="V1,V2",
-        type=_checked(_whatif_values),
+        type=bench_config.argument(_whatif_values),
         help="its values (at least one; e.g. 0.25,0.5,1,2)",
     )
     parser.add_argument(
@@ -235,7 +220,7 @@ def _faults(args: argparse.Namespace) -> int:
     return 0
 
 
-_POSITIVE = _checked(bench_config.finite_number(zero_ok=False))
+_POSITIVE = bench_config.argument(bench_config.finite_number(zero_ok=False))
 
 
 def _fault_rate(text: str) -> str:
@@ -262,7 +247,7 @@ def _add_faults(subparsers: argparse._SubParsersAction) -> None:
         "--faults",
         default="all",
         metavar="K:T,...",
-        type=_checked(_fault_list),
+        type=bench_config.argument(_fault_list),
         help="faults KIND:TARGET, KIND kill or pause, TARGET worker, sidecar, gateway, "
         "nodeproxy, dpu-daemon or dpa-daemon (default: all)",
     )
@@ -270,7 +255,7 @@ def _add_faults(subparsers: argparse._SubParsersAction) -> None:
         "--fault-rate",
         default="auto",
         metavar="R",
-        type=_checked(_fault_rate),
+        type=bench_config.argument(_fault_rate),
         help="open-loop rate of every stack (default auto: half the slowest calibrated; req/s)",
     )
     parser.add_argument(
@@ -283,14 +268,14 @@ def _add_faults(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--before-s",
         default=3,
-        type=_checked(bench_config.whole_number(0)),
+        type=bench_config.argument(bench_config.whole_number(0)),
         metavar="S",
         help="load before the fault (default 3 s)",
     )
     parser.add_argument(
         "--after-s",
         default=10,
-        type=_checked(bench_config.whole_number(1)),
+        type=bench_config.argument(bench_config.whole_number(1)),
         metavar="S",
         help="load after the fault, after the pause ends (default 10 s)",
     )

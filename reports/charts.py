@@ -189,7 +189,7 @@ def rate_latency_figure(summary: RunSummary) -> go.Figure:
             fig.add_trace(
                 go.Scatter(
                     x=x,
-                    y=[getattr(p, field) / 1000 for p in stack.curve],
+                    y=[_ms(getattr(p, field)) for p in stack.curve],  # None: a gap
                     mode="lines+markers",
                     name=name,
                     legendgroup=group,
@@ -236,6 +236,11 @@ def rate_latency_figure(summary: RunSummary) -> go.Figure:
         )
     _log_scale(fig, "y")
     return fig
+
+
+def _ms(us: float) -> float | None:
+    """µs as ms; None for a level without latency (no request succeeded: infinite)."""
+    return us / 1000 if math.isfinite(us) else None
 
 
 def _p99_at(curve: Sequence[stats.LevelPoint], rate: float) -> float:

@@ -18,6 +18,7 @@ from urllib.parse import quote
 
 from harness.measure import speed
 from harness.measure.checks import MAX_ERROR_RATE, MIN_DELIVERY
+from harness.measure.metrics import CPU_CLASSES_TEXT
 from harness.names import ENVOY_MESHES
 from harness.output.schema import META_JSON, RESULTS_CSV, ROLES_CSV
 from reports import charts, faults, page, stats, whatif
@@ -43,8 +44,7 @@ are). <b>Latency and CPU</b> in the headline are at the <b>common rate</b>: the 
 rate at which every stack's median over repetitions is clean, so every stack is compared at a
 load it carries within the SLO (without one: the closed-loop level, said so in the table's
 note). CPU-ms per request equals vCPU per 1000 req/s.
-Host CPU = app, sidecar, gateway; offload CPU = dpu-daemon, dpa-daemon (DPU on real
-hardware); the load generator is apart. MB = MiB.</p>
+{CPU_CLASSES_TEXT[0].upper()}{CPU_CLASSES_TEXT[1:]}. MB = MiB.</p>
 """
 
 
@@ -138,7 +138,7 @@ def _transport(run: Run) -> str:
         )
     plain = stack_order(rows.loc[~rows["mtls"].astype(bool), "stack"])
     text = f"<p class='note'><b>Transport.</b> Proxy-to-proxy hops of {stacks} ran mutual TLS"
-    text += " (certificates from a local CA per run; app-to-local-proxy hops plain, as in Istio)"
+    text += " (certificates from a local CA per stack; app-to-local-proxy hops plain, as in Istio)"
     if plain:
         text += f"; these rows ran plaintext: {escape(', '.join(plain))}"
     return text + ".</p>"

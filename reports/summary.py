@@ -8,6 +8,7 @@ their label (`Run.stacks`), so what-if variants are stacks of their own.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -68,11 +69,16 @@ def _median_stat(_run: Run) -> Callable[[Sequence[float]], float | None]:
 
 def open_loop_points(run: Run, stack: str) -> pd.DataFrame:
     """The open-loop levels (ladder and refinement) of `stack` as a points frame
-    (`stats.POINT_FIELDS` and ``rep``); rows without the numbers of a point are left out."""
+    (`stats.POINT_FIELDS` and ``rep``).
+
+    A level without a successful request has no achieved rate and no latency: it
+    counts as achieving nothing at an infinite p99, an unclean point, so a
+    repetition that collapsed still counts (0 clean throughput, its rate's median
+    over repetitions judged with it) instead of dropping out in the stack's favour.
+    """
     df = run.results
-    rows = df[df["stack"] == stack].dropna(
-        subset=["offered_rps", "achieved_rps", "p50_us", "p99_us"]
-    )
+    rows = df[(df["stack"] == stack) & df["offered_rps"].notna()]
+    rows = rows.fillna({"achieved_rps": 0.0, "p50_us": math.inf, "p99_us": math.inf})
     rates = [failure_rate(n, f) for n, f in zip(rows["requests"], rows["failures"], strict=True)]
     return rows.assign(error_rate=rates)[["rep", *POINT_FIELDS]]
 

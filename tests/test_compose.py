@@ -9,9 +9,11 @@ stack publishes on a port of its own, so nothing collides with local stacks.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import http.client
+import io
 import json
 import os
 import re
@@ -29,12 +31,13 @@ import yaml
 
 from dpumesh.dpu_daemon import STATS_PATH as BRIDGE_STATS_PATH
 from harness.deploy import compose, start_stack
+from harness.deploy.compose import __main__ as compose_cli
 from harness.deploy.compose import cli
 from harness.deploy.compose.cli import PROJECT_LABEL, SERVICE_LABEL, project_resources
 from harness.deploy.compose.render import command
 from harness.deploy.image import LABEL_CPU_SET
 from harness.measure.accounting import get_json
-from harness.names import DEFAULT_PORT, DEFAULT_WORKMODEL, MESHES, REPO
+from harness.names import DEFAULT_WORKMODEL, MESHES, REPO
 from harness.placement import readback
 from harness.placement.apply import prepare
 from harness.ports import free_ports
@@ -134,8 +137,8 @@ def test_checked_in_files_are_generated_from_the_default_workmodel(tmp_path: Pat
     workmodel.parent.mkdir()
     shutil.copy(DEFAULT_WORKMODEL, workmodel)
     out = tmp_path / "compose" / "default"  # same relative path to the workmodel as in the repo
-    for mesh in MESHES:
-        compose.generate(_describe(mesh, workmodel), out, port=DEFAULT_PORT)
+    with contextlib.redirect_stdout(io.StringIO()):  # the command's own defaults and settings
+        assert compose_cli.main(["generate", "--out", str(out), "--workmodel", str(workmodel)]) == 0
     generated = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
     checked_in = sorted(p.relative_to(CHECKED_IN) for p in CHECKED_IN.rglob("*") if p.is_file())
     assert generated == checked_in

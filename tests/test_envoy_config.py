@@ -550,8 +550,9 @@ def test_mtls_on_every_hop_between_envoys_and_only_there(mesh, tmp_path):
                 assert tls["require_client_certificate"] is True, (name, listener["name"])
             else:  # the public port, and what apps call
                 assert tls is None, (name, listener["name"])
-    found = config.tuning(_argv(desc), configs)
+    found = config.tuning(_argv(desc), configs, mtls=True)
     assert found["ok"] is True and found["mtls"] is True
+    assert config.tuning(_argv(desc), configs)["ok"] is False  # mTLS where none was asked for
     assert config.tuning(_argv(desc), {**configs, "gateway": render(plain)["gateway"]})["mtls"] == [
         False,
         True,
@@ -579,7 +580,7 @@ def _mtls_description(mesh: str, out: Path):
 def test_certificates_name_each_envoy_and_chain_to_the_mesh_ca():
     from cryptography import x509
 
-    from baselines.envoy.tls import LIFETIME, MeshCa
+    from baselines.envoy.tls import CLOCK_SKEW, LIFETIME, MeshCa
 
     ca = MeshCa("envoy")
     root = x509.load_pem_x509_certificate(ca.ca_pem.encode())
@@ -591,7 +592,7 @@ def test_certificates_name_each_envoy_and_chain_to_the_mesh_ca():
     assert san.get_values_for_type(x509.UniformResourceIdentifier) == [
         config.spiffe_id("sidecar-s1")
     ]
-    assert cert.not_valid_after_utc - cert.not_valid_before_utc == LIFETIME
+    assert cert.not_valid_after_utc - cert.not_valid_before_utc == LIFETIME + CLOCK_SKEW
     assert root.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is True
     assert ca.issue("gateway").key_pem != issued.key_pem
 

@@ -309,6 +309,7 @@ def test_mtls_between_proxies_and_a_plaintext_client_is_refused(mesh, tmp_path):
         fairness = envoy.tuning(
             ["envoy", *envoy.envoy_args(1, "x")],
             {name: json.loads(Path(p).read_text()) for name, p in stack.configs.items()},
+            mtls=True,
         )
     # Every hop between two Envoys handshook TLS: the gateway to the entry's proxy, and (with
     # sidecars) s0's sidecar to the callees'; the node proxy's hops to apps are plaintext.

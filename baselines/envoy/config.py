@@ -703,13 +703,16 @@ def envoy_args(concurrency: int, config_path: str) -> list[str]:
     ]
 
 
-def tuning(argv: Sequence[str], bootstraps: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+def tuning(
+    argv: Sequence[str], bootstraps: Mapping[str, Mapping[str, Any]], *, mtls: bool = False
+) -> dict[str, Any]:
     """The tuning a mesh's Envoys ran with, read back from one command line and every bootstrap.
 
     For the fairness record (DESIGN §5): derived from what ran, it cannot drift
     from this generator. A field a config leaves out counts as Envoy's default;
     a setting the Envoys disagree on shows as the list of their values. `ok`
-    says whether everything is as this module's docstring promises.
+    says whether everything is as this module's docstring promises, mutual TLS on
+    every Envoy-to-Envoy hop exactly when `mtls` was asked for.
     """
     docs = list(bootstraps.values())
     keys = {key for doc in docs for key, _ in _walk(doc)}
@@ -771,7 +774,7 @@ def tuning(argv: Sequence[str], bootstraps: Mapping[str, Mapping[str, Any]]) -> 
         found["concurrency"] is not None
         and all(found[k] == v for k, v in intended.items())
         and all(v is not None and v >= _UNLIMITED for v in breakers)
-        and isinstance(found["mtls"], bool)
+        and found["mtls"] is mtls
     )
     return found
 
@@ -788,7 +791,9 @@ def _has_tls(holder: Mapping[str, Any], type_url: str) -> bool:
     if config.get("@type") != type_url:
         return False
     presents = bool(config.get("common_tls_context", {}).get("tls_certificates"))
-    return presents and (type_url == _UPSTREAM_TLS or config.get("require_client_certificate"))
+    return presents and (
+        type_url == _UPSTREAM_TLS or bool(config.get("require_client_certificate"))
+    )
 
 
 def _walk(node: Any) -> Iterator[tuple[str, Any]]:

@@ -1,11 +1,14 @@
-"""Certificates for mutual TLS between a mesh's Envoys: a local CA, made fresh for every stack.
+"""Certificates for mutual TLS between a mesh's Envoys: a local CA per stack description.
 
 Shaped like Istio's defaults (istio.io, "Managing In-Mesh Certificates": a
 self-signed RSA 2048 CA; sidecars make RSA keys, `WORKLOAD_RSA_KEY_SIZE` 2048;
 Istio's proxy agent asks for 24 h workload certificates): one `MeshCa` signs
 one certificate per Envoy, naming it by its SPIFFE identity
 (`config.spiffe_id`) as URI SAN, for both server and client use, valid
-`LIFETIME` from when it was made. The CA's private key never leaves memory;
+`LIFETIME` from when it was made (backdated by `CLOCK_SKEW`). A run describes
+each stack once, so one CA serves every start of that stack in the run: a run
+or a `serve` longer than `LIFETIME` would meet expired certificates. The CA's
+private key never leaves memory;
 what deployers write is the CA certificate and each Envoy's own certificate
 and key, generated files of the stack description (`harness.stacks.envoy`).
 """
@@ -23,6 +26,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from baselines.envoy.config import spiffe_id
 
 LIFETIME = timedelta(hours=24)
+#: Certificates are valid from this long before they were made (clocks of containers differ).
+CLOCK_SKEW = timedelta(minutes=5)
 KEY_BITS = 2048
 _PUBLIC_EXPONENT = 65537
 _ORGANISATION = "dpumesh-bench"
@@ -112,7 +117,7 @@ class MeshCa:
             .subject_name(subject)
             .public_key(public)
             .serial_number(x509.random_serial_number())
-            .not_valid_before(self._now)
+            .not_valid_before(self._now - CLOCK_SKEW)
             .not_valid_after(self._now + LIFETIME)
         )
 

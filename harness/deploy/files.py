@@ -75,5 +75,5 @@ def secrets(rendered: Iterable[Rendered], out_dir: Path) -> list[Path]:
 
 def remove_secrets(out_dir: Path) -> None:
     """Delete the secrets written under `out_dir`: once the stack is down they serve nothing
-    (the CA that signed them is gone), and a results directory keeps no private key."""
+    here, and a results directory keeps no private key."""
     shutil.rmtree(out_dir / SECRETS_DIR, ignore_errors=True)

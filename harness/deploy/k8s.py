@@ -125,6 +125,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import re
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -397,7 +398,12 @@ def write(
         for name, docs in documents.items():
             path = out_dir / desc.mesh / name
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(_header(desc, name) + _to_yaml(docs))
+            secret = any(d.get("kind") == "Secret" for d in docs)  # --mtls keys: owner only
+            mode = 0o600 if secret else 0o644
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+            os.fchmod(fd, mode)  # also when the file was there before
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(_header(desc, name) + _to_yaml(docs))
             written[desc.mesh].append(path)
     return written
 

@@ -29,9 +29,11 @@ Sources:
   `raw["listeners"]` holds every listener of every Envoy, a prefix found on
   several summed (a sidecar's `outbound_<svc>`, a node proxy's
   `outbound_to_<svc>` too, so a run can prove calls left through the
-  proxies), `raw["apps"]` the apps' own counters, which must equal the
-  per-service counts: every request into an app came through the Envoy in
-  front of it.
+  proxies), `raw["apps"]` the apps' own counters, which equal the
+  per-service counts when every request into an app came through the Envoy
+  in front of it (the stack tests assert it, `tests/test_nodeproxy.py`,
+  `tests/test_stacks.py`; a run's self-checks do not, since requests in
+  flight at a window's edges make them differ by a few).
 * `dpumesh`: the bridge's `/_dpumesh/stats`: entry = the requests the bridge
   routed to a service (`ingress`, summed; the bridge's own `/_dpumesh/*`
   endpoints are not in it), per service = `requests` (ingress + egress).

@@ -64,16 +64,22 @@ from typing import Any
 
 import psutil
 
+from harness.names import ROLE_CPU_SET
+
 MIB = 1024 * 1024
 
-HOST_ROLES = ("app", "sidecar", "nodeproxy", "gateway")
-OFFLOAD_ROLES = ("dpu-daemon", "dpa-daemon")
-LOADGEN_ROLES = ("loadgen",)
-ROLE_CLASS: dict[str, str] = {
-    **{r: "host" for r in HOST_ROLES},
-    **{r: "offload" for r in OFFLOAD_ROLES},
-    **{r: "loadgen" for r in LOADGEN_ROLES},
-}
+#: A role's CPU is accounted where it runs (`harness.names.ROLE_CPU_SET`): the dpu set's
+#: roles are the offload (the DPU on real hardware).
+_CLASS_OF_SET = {"host": "host", "dpu": "offload", "loadgen": "loadgen"}
+ROLE_CLASS: dict[str, str] = {r: _CLASS_OF_SET[s] for r, s in ROLE_CPU_SET.items()}
+HOST_ROLES = tuple(r for r, c in ROLE_CLASS.items() if c == "host")
+OFFLOAD_ROLES = tuple(r for r, c in ROLE_CLASS.items() if c == "offload")
+LOADGEN_ROLES = tuple(r for r, c in ROLE_CLASS.items() if c == "loadgen")
+#: The CPU classes in words, for meta.json's method and the report.
+CPU_CLASSES_TEXT = (
+    f"host CPU = {', '.join(HOST_ROLES)}; offload CPU = {', '.join(OFFLOAD_ROLES)} "
+    "(DPU on real hardware); the load generator is apart"
+)
 #: Groups reported besides the roles: which role classes each sums.
 GROUPS: dict[str, tuple[str, ...]] = {
     "host": ("host",),

@@ -411,7 +411,7 @@ class BenchConfig:
         _profile,
         "DPU model: ideal, bluefield2 or bluefield3 (harness/placement/dpu-profiles.toml)",
         metavar="NAME",
-        commands=_STARTS | {"k8s"},
+        commands=_STARTS | {"k8s", "compose"},
     )
     dpu_speed: float | None = _setting(
         None,
@@ -428,7 +428,7 @@ class BenchConfig:
         metavar="US",
         unit="µs",
         shown="profile",
-        commands=_STARTS | {"k8s"},
+        commands=_STARTS | {"k8s", "compose"},
     )
     dma_gbps: float | None = _setting(
         None,
@@ -437,7 +437,7 @@ class BenchConfig:
         metavar="GBPS",
         unit="Gbit/s",
         shown="profile",
-        commands=_STARTS | {"k8s"},
+        commands=_STARTS | {"k8s", "compose"},
     )
 
     def as_dict(self) -> dict[str, Any]:
@@ -578,7 +578,7 @@ def add_options(parser: argparse.ArgumentParser, command: str) -> None:
             flag_of(name),
             dest=name,
             metavar=opt.metavar,
-            type=_as_argument(opt.check),
+            type=argument(opt.check, keep_text=True),
             help=f"{opt.help}{unit}; default: {default_text(name, command)}",
         )
 
@@ -599,14 +599,18 @@ def for_command(command: str, args: argparse.Namespace, **more: Any) -> BenchCon
     return build(defaults, {**given(args, command), **more}, source=f"{command} defaults")
 
 
-def _as_argument(check: Callable[[Any], Any]) -> Callable[[str], str]:
-    """An argparse `type`: the text itself once `check` accepts it; else a usage error."""
+def argument(check: Callable[[str], Any], *, keep_text: bool = False) -> Callable[[str], Any]:
+    """An argparse `type` from a rule: its ValueError becomes a usage error (exit 2).
 
-    def parse(text: str) -> str:
+    The value `check` makes of the text, or with `keep_text` the text itself (a setting's
+    option: `build` converts it, after the config file, with the same rule).
+    """
+
+    def parse(text: str) -> Any:
         try:
-            check(text)
+            value = check(text)
         except ValueError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
-        return text
+        return text if keep_text else value
 
     return parse

@@ -65,7 +65,7 @@ from harness.deploy import RunningStack
 from harness.measure import checks as chk
 from harness.measure.accounting import Traffic, since
 from harness.measure.callgraph import CycleError, expected_calls
-from harness.measure.metrics import WindowUsage, machine_metadata
+from harness.measure.metrics import CPU_CLASSES_TEXT, WindowUsage, machine_metadata
 from harness.measure.speed import loop_rate
 from harness.names import ENVOY_MESHES, REPO
 from harness.output.results import (
@@ -76,7 +76,7 @@ from harness.output.results import (
     result_row,
     role_rows,
 )
-from harness.output.schema import ResultsError
+from harness.output.schema import RESULTS, ResultsError
 from harness.placement.apply import Placement, prepare
 from harness.placement.profiles import DpuModel
 from harness.ports import free_ports, release_ports
@@ -460,7 +460,9 @@ class Runner:
         return plan.open_level(rate, self.config, prefix)
 
     def _clean(self, row: dict[str, Any]) -> bool:
-        """DESIGN §5's clean level (`checks.is_clean`, the report's rule too) of a results row."""
+        """DESIGN §5's clean level (`checks.is_clean`, the report's rule too) of a results row,
+        judged as results.csv will hold it (rounded), so the report, judging the file, agrees."""
+        row = RESULTS.decode(RESULTS.encode(row), "a results row")
         return chk.is_clean(
             row["offered_rps"],
             row["achieved_rps"] or 0.0,
@@ -618,8 +620,7 @@ class Runner:
                 "cpu_window": WINDOW_METHOD,
                 "histograms": "hist/<stack>-rep<r>-<level>.hdr: merged over Locust processes; "
                 "per-process files of distributed runs moved to hist/parts/",
-                "cpu_classes": "host = app, sidecar, gateway; offload = dpu-daemon, dpa-daemon; "
-                "loadgen apart; MB = MiB",
+                "cpu_classes": f"{CPU_CLASSES_TEXT}; MB = MiB",
             },
             "downstream_calls_per_req": calls,
             "expected_calls_per_service": self.expected,
@@ -693,7 +694,8 @@ class Runner:
                 bootstraps = {
                     name: json.loads(Path(p).read_text()) for name, p in envoy["configs"].items()
                 }
-                fairness[f"{mesh}_tuning"] = tuning(gateway[0], bootstraps)
+                asked = bool(envoy.get("settings", {}).get("mtls"))  # what the run asked for
+                fairness[f"{mesh}_tuning"] = tuning(gateway[0], bootstraps, mtls=asked)
         return fairness
 
     def _same_host_cores(self, manifests: list[dict[str, Any]]) -> dict[str, Any]:
@@ -796,10 +798,6 @@ class Runner:
     def _render_report(self) -> None:
         try:
             render = importlib.import_module("reports.render")
-        except ModuleNotFoundError:
-            self.console.print("report: reports.render is not available; skipped")
-            return
-        try:
             path = render.write_report([self.results.path])
         except Exception as exc:  # the results are written; a report bug must not lose them
             self.console.print(f"[red]report not rendered:[/] {type(exc).__name__}: {exc}")

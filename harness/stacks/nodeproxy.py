@@ -19,11 +19,12 @@ the stack differs from `envoy`: the same apps, gateway and Envoy tuning.
 
 Counted per service by its node's proxy: the requests and 5xx answers of its
 inbound and outbound listeners (`inbound_<svc>`, `outbound_to_<svc>`). The
-apps' own counters must agree: every request into an app came through its
-node proxy. One listener per service and direction rather than one routing by
-`Host`: with the router's `dynamic_stats` off (the fairness tuning), only a
-listener counts a service's 5xx answers, Envoy's own 503s for a dead app
-included; a request takes one listener either way.
+apps' own counters agree when every request into an app came through its
+node proxy (asserted by `tests/test_nodeproxy.py`). One listener per service
+and direction rather than one routing by `Host`: with the router's
+`dynamic_stats` off (the fairness tuning), only a listener counts a
+service's 5xx answers, Envoy's own 503s for a dead app included; a request
+takes one listener either way.
 Bootstraps: `baselines.envoy.config.render_nodes`, checked by Envoy itself.
 """
 

@@ -15,8 +15,9 @@ from pathlib import Path
 from harness.deploy.compose.image import DEFAULT_BASE_IMAGE, IMAGE, LOCAL_BASE_IMAGE, ensure_image
 from harness.deploy.compose.render import generate
 from harness.names import MESHES, REPO
+from harness.placement.profiles import resolve
 from harness.run import config
-from harness.run.runner import settings_of
+from harness.run.runner import model_overrides, settings_of
 from harness.stacks import describe
 from harness.stacks.cell import load_cell
 from mubench.workmodel import WorkmodelError
@@ -69,7 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         settings_config = config.for_command("compose", args)
-        settings = settings_of(settings_config)
+        model = resolve(settings_config.dpu_profile, model_overrides(settings_config))
+        settings = settings_of(settings_config, model)  # the DPU model's DMA cost
         cell = load_cell(settings)
     except (config.ConfigError, WorkmodelError) as exc:
         parser.error(str(exc))

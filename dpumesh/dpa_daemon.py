@@ -84,7 +84,7 @@ import posix_ipc
 
 from dpumesh import naming, ring
 from dpumesh.registry import (
-    DAEMON_PREFIX,
+    DMA_MANAGER_NAME,
     Membership,
     Registry,
     SidecarRings,
@@ -102,7 +102,6 @@ WORKER_BACKLOG = 256  # entries held per worker whose worker_sq is full
 SIDECAR_BACKLOG = 4096  # entries held while sidecar_sq is full
 _SPIN_BELOW_S = 20e-6  # shorter DMA delays are spun (module docstring: measured)
 _PR_SET_TIMERSLACK = 29  # linux/prctl.h
-DMA_NAME = DAEMON_PREFIX + "dpa-daemon"  # this daemon's registry slot
 
 
 class Superseded(RuntimeError):
@@ -172,7 +171,7 @@ class DmaManager:
         self.stop = stop or threading.Event()
         self.registry = Registry.open_or_create(self.ns)
         try:
-            other = wait_for_predecessor(self.registry, DMA_NAME)
+            other = wait_for_predecessor(self.registry, DMA_MANAGER_NAME)
             if other is not None:
                 raise Superseded(f"another dpa-daemon (pid {other.pid}) serves namespace {ns}")
             collect_stale(self.ns, self.registry)
@@ -181,7 +180,7 @@ class DmaManager:
             self.registry.close()
             raise
         self.bell = self.sidecar.dpa_bell
-        self.membership = Membership(self.registry, DMA_NAME, rejoin=True)
+        self.membership = Membership(self.registry, DMA_MANAGER_NAME, rejoin=True)
         self._key = self.membership.key
         self.superseded: str | None = None  # set when another DMA manager took over
         self.workers: dict[int, _Worker] = {}  # by route (key as u32)
@@ -236,7 +235,7 @@ class DmaManager:
         others = [
             info
             for info in self.registry.snapshot(include_daemons=True)
-            if info.service == DMA_NAME and info.alive and info.key != self.membership.key
+            if info.service == DMA_MANAGER_NAME and info.alive and info.key != self.membership.key
         ]
         if others:
             self.superseded = f"dpa-daemon pid {others[0].pid} took over while this one stalled"

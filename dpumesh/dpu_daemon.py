@@ -131,8 +131,6 @@ STATS_PATH = "/_dpumesh/stats"
 HEALTH_PATH = "/_dpumesh/health"
 JSON_HEADERS = [("content-type", "application/json")]
 RETRY_HEADERS = [*JSON_HEADERS, ("retry-after", "1")]  # 503s a client may simply retry
-DMA_MANAGER = registry.DAEMON_PREFIX + "dpa-daemon"  # the DMA manager's registry slot
-SIDECAR_NAME = registry.DAEMON_PREFIX + "dpu-daemon"
 DMA_GRACE_S = 2.0
 MAX_BUFFERED_BYTES = 256 * 1024 * 1024
 MAX_CONNECTIONS = 10_000
@@ -422,7 +420,7 @@ class Sidecar:
         self._dma_timer: asyncio.TimerHandle | None = None
         self.registry = registry.Registry.open_or_create(cfg.namespace)
         try:
-            other = registry.wait_for_predecessor(self.registry, SIDECAR_NAME)
+            other = registry.wait_for_predecessor(self.registry, registry.SIDECAR_NAME)
             if other is not None:
                 raise RuntimeError(
                     f"another dpu-daemon (pid {other.pid}) serves namespace {cfg.namespace}"
@@ -432,7 +430,7 @@ class Sidecar:
         except BaseException:
             self.registry.close()
             raise
-        self.membership = registry.Membership(self.registry, SIDECAR_NAME, rejoin=True)
+        self.membership = registry.Membership(self.registry, registry.SIDECAR_NAME, rejoin=True)
         self._reader = threading.Thread(target=self._read_loop, name="sidecar-sq", daemon=True)
 
     # ---- lifecycle -------------------------------------------------------
@@ -527,7 +525,7 @@ class Sidecar:
         self._seen_version = self.registry.version
         infos = self.registry.snapshot(include_daemons=True)
         live = [(i.key.route, i.service) for i in infos if i.alive and not i.is_daemon]
-        dma = [i for i in infos if i.service == DMA_MANAGER]
+        dma = [i for i in infos if i.service == registry.DMA_MANAGER_NAME]
         alive = [i for i in dma if i.alive]
         if alive:
             self._follow_dma(alive[0].pid)

@@ -71,6 +71,8 @@ LOCK_TIMEOUT = 2.0  # a registry lock held this long (s) is taken over
 DEFAULT_SLOTS = 256
 MAX_SERVICE_BYTES = 63
 DAEMON_PREFIX = "@"  # registry names of the daemons; never a service name
+DMA_MANAGER_NAME = DAEMON_PREFIX + "dpa-daemon"  # the DMA manager's registry slot
+SIDECAR_NAME = DAEMON_PREFIX + "dpu-daemon"  # the sidecar's
 
 _MAGIC = 0x47525044  # "DPRG"
 _LAYOUT = 1

@@ -78,8 +78,6 @@ class Recorder:
         self.completed_total = 0
         self.requests = 0
         self.failures = 0
-        self.failures_status = 0
-        self.failures_connection = 0
         self.clamped = 0
         self.early = 0
         self.failures_by: dict[str, int] = {}
@@ -128,7 +126,15 @@ class Recorder:
         self.dirty = True
         self.completed_total += 1
         latency_us = (done_ns - ref_ns) / 1000
-        self._on_timeline(done_ns, failure is not None, latency_us)
+        bucket = (done_ns + self._mono_to_wall) // TIMELINE_BUCKET_NS  # warm-up included
+        counts = self.timeline.get(bucket)
+        if counts is None:
+            counts = self.timeline[bucket] = [0, 0, 0]
+        counts[0] += 1
+        if failure is not None:
+            counts[1] += 1
+        if latency_us > counts[2]:
+            counts[2] = int(latency_us)
         if not self.in_window(ref_ns):
             return latency_us
         self.requests += 1
@@ -138,12 +144,7 @@ class Recorder:
             self.last_done_ns = done_ns
         if failure is not None:
             self.failures += 1
-            if failure == FAIL_CONNECTION:
-                self.failures_connection += 1
-                key = FAIL_CONNECTION
-            else:
-                self.failures_status += 1
-                key = str(status)
+            key = FAIL_CONNECTION if failure == FAIL_CONNECTION else str(status)
             self.failures_by[key] = self.failures_by.get(key, 0) + 1
             return latency_us
         value, clamped = latency.clamp_us(latency_us)
@@ -152,15 +153,6 @@ class Recorder:
         service, _ = latency.clamp_us((done_ns - send_ns) / 1000)
         self.service.record_value(service)
         return latency_us
-
-    def _on_timeline(self, done_ns: int, failed: bool, latency_us: float) -> None:
-        bucket = (done_ns + self._mono_to_wall) // TIMELINE_BUCKET_NS
-        counts = self.timeline.get(bucket)
-        if counts is None:
-            counts = self.timeline[bucket] = [0, 0, 0]
-        counts[0] += 1
-        counts[1] += failed
-        counts[2] = max(counts[2], int(latency_us))
 
     def wall(self, mono_ns: int | None) -> int | None:
         return None if mono_ns is None else mono_ns + self._mono_to_wall
@@ -171,11 +163,12 @@ class Recorder:
         last = self.wall(self.last_done_ns)
         window_s = (last - first) / 1e9 if first is not None and last is not None else 0.0
         lag = latency.percentiles(self.lag, (50.0, 99.0))
+        unreached = self.failures_by.get(FAIL_CONNECTION, 0)
         return {
             "requests": self.requests,
             "failures": self.failures,
-            "failures_status": self.failures_status,
-            "failures_connection": self.failures_connection,
+            "failures_status": self.failures - unreached,
+            "failures_connection": unreached,
             "histogram_count": self.hist.get_total_count(),
             "first_send_ns": first,
             "last_done_ns": last,

@@ -48,18 +48,26 @@ note). CPU-ms per request equals vCPU per 1000 req/s.
 """
 
 
-def write_report(dirs: Sequence[Path], out: Path | None = None, level: str | None = None) -> Path:
+def write_report(
+    dirs: Sequence[Path],
+    out: Path | None = None,
+    level: str | None = None,
+    summaries: Sequence[RunSummary] | None = None,
+) -> Path:
     """Render the report of `dirs` and return its path.
 
     `level` picks the load level of the headline's latency and CPU (default:
     the common rate, else the closed-loop level; see `summary.headline_level`).
+    `summaries`: the runs of `dirs` already summarised (the runner's, just printed).
     """
     if not dirs:
         raise ValueError("no results directory given")
     out = Path(out) if out is not None else Path(dirs[0]) / REPORT_HTML
     fault_dirs = [Path(d) for d in dirs if faults.is_faults_dir(Path(d))]
-    runs = _load_runs([Path(d) for d in dirs if Path(d) not in fault_dirs])
-    summaries = [summarize(run, level) for run in runs]
+    if summaries is None:
+        runs = _load_runs([Path(d) for d in dirs if Path(d) not in fault_dirs])
+        summaries = [summarize(run, level) for run in runs]
+    runs = [s.run for s in summaries]
     figures = page.Figures()
     labels = [r.label for r in runs] + [d.resolve().name for d in fault_dirs]
     title = "DPUmesh bench: " + " vs ".join(labels)

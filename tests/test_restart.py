@@ -438,7 +438,7 @@ def test_a_killed_component_is_restarted_and_the_stack_serves_again(
         start_stack(mesh, port=port, run_dir=tmp_path / "stack", placement=placement) as stack,
     ):
         assert _status(stack.url + "/") == 200
-        old = stack.pid(component)
+        old = stack.component_processes(component)[0].pid
         os.kill(old, signal.SIGKILL)
         assert stack.wait_restarts({component: 1}, timeout_s=SERVE_AGAIN_S)
         took = _serves_again(stack.url + "/", SERVE_AGAIN_S)
@@ -452,7 +452,7 @@ def test_a_killed_component_is_restarted_and_the_stack_serves_again(
             "how": "signal 9",
         }
         assert event["at_mono_s"] <= event["restarted_mono_s"]
-        new = stack.pid(component)
+        new = stack.component_processes(component)[0].pid
         assert new != old and new == event["pid"]
         pinned = placement.cpus(ROLE_CPU_SET[role])  # None: every CPU ("shared")
         if pinned is not None:

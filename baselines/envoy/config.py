@@ -508,13 +508,7 @@ def sidecar_config(desc: MeshDescription, service: str) -> dict[str, Any]:
     """Bootstrap of `service`'s sidecar: inbound -> its app, outbound -> callees' inbound."""
     name = sidecar_name(service)
     ports = desc.services[service]
-    local = [
-        {
-            "name": "local_app",
-            "domains": ["*"],
-            "routes": [_route(desc, LOCAL_APP_CLUSTER, {"prefix": "/"})],
-        }
-    ]
+    local = _one_route(desc, "local_app", LOCAL_APP_CLUSTER)
     inbound = _inbound(desc, name, inbound_stat_prefix(service), ports.inbound_port, local)
     outbound = _listener(
         outbound_stat_prefix(service),

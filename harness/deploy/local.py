@@ -207,10 +207,6 @@ class LocalStack:
         """Block until each named component restarted `counts[name]` times (False on timeout)."""
         return self._sup.wait_restarts(counts, timeout_s)
 
-    def pid(self, component: str) -> int:
-        """The pid of `component`'s current process (its session leader), e.g. to inject a fault."""
-        return self._sup.procs[component].pid
-
     def stop(self) -> None:
         """Tear the stack down: no process, bound port or shared-memory object remains."""
         if not self._down:

@@ -288,6 +288,7 @@ class Runner:
         self.t0 = time.monotonic()
         self.machine = machine_metadata(REPO)  # at the start: load average, free memory
         self.progress: RunProgress | None = None
+        self.summary: Any = None  # `reports.summary.RunSummary` once printed (reports: lazy)
 
     def _cell(self, base: Cell, stack: Stack) -> tuple[Settings, Cell]:
         """A stack's settings (its DMA cost) and the run's one loaded cell under them."""
@@ -778,7 +779,7 @@ class Runner:
         wall = time.monotonic() - self.t0
         try:  # harness never imports reports at module level (reports imports harness)
             terminal = importlib.import_module("reports.terminal")
-            terminal.print_summary(self.results.path, self.console)
+            self.summary = terminal.print_summary(self.results.path, self.console)
         except ResultsError as exc:  # e.g. no level finished: nothing to summarise
             self.console.print(f"[yellow]no summary:[/] {exc}", highlight=False)
         except Exception as exc:  # the results are written; a summary bug must not lose the report
@@ -798,7 +799,9 @@ class Runner:
     def _render_report(self) -> None:
         try:
             render = importlib.import_module("reports.render")
-            path = render.write_report([self.results.path])
+            # The summary just printed, so the directory is read and bootstrapped once.
+            summaries = [self.summary] if self.summary is not None else None
+            path = render.write_report([self.results.path], summaries=summaries)
         except Exception as exc:  # the results are written; a report bug must not lose them
             self.console.print(f"[red]report not rendered:[/] {type(exc).__name__}: {exc}")
             return

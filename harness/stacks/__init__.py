@@ -37,7 +37,7 @@ def describe(mesh: str, settings: Settings, cell: Cell | None = None) -> StackDe
     if mesh not in _BUILDERS:
         raise ValueError(f"mesh {mesh!r} is not one of {', '.join(MESHES)}")
     desc = _BUILDERS[mesh](cell or load_cell(settings))
-    if settings.mtls and mesh not in ENVOY_MESHES:
+    if desc.settings.mtls and not desc.mtls:  # asked for, but no Envoy-to-Envoy hop here
         note = (
             f"mtls applies to {' and '.join(ENVOY_MESHES)} only: {mesh} has no hop between "
             "two proxies to encrypt and runs plaintext, as without it"

@@ -209,8 +209,8 @@ def _add_config_file_options(parser: argparse.ArgumentParser, *, quick: bool) ->
 def _faults(args: argparse.Namespace) -> int:
     config = _run_config(args, "faults")
     options = faults.Options(
-        faults=tuple(faults.parse_faults(args.faults)),
-        rate=None if args.fault_rate == "auto" else float(args.fault_rate),
+        faults=args.faults,
+        rate=args.fault_rate,
         pause_s=args.pause_s,
         before_s=args.before_s,
         after_s=args.after_s,
@@ -223,9 +223,9 @@ def _faults(args: argparse.Namespace) -> int:
 _POSITIVE = bench_config.argument(bench_config.finite_number(zero_ok=False))
 
 
-def _fault_rate(text: str) -> str:
-    """--fault-rate: auto, or a rate > 0."""
-    return text if text == "auto" else str(_POSITIVE(text))
+def _fault_rate(text: str) -> float | None:
+    """--fault-rate: None for auto (half the slowest calibrated), or a rate > 0."""
+    return None if text == "auto" else bench_config.finite_number(zero_ok=False)(text)
 
 
 def _add_faults(subparsers: argparse._SubParsersAction) -> None:
@@ -289,9 +289,8 @@ def _add_faults(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_faults)
 
 
-def _fault_list(text: str) -> str:
-    faults.parse_faults(text)
-    return text
+def _fault_list(text: str) -> tuple[faults.Fault, ...]:
+    return tuple(faults.parse_faults(text))
 
 
 def _k8s(args: argparse.Namespace) -> int:

@@ -38,10 +38,9 @@ METRICS = (
 AIM = 0.05
 
 
-def _rows(run_dir: Path) -> list[dict[str, Any]]:
-    """results.csv of `run_dir`, parsed by the results schema (its version checked)."""
-    schema.read_meta(run_dir)
-    return schema.read_table(run_dir, schema.RESULTS)
+def _read(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """meta.json (its schema version checked) and results.csv of `run_dir`, parsed."""
+    return schema.read_meta(run_dir), schema.read_table(run_dir, schema.RESULTS)
 
 
 def _values(rows: list[dict[str, Any]], stack: str, level: str, key: str) -> list[float]:
@@ -60,7 +59,7 @@ def _number(value: float, key: str) -> str:
 
 def compare(a: Path, b: Path) -> str:
     """The report of two results directories, as text."""
-    rows_a, rows_b = _rows(a), _rows(b)
+    (meta_a, rows_a), (meta_b, rows_b) = _read(a), _read(b)
     keys = list(dict.fromkeys((r["stack"], r["level"]) for r in rows_a))
     shared = [k for k in keys if any((r["stack"], r["level"]) == k for r in rows_b)]
     lines = [f"A = {a}", f"B = {b}", ""]
@@ -95,7 +94,6 @@ def compare(a: Path, b: Path) -> str:
                 f"levels only in {name} (the calibrated ladders differ): {', '.join(only)}"
             )
     lines += ["", "max clean throughput (median over reps; >= = clean at the top rate):"]
-    meta_a, meta_b = schema.read_meta(a), schema.read_meta(b)
     for stack, best in meta_a.get("max_clean_throughput", {}).items():
         other = meta_b.get("max_clean_throughput", {}).get(stack, {})
         lines.append(f"  {stack:<24} A {_best(best):>10}   B {_best(other):>10}")

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
+from harness.deploy import netns
 from harness.deploy.local import serve
 from harness.names import MESHES
 from harness.placement.layout import PlacementError
@@ -52,7 +53,8 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
         "serve",
         help="start one stack and keep it running until Ctrl-C",
         description=(
-            "Start one stack (all its processes on 127.0.0.1) for the workmodel, print a "
+            "Start one stack (all its processes on 127.0.0.1, or with --nodes in network "
+            "namespaces) for the workmodel, print a "
             "line with 'ready' and its URL once it answers, serve until SIGINT/SIGTERM, "
             "then tear everything down (no process, port or shared memory is left). "
             "Logs, generated mesh configs and stack.json (argv, pids, ports) go to the run "
@@ -83,7 +85,8 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
         type=bench_config.argument(bench_config.whole_number(1, 65535)),
         default=8089,
         metavar="N",
-        help="port of Locust's web UI on 127.0.0.1 (default %(default)s)",
+        help="port of Locust's web UI on the load generator's address (127.0.0.1, or the "
+        "client namespace's with --nodes; default %(default)s)",
     )
     bench_config.add_options(parser, "serve")
     parser.set_defaults(handler=_serve)
@@ -93,7 +96,10 @@ def _run_config(args: argparse.Namespace, command: str, **more: object) -> bench
     """The config of `run`, `whatif` or `faults`: bench.toml (or --config), --quick, the
     command's options, then `more`."""
     overrides = {**bench_config.given(args, command), **more}
-    return bench_config.load(args.config, overrides, quick=getattr(args, "quick", False))
+    config = bench_config.load(args.config, overrides, quick=getattr(args, "quick", False))
+    if config.nodes:
+        netns.require_root()  # one line now, not once per stack start
+    return config
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@ keep-alive or the seed's JSON protocol), picks a live local worker of the
 target service (least outstanding requests) and hands the request to the DMA
 manager through `sidecar_cq`; worker replies and worker egress calls come back
 through `sidecar_sq`. Services with no local worker go to an HTTP peer
+(`--route`, round robin over a service's peers: `dpumesh.routing.nearest`)
 without blocking the event loop. Every request has a deadline (504), a dead
 worker's requests are answered at once (503), and counters are served at
 `GET /_dpumesh/stats` so a benchmark can prove what crossed the mesh.
@@ -93,6 +94,7 @@ import ctypes
 import errno
 import functools
 import gc
+import itertools
 import json
 import logging
 import os
@@ -103,7 +105,7 @@ import socket
 import threading
 import time
 from collections import defaultdict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from dpumesh import naming, registry, ring, wire
@@ -165,7 +167,7 @@ class Config:
     idle_timeout_s: float = 75.0
     max_body: int = ring.MAX_BODY
     services: list[str] = field(default_factory=list)
-    routes: dict[str, Peer] = field(default_factory=dict)
+    routes: Mapping[str, tuple[Peer, ...]] = field(default_factory=dict)  # fallback peers
     peer: Peer | None = None
     max_buffered_bytes: int = MAX_BUFFERED_BYTES
     max_connection_bytes: int | None = None  # None: max_body + 2 * MAX_HEADER_BYTES
@@ -396,6 +398,10 @@ class Sidecar:
         self._large_entries: deque[tuple[int, int, bytes]] = deque()  # not yet handled
         self._draining = False
         self.fallback = FallbackClient(max_body=cfg.max_body)
+        # Requests for a service with no live local worker rotate over its peers.
+        self._routes: dict[str, Iterator[Peer]] = {
+            svc: itertools.cycle(peers) for svc, peers in cfg.routes.items() if peers
+        }
         # A random base per process: replies to a predecessor's requests still in
         # sidecar_sq (it was killed, we replaced it) can never complete ours.
         self._next_id = (secrets.randbits(30) << 32) + 1
@@ -723,9 +729,11 @@ class Sidecar:
             counted((503, JSON_HEADERS, error_body(503, self.dma_problem())))
             return
         if worker is None:
-            peer = self.cfg.routes.get(service) or self.cfg.peer
+            peers = self._routes.get(service)
+            peer = next(peers) if peers is not None else self.cfg.peer
             if peer is not None:
                 stats.fallback += 1
+                headers = _naming_service(headers, service, self.table.known)
                 self.loop.create_task(
                     self._fallback(peer, method, target, headers, body, deadline_ns, counted)
                 )
@@ -1410,7 +1418,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
         action="append",
         default=[],
         metavar="SVC=URL",
-        help="send SVC to this HTTP endpoint when it has no local worker",
+        help="send SVC to this HTTP endpoint when it has no local worker (repeatable; "
+        "several for one SVC: round robin)",
     )
     p.add_argument(
         "--peer",
@@ -1454,13 +1463,13 @@ def parse_args(argv: list[str] | None = None) -> Config:
     if args.dma_grace < 0:
         p.error("--dma-grace must be >= 0")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
-    routes = {}
+    routes: dict[str, tuple[Peer, ...]] = {}
     for item in args.route:
         name, sep, url = item.partition("=")
         if not sep:
             p.error(f"--route expects SVC=URL, got {item!r}")
         try:
-            routes[name] = Peer.parse(url)
+            routes[name] = (*routes.get(name, ()), Peer.parse(url))
         except ValueError as exc:
             p.error(str(exc))
     try:
@@ -1484,6 +1493,21 @@ def parse_args(argv: list[str] | None = None) -> Config:
         max_connections=args.max_connections,
         dma_grace_s=args.dma_grace,
     )
+
+
+def _naming_service(
+    headers: list[tuple[str, str]], service: str, known: set[str]
+) -> list[tuple[str, str]]:
+    """`headers` whose `Host` names `service`, so a peer sidecar routes the request to it too.
+
+    A worker's call already names its callee; a bridge request routed by path prefix, seed
+    JSON or as the entry service may carry the client's `Host` (another node's address),
+    which the peer would resolve to its entry service instead.
+    """
+    host = next((v for k, v in headers if k.lower() == "host"), None)
+    if host_service(host, known) == service:
+        return headers
+    return [*((k, v) for k, v in headers if k.lower() != "host"), ("host", service)]
 
 
 def _positive_int(text: str) -> int:

@@ -1,13 +1,13 @@
 """Pure routing decisions of the DPU sidecar: which service, which worker.
 
 Kept free of I/O so the rules (DESIGN §2: path prefix, then Host, then the
-entry service; least outstanding requests among live workers) are easy to
-test and cheap on the hot path.
+entry service; least outstanding requests among live workers; the node a
+call goes to, `nearest`) are easy to test and cheap on the hot path.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -37,6 +37,20 @@ def split_prefix(path: str, known: Iterable[str]) -> tuple[str | None, str]:
     if segment and segment in known:
         return segment, "/" + rest if sep else "/"
     return None, path
+
+
+def nearest(node: str, instance_nodes: Sequence[str]) -> tuple[str, ...]:
+    """The nodes a caller on `node` sends calls to for a service on `instance_nodes`.
+
+    `(node,)` when the callee has an instance there, else every node that has
+    one, in order, without repeats (to be used round robin). This is DPUmesh's
+    own behaviour (local workers first, else the HTTP fallback to a node that
+    has some), written once so that every stack applies the same rule and a
+    comparison between meshes stays fair.
+    """
+    if node in instance_nodes:
+        return (node,)
+    return tuple(dict.fromkeys(instance_nodes))
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,7 @@
 """A stack's request counters: the delta between two readings, and readings from the network.
 
 A reading is a `Traffic` dict (`harness.measure.accounting` documents the
-shape: ``entry_requests``, ``per_service``, ``errors``, ``raw``). The harness
+shape: ``entry_requests``, ``per_service``, ``errors``, ``cross_node``, ``raw``). The harness
 and the Locust web UI's Mesh tab (`loadtests.webui`) both count "requests
 since then" with `since`, so a counter that restarted is handled by one rule;
 it lives here, below both, because `loadtests` never imports `harness`.
@@ -14,7 +14,7 @@ from typing import Any
 
 Traffic = dict[str, Any]
 #: The fields of a reading that cross the network (`raw` stays with its reader).
-MESH_FIELDS = ("entry_requests", "per_service", "errors")
+MESH_FIELDS = ("entry_requests", "per_service", "errors", "cross_node")
 
 #: At most this many services in a reading from the network (a workmodel has tens).
 MAX_SERVICES = 1024
@@ -33,7 +33,8 @@ def since(after: Traffic, before: Traffic) -> Traffic:
         svc: counted_since(n, before["errors"].get(svc, 0)) for svc, n in after["errors"].items()
     }
     entry = counted_since(after["entry_requests"], before["entry_requests"])
-    return traffic(entry, per_service, after["raw"], errors)
+    cross = counted_since(after["cross_node"], before["cross_node"])
+    return traffic(entry, per_service, after["raw"], errors, cross)
 
 
 def counted_since(after: int, before: int) -> int:
@@ -44,10 +45,20 @@ def counted_since(after: int, before: int) -> int:
 
 
 def traffic(
-    entry: int, per_service: dict[str, int], raw: dict[str, Any], errors: dict[str, int]
+    entry: int,
+    per_service: dict[str, int],
+    raw: dict[str, Any],
+    errors: dict[str, int],
+    cross_node: int = 0,
 ) -> Traffic:
-    """A `Traffic` reading from its parts."""
-    return {"entry_requests": entry, "per_service": per_service, "errors": errors, "raw": raw}
+    """A `Traffic` reading from its parts (`cross_node`: requests carried between nodes)."""
+    return {
+        "entry_requests": entry,
+        "per_service": per_service,
+        "errors": errors,
+        "cross_node": cross_node,
+        "raw": raw,
+    }
 
 
 def parse_traffic(doc: Any) -> Traffic:
@@ -61,7 +72,7 @@ def parse_traffic(doc: Any) -> Traffic:
     entry = _count(doc.get("entry_requests"), "entry_requests")
     per_service = _counts(doc.get("per_service"), "per_service")
     errors = _counts(doc.get("errors"), "errors")
-    return traffic(entry, per_service, {}, errors)
+    return traffic(entry, per_service, {}, errors, _count(doc.get("cross_node"), "cross_node"))
 
 
 def _count(value: Any, what: str) -> int:

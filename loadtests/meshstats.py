@@ -167,6 +167,7 @@ def table_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
                 "errors": mesh["errors"].get(svc, 0),
             }
         )
+    rows.append({"name": "mesh: requests carried between nodes", "requests": mesh["cross_node"]})
     return rows
 
 

@@ -10,6 +10,7 @@ so it can be unit-tested without gevent's monkey-patching.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 import urllib.parse
@@ -136,7 +137,9 @@ def parse_trace(text: str) -> Any:
 
 
 def status_url(text: str) -> str:
-    """`text` if it is an ``http://127.0.0.1:PORT/...`` URL ("" = none); traffic stays local."""
+    """`text` if it is an ``http://<address>:PORT/...`` URL with a loopback or private IPv4
+    address ("" = none): the harness's own endpoint, on this machine or on the bridge of
+    its nodes (`--nodes`), so the UI's polling stays on this machine."""
     if not text:
         return ""
     try:
@@ -144,8 +147,11 @@ def status_url(text: str) -> str:
         port = parts.port
     except ValueError as exc:
         raise OptionError(f"--mesh-status-url: {exc}") from None
-    if parts.scheme != "http" or parts.hostname != LOOPBACK or port is None:
-        raise OptionError(f"--mesh-status-url must be http://{LOOPBACK}:PORT/..., not {text!r}")
+    if parts.scheme != "http" or not _local_address(parts.hostname) or port is None:
+        raise OptionError(
+            f"--mesh-status-url must be http://{LOOPBACK}:PORT/... (or a private IPv4 "
+            f"address), not {text!r}"
+        )
     return text
 
 
@@ -191,3 +197,12 @@ def from_namespace(ns: Any) -> LoadOptions:
         request_id_prefix=str(get("request_id_prefix", DEFAULT_REQUEST_ID_PREFIX)),
         mesh_status_url=status_url(str(get("mesh_status_url", ""))),
     )
+
+
+def _local_address(host: str | None) -> bool:
+    """Whether `host` is a loopback or private IPv4 literal (never a name to resolve)."""
+    try:
+        address = ipaddress.IPv4Address(host or "")
+    except ValueError:
+        return False
+    return address.is_loopback or address.is_private

@@ -11,10 +11,12 @@ and the request answers 500.
 
 Where calls go: `--egress-proxy URL` sends every call to that URL with `Host:
 <callee id>` (an Envoy sidecar's outbound listener routes by Host);
-`--upstream SVC=URL` sends calls for SVC to URL; otherwise
+`--upstream SVC=URL` sends calls for SVC to URL (given several times for one
+SVC: round robin over its URLs, per worker process); otherwise
 `http://<callee id><path>` (service ids as DNS names, e.g. Docker Compose).
 
-`GET /_mubench/stats` sums the counters of all worker processes;
+`GET /_mubench/stats` sums the counters of all worker processes (`calls`: the
+downstream calls per callee, `downstream_calls` their sum);
 `GET /_mubench/health` answers 200 once a worker is serving.
 """
 
@@ -22,13 +24,14 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import itertools
 import logging
 import mmap
 import multiprocessing
 import os
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NoReturn
 
@@ -82,15 +85,21 @@ class SharedCounters:
     mid-update cannot wedge the others and workers never contend with each
     other per request; the cross-process lock guards only the one-time slot
     claim. A slot whose process died is taken over with its counts kept, so
-    totals survive worker restarts. No files, no pickle.
+    totals survive worker restarts. No files, no pickle. Calls are also
+    counted per callee, one cell each: the callees are fixed at creation (the
+    workmodel's services), so the memory is bounded.
     """
 
     FIELDS = ("requests", "errors", "downstream_calls")
     SLOTS = 256
-    _WIDTH = 1 + len(FIELDS)  # owner pid, then the counters
 
-    def __init__(self) -> None:
-        size = self._WIDTH * self.SLOTS
+    def __init__(self, callees: Iterable[str] = ()) -> None:
+        self._callees = tuple(dict.fromkeys(callees))
+        # A slot: owner pid, then FIELDS, then one call counter per callee.
+        self._width = 1 + len(self.FIELDS) + len(self._callees)
+        self._field_at = {name: 1 + i for i, name in enumerate(self.FIELDS)}
+        self._call_at = {svc: 1 + len(self.FIELDS) + i for i, svc in enumerate(self._callees)}
+        size = self._width * self.SLOTS
         self._mem = mmap.mmap(-1, 8 * size)
         self._cells = (ctypes.c_uint64 * size).from_buffer(self._mem)
         self._claim_lock = multiprocessing.get_context("fork").Lock()
@@ -100,31 +109,44 @@ class SharedCounters:
 
     def add(self, name: str) -> None:
         """Add one to counter `name` in this process's slot."""
-        offset = 1 + self.FIELDS.index(name)
+        offset = self._field_at[name]
         with self._lock:
             if self._pid != os.getpid():
                 self._claim()
             self._cells[self._base + offset] += 1
 
-    def snapshot(self) -> dict[str, int]:
-        """Every counter summed over all slots."""
-        cells, width = self._cells, self._WIDTH
-        return {
-            name: sum(cells[slot * width + 1 + i] for slot in range(self.SLOTS))
-            for i, name in enumerate(self.FIELDS)
+    def add_call(self, callee: str) -> None:
+        """Count one downstream call to `callee` (also in `downstream_calls`), one lock."""
+        total, mine = self._field_at["downstream_calls"], self._call_at[callee]
+        with self._lock:
+            if self._pid != os.getpid():
+                self._claim()
+            self._cells[self._base + total] += 1
+            self._cells[self._base + mine] += 1
+
+    def snapshot(self) -> dict[str, int | dict[str, int]]:
+        """Every counter summed over all slots; `calls` holds the callees called at all."""
+        cells, width = self._cells, self._width
+        used = [slot * width for slot in range(self.SLOTS) if cells[slot * width] != 0]
+        out: dict[str, int | dict[str, int]] = {
+            name: sum(cells[base + at] for base in used) for name, at in self._field_at.items()
         }
+        calls = {svc: sum(cells[base + at] for base in used) for svc, at in self._call_at.items()}
+        out["calls"] = {svc: n for svc, n in calls.items() if n}
+        return out
 
     def _claim(self) -> None:
         pid = os.getpid()
+        width = self._width
         with self._claim_lock:
-            owners = [self._cells[slot * self._WIDTH] for slot in range(self.SLOTS)]
+            owners = [self._cells[slot * width] for slot in range(self.SLOTS)]
             slot = next((n for n, owner in enumerate(owners) if owner == 0), None)
             if slot is None:
                 slot = next((n for n, owner in enumerate(owners) if not _alive(owner)), None)
             if slot is None:
                 raise RuntimeError(f"all {self.SLOTS} counter slots belong to live processes")
-            self._cells[slot * self._WIDTH] = pid
-        self._pid, self._base = pid, slot * self._WIDTH
+            self._cells[slot * width] = pid
+        self._pid, self._base = pid, slot * width
 
 
 def _alive(pid: int) -> bool:
@@ -144,12 +166,18 @@ class Downstream:
         self,
         counters: SharedCounters,
         pool_size: int,
-        upstreams: Mapping[str, str] | None = None,
+        upstreams: Mapping[str, Sequence[str]] | None = None,
         egress_proxy: str | None = None,
     ) -> None:
         self._counters = counters
         self._pool_size = pool_size
-        self._upstreams = {svc: url.rstrip("/") for svc, url in (upstreams or {}).items()}
+        # Round robin over a service's URLs. Copied by fork, so each worker process
+        # rotates on its own; `next` on a cycle is one C call, atomic under the GIL.
+        self._upstreams: dict[str, Iterator[str]] = {
+            svc: itertools.cycle([url.rstrip("/") for url in urls])
+            for svc, urls in (upstreams or {}).items()
+            if urls
+        }
         self._proxy = egress_proxy.rstrip("/") if egress_proxy else None
         # Sockets and threads do not survive fork: built lazily in each process.
         self._lock = threading.Lock()
@@ -171,8 +199,9 @@ class Downstream:
         """The URL and headers a call is sent with, after proxy/upstream mapping."""
         if self._proxy is not None:
             return self._proxy + call.path, {**call.headers, "host": call.service}
-        if call.service in self._upstreams:
-            return self._upstreams[call.service] + call.path, call.headers
+        urls = self._upstreams.get(call.service)
+        if urls is not None:
+            return next(urls) + call.path, call.headers
         return call.url, call.headers
 
     def _ensure_process_state(self) -> None:
@@ -196,7 +225,7 @@ class Downstream:
         return all(self._call(call) for call in calls)
 
     def _call(self, call: Call) -> bool:
-        self._counters.add("downstream_calls")
+        self._counters.add_call(call.service)
         url, headers = self.target(call)
         try:
             response = self._http.request(call.method, url, body=call.body, headers=headers)
@@ -216,7 +245,7 @@ def create_app(
     seed: int = 0,
     scale: float = 1.0,
     functions: Mapping[str, InternalFunction] | None = None,
-    upstreams: Mapping[str, str] | None = None,
+    upstreams: Mapping[str, Sequence[str]] | None = None,
     egress_proxy: str | None = None,
     threads: int = 16,
 ) -> Flask:
@@ -224,7 +253,7 @@ def create_app(
     cell = Cell(workmodel, service_id, seed)
     functions = functions if functions is not None else load_functions()
     check_functions(cell.service, functions)
-    counters = SharedCounters()
+    counters = SharedCounters(callees=workmodel)  # a trace may call any of its services
     max_groups = max(
         len(b.groups) for b in (cell.service.behavior, *cell.service.alternatives.values())
     )
@@ -364,7 +393,8 @@ def _parser() -> argparse.ArgumentParser:
         type=_upstream,
         default=[],
         metavar="SVC=URL",
-        help="send calls for SVC to URL, e.g. s1=http://127.0.0.1:9001 (repeatable)",
+        help="send calls for SVC to URL, e.g. s1=http://127.0.0.1:9001 (repeatable; "
+        "several for one SVC: round robin)",
     )
     parser.add_argument(
         "--seed", type=int, default=0, help="random seed shared by all stacks (default 0)"
@@ -404,7 +434,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         check_functions(workmodel[args.service], functions, args.workmodel)
     except (WorkmodelError, FunctionsError) as e:
         fail(str(e))
-    upstreams = dict(args.upstream)
+    upstreams: dict[str, list[str]] = {}
+    for service, url in args.upstream:
+        upstreams.setdefault(service, []).append(url)
     unknown = sorted(set(upstreams) - set(workmodel))
     if unknown:
         fail(f"--upstream for services not in the workmodel: {', '.join(unknown)}")

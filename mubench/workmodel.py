@@ -70,6 +70,9 @@ class Service:
     alternatives: dict[str, Behavior] = field(default_factory=dict)
     workers: int | None = None
     threads: int | None = None
+    # μBench's pods of the service, each with `workers`: instances on that many nodes
+    # (`harness.stacks.topology`).
+    replicas: int | None = None
 
     def behavior_for(self, bid: str | None) -> Behavior:
         """The behaviour selected by a request's `bid` (the default one when it matches none)."""
@@ -249,6 +252,7 @@ class _Parser:
             alternatives=self.alternatives(spec.get("alternative_behaviors", {}), default),
             workers=self.positive(spec.get("workers"), "workers"),
             threads=self.positive(spec.get("threads"), "threads"),
+            replicas=self.positive(spec.get("replicas"), "replicas"),
         )
 
     def internal(self, value: Any, key: str) -> tuple[str, dict[str, Any]]:

@@ -98,6 +98,12 @@ class Run(Results):
         """The p99 latency objective of the run, None when meta.json does not give it."""
         return self.config_number("slo_p99_ms")
 
+    @property
+    def nodes(self) -> int:
+        """How many nodes the services were spread over (0: this machine, no namespaces)."""
+        values = self.results["nodes"]
+        return int(values.max()) if len(values) else 0
+
     def stacks(self) -> list[str]:
         """The stack labels of the run in display order."""
         return stack_order(self.results["stack"])

@@ -23,7 +23,18 @@ from harness.names import ENVOY_MESHES
 from harness.output.schema import META_JSON, RESULTS_CSV, ROLES_CSV
 from reports import charts, faults, page, stats, whatif
 from reports.load import Run, load_run, stack_order
-from reports.summary import HEADLINE, P50, THROUGHPUT, RunSummary, compare_runs, summarize
+from reports.stats import Estimate
+from reports.summary import (
+    CROSS_SHARE,
+    HEADLINE,
+    LATENCY_DIFFERENCES,
+    P50,
+    THROUGHPUT,
+    RunSummary,
+    compare_latency,
+    compare_runs,
+    summarize,
+)
 
 REPORT_HTML = "report.html"
 
@@ -115,6 +126,7 @@ def _run_section(summary: RunSummary, figures: page.Figures, out_dir: Path, seve
         _banners(run),
         _model(run.meta.get("dpu_model")),
         _transport(run),
+        _nodes(summary),
         _headline(summary),
         sensitivity_html,
         _overhead(summary),
@@ -150,6 +162,48 @@ def _transport(run: Run) -> str:
     if plain:
         text += f"; these rows ran plaintext: {escape(', '.join(plain))}"
     return text + ".</p>"
+
+
+def _nodes(summary: RunSummary) -> str:
+    """Where the services ran (DESIGN §8) and, over several nodes, each stack's cross-node share."""
+    run = summary.run
+    if not run.nodes:
+        return ""
+    shares = ", ".join(
+        f"{escape(label)} {page.estimate(_percent(s.values[CROSS_SHARE.key]), '%')}"
+        for label, s in summary.stacks.items()
+    )
+    text = (
+        f"<p class='note'><b>Nodes.</b> The services ran on {run.nodes} node(s), each a network "
+        "namespace with its own address on a bridge, the load generator in one more (the "
+        "placement per service is in meta.json's <code>nodes</code>). The nodes share this "
+        "machine's CPU sets: every node's apps and proxies run on the host set, every node's "
+        "DPU daemons on the dpu set (one DPU's capacity for all nodes), so N nodes' work "
+        "competes for one machine's cores, alike for every stack. "
+    )
+    if run.nodes > 1:
+        text += (
+            "Share of the requests each stack carried that crossed nodes, at "
+            f"{escape(summary.level)}: {shares}."
+        )
+    return text + "</p>"
+
+
+def _scaled(e: Estimate, factor: float) -> Estimate:
+    def one(v: float | None) -> float | None:
+        return None if v is None else factor * v
+
+    return Estimate(one(e.value), one(e.low), one(e.high), e.n, e.bound)
+
+
+def _percent(e: Estimate) -> Estimate:
+    """A share as a percentage."""
+    return _scaled(e, 100)
+
+
+def _ms(e: Estimate) -> Estimate:
+    """A latency in µs as ms."""
+    return _scaled(e, 1e-3)
 
 
 def _model(model: dict | None) -> str:
@@ -568,7 +622,15 @@ def _comparison(summaries: list[RunSummary], figures: page.Figures) -> str:
     """Headline metrics of every run side by side, later runs as ratios to the first."""
     base = summaries[0]
     vs_base = [compare_runs(base, s) for s in summaries[1:]]
-    head = ["stack", "metric", *(f"{s.run.label} ({s.level})" for s in summaries)]
+    nodes = [s.run.nodes for s in summaries]
+    by_nodes = len(set(nodes)) > 1  # the same comparison on different node counts
+    delta = [compare_latency(base, s) for s in summaries[1:]] if by_nodes else []
+
+    def header(s: RunSummary) -> str:
+        where = f", {s.run.nodes} node(s)" if by_nodes else ""
+        return f"{s.run.label} ({s.level}{where})"
+
+    head = ["stack", "metric", *map(header, summaries)]
     rows = []
     stacks = list(dict.fromkeys(m for s in summaries for m in s.stacks))
     for stack in stacks:
@@ -583,6 +645,12 @@ def _comparison(summaries: list[RunSummary], figures: page.Figures) -> str:
                 if i and stack in vs_base[i - 1]:
                     text += page.ratio(vs_base[i - 1][stack][m.key], base.run.label)
                 cells.append(text)
+            rows.append(cells)
+        for m in LATENCY_DIFFERENCES if by_nodes else ():
+            cells = [swatch + escape(stack), f"{m.label} difference to the first run (ms)"]
+            for i in range(len(summaries)):
+                found = delta[i - 1].get(stack) if i else None
+                cells.append(page.estimate(_ms(found[m.key])) if found else "—")
             rows.append(cells)
     series = []
     for i, s in enumerate(summaries):

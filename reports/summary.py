@@ -120,6 +120,23 @@ CPU_OFFLOAD = Metric(
     _median_stat,
 )
 
+
+def _cross_share_samples(run: Run, stack: str, level: str) -> list[float]:
+    """Per repetition, the share of the requests the stack carried that crossed nodes: its
+    cross-node requests over every request a service received (the entry's and the calls)."""
+    rows = run.at(stack, level)[["cross_node_per_req", "downstream_calls_per_req"]].dropna()
+    return [
+        cross / (1 + calls)
+        for cross, calls in zip(
+            rows["cross_node_per_req"], rows["downstream_calls_per_req"], strict=True
+        )
+    ]
+
+
+CROSS_SHARE = Metric(
+    "cross_node_share", "cross-node share", "of requests", _cross_share_samples, _median_stat
+)
+
 PERCENTILES = (P50, P90, P99, P999)
 HEADLINE = (THROUGHPUT, P50, P99, CPU_HOST, CPU_OFFLOAD)
 
@@ -220,7 +237,8 @@ def summarize(run: Run, level: str | None = None) -> RunSummary:
             label=stack,
             modes=modes[stack],
             values={
-                m.key: m.estimate(run, stack, at) for m in dict.fromkeys((*PERCENTILES, *HEADLINE))
+                m.key: m.estimate(run, stack, at)
+                for m in dict.fromkeys((*PERCENTILES, *HEADLINE, CROSS_SHARE))
             },
             vs={},
             curve=stats.median_curve(open_loop_points(run, stack)),
@@ -272,12 +290,44 @@ def _add_overhead(summary: RunSummary) -> None:
             )
 
 
+def difference_of(metric: Metric, a: tuple[Run, str, str], b: tuple[Run, str, str]) -> Estimate:
+    """metric(a) - metric(b), each given as (run, stack, level), with a bootstrap interval
+    (each side's repetitions resampled on their own); undetermined for a bound."""
+    if metric.bound(*a[:2]) or metric.bound(*b[:2]):
+        return Estimate(None, n=0)
+    stat_a, stat_b = metric.stat(a[0]), metric.stat(b[0])
+
+    def difference(groups: Sequence[Sequence[Any]]) -> float | None:
+        one, two = stat_a(groups[0]), stat_b(groups[1])
+        return None if one is None or two is None else one - two
+
+    return stats.bootstrap([metric.samples(*a), metric.samples(*b)], difference)
+
+
+#: What a comparison of runs with different node counts shows as differences.
+LATENCY_DIFFERENCES = (P50, P99)
+
+
+def compare_latency(base: RunSummary, other: RunSummary) -> dict[str, dict[str, Estimate]]:
+    """Per stack present in both runs: other's p50 and p99 minus base's, in µs."""
+    return _compare(base, other, LATENCY_DIFFERENCES, difference_of)
+
+
 def compare_runs(base: RunSummary, other: RunSummary) -> dict[str, dict[str, Estimate]]:
     """Per stack present in both runs and headline metric: other / base, with intervals."""
+    return _compare(base, other, HEADLINE, ratio_of)
+
+
+def _compare(
+    base: RunSummary,
+    other: RunSummary,
+    metrics: Sequence[Metric],
+    how: Callable[[Metric, tuple[Run, str, str], tuple[Run, str, str]], Estimate],
+) -> dict[str, dict[str, Estimate]]:
     return {
         stack: {
-            m.key: ratio_of(m, (other.run, stack, other.level), (base.run, stack, base.level))
-            for m in HEADLINE
+            m.key: how(m, (other.run, stack, other.level), (base.run, stack, base.level))
+            for m in metrics
         }
         for stack in other.stacks
         if stack in base.stacks

@@ -219,7 +219,7 @@ def _assert_dpumesh_crosses_containers(stack: compose.ComposeStack) -> None:
     for container in (*workers, dpu):
         assert container.attrs["HostConfig"]["IpcMode"] == f"container:{dpa.id}", container.name
     # The bridge sees every worker registered from the worker containers...
-    live = get_json(stack.port, BRIDGE_STATS_PATH)["workers"]
+    live = get_json(("127.0.0.1", stack.port), BRIDGE_STATS_PATH)["workers"]
     assert {svc: len(pids) for svc, pids in live.items()} == {
         svc: workers for svc, (workers, _threads) in stack.desc.plan.items()
     }

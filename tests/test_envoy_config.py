@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import http.client
+import itertools
 import json
 import sys
 import textwrap
@@ -23,21 +24,56 @@ from tests.conftest import require_external
 
 SERVICES = ("s0", "s1", "s2")
 UNLIMITED = 1_000_000_000  # the circuit-breaker value Envoy's FAQ suggests
-FIXED_PORTS = list(range(20000, 20014))  # for configs that are never started
 UPSTREAM_HTTP = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 BREAKER_LIMITS = ("max_connections", "max_pending_requests", "max_requests", "max_retries")
 
+# Where each sidecar (service instance) runs, (service, node) per sidecar.
+ONE_EACH = (("s0", "node1"), ("s1", "node2"), ("s2", "node3"))
+# s1 on node2 and node3, s2 on node1 and node2: s0's sidecar (node1) calls s2 on its own
+# node only and s1 round robin on both; s1's sidecar on node3 calls both s2.
+SPREAD = (("s0", "node1"), ("s1", "node2"), ("s1", "node3"), ("s2", "node1"), ("s2", "node2"))
+FIXED_PORTS = list(range(20000, 20000 + 4 * len(SPREAD) + 2))  # for configs never started
 
-def _description(ports: list[int], **kwargs) -> config.MeshDescription:
-    services = {s: config.ServicePorts(*ports[4 * i : 4 * i + 4]) for i, s in enumerate(SERVICES)}
-    gateway = config.GatewayPorts(ports[12], ports[13])
-    return config.MeshDescription(services=services, gateway=gateway, **kwargs)
+
+def _mesh_ports(layout=ONE_EACH) -> int:
+    return 4 * len(layout) + 2
+
+
+def _sidecar_key(layout, service: str, node: str) -> str:
+    """A sidecar's config name as the harness names it: with its node when replicated."""
+    replicated = sum(s == service for s, _ in layout) > 1
+    return f"{config.sidecar_name(service)}-{node}" if replicated else config.sidecar_name(service)
+
+
+def _description(ports: list[int], layout=ONE_EACH, **kwargs) -> config.MeshDescription:
+    sidecars = {
+        _sidecar_key(layout, s, node): config.Sidecar(s, node, *ports[4 * i : 4 * i + 4])
+        for i, (s, node) in enumerate(layout)
+    }
+    gateway = config.GatewayPorts(*ports[4 * len(layout) : 4 * len(layout) + 2])
+    return config.MeshDescription(sidecars=sidecars, gateway=gateway, **kwargs)
+
+
+def _cluster_of(bootstrap: dict, name: str) -> dict:
+    (cluster,) = [c for c in bootstrap["static_resources"]["clusters"] if c["name"] == name]
+    return cluster
+
+
+def _endpoints(bootstrap: dict, name: str) -> list[tuple[str, int]]:
+    """The (host, port) of every endpoint of cluster `name`, in order."""
+    (group,) = _cluster_of(bootstrap, name)["load_assignment"]["endpoints"]
+    return [
+        (
+            e["endpoint"]["address"]["socket_address"]["address"],
+            e["endpoint"]["address"]["socket_address"]["port_value"],
+        )
+        for e in group["lb_endpoints"]
+    ]
 
 
 def _cluster_port(bootstrap: dict, name: str) -> int:
-    (cluster,) = [c for c in bootstrap["static_resources"]["clusters"] if c["name"] == name]
-    (endpoint,) = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
-    return endpoint["endpoint"]["address"]["socket_address"]["port_value"]
+    ((_, port),) = _endpoints(bootstrap, name)
+    return port
 
 
 def _clusters(desc: config.MeshDescription) -> list[dict]:
@@ -69,29 +105,104 @@ def _envoy_available() -> bool:
 
 
 def test_description_rejects_bad_input():
-    with pytest.raises(ValueError, match="distinct"):
-        _description([*FIXED_PORTS[:13], FIXED_PORTS[0]])
+    with pytest.raises(ValueError, match="gateway: ports must be distinct"):
+        _description([*FIXED_PORTS[:13], FIXED_PORTS[12]])
+    with pytest.raises(ValueError, match="sidecar-s0: ports must be distinct"):
+        _description([FIXED_PORTS[1], *FIXED_PORTS[1:14]])
+    # Pods of one service bind the same numbers, each in its own network namespace.
+    same = [*FIXED_PORTS[:8], *FIXED_PORTS[4:8], *FIXED_PORTS[12:22]]
+    assert _description(same, SPREAD).sidecars
     with pytest.raises(ValueError, match="entry"):
         _description(FIXED_PORTS, entry="s9")
     with pytest.raises(ValueError, match="concurrency"):
         _description(FIXED_PORTS, concurrency=0)
     with pytest.raises(ValueError, match="service ids"):
         config.MeshDescription(
-            services={"a.b": config.ServicePorts(1, 2, 3, 4)}, gateway=config.GatewayPorts(5, 6)
+            sidecars={"sidecar-a.b": config.Sidecar("a.b", "node1", 1, 2, 3, 4)},
+            gateway=config.GatewayPorts(5, 6),
+            entry="a.b",
         )
+    with pytest.raises(ValueError, match="must not be named"):
+        config.MeshDescription(
+            sidecars={config.GATEWAY: config.Sidecar("s0", "node1", 1, 2, 3, 4)},
+            gateway=config.GatewayPorts(5, 6),
+        )
+    desc = _description(FIXED_PORTS, SPREAD)
+    files = config.MtlsFiles("ca", "cert", "key")
+    with pytest.raises(ValueError, match="mtls needs the files of every Envoy"):
+        dataclasses.replace(desc, mtls={"gateway": files, "sidecar-s0": files})
 
 
 def test_calls_cross_the_callee_sidecar_not_its_app():
     desc = _description(FIXED_PORTS)
-    sidecar = config.sidecar_config(desc, "s0")
-    assert _cluster_port(sidecar, config.LOCAL_APP_CLUSTER) == desc.services["s0"].app_port
+    sidecar = config.sidecar_config(desc, config.sidecar_name("s0"))
+    ports = {p.service: p for p in desc.sidecars.values()}
+    assert _cluster_port(sidecar, config.LOCAL_APP_CLUSTER) == ports["s0"].app_port
     for callee in SERVICES:
-        assert _cluster_port(sidecar, f"to_{callee}") == desc.services[callee].inbound_port
+        assert config.callee_cluster(callee) == f"to_{callee}"
+        assert _cluster_port(sidecar, f"to_{callee}") == ports[callee].inbound_port
     gateway = config.gateway_config(desc)
-    assert _cluster_port(gateway, "to_s0") == desc.services["s0"].inbound_port
+    assert _cluster_port(gateway, "to_s0") == ports["s0"].inbound_port
     text = json.dumps(config.render(desc))
     assert "access_log" not in text
     assert '"generate_request_id": false' in text
+
+
+def test_a_sidecar_calls_the_instance_on_its_own_node_else_every_instance():
+    desc = _description(FIXED_PORTS, SPREAD)
+    configs = config.render(desc)
+    assert list(configs) == [
+        "sidecar-s0",
+        "sidecar-s1-node2",
+        "sidecar-s1-node3",
+        "sidecar-s2-node1",
+        "sidecar-s2-node2",
+        "gateway",
+    ]
+    inbound = {name: (p.host, p.inbound_port) for name, p in desc.sidecars.items()}
+    s1_both = [inbound["sidecar-s1-node2"], inbound["sidecar-s1-node3"]]
+    s2_both = [inbound["sidecar-s2-node1"], inbound["sidecar-s2-node2"]]
+    # s0 on node1: s2 has an instance there, s1 does not (both, round robin).
+    s0 = configs["sidecar-s0"]
+    assert _endpoints(s0, "to_s2") == [inbound["sidecar-s2-node1"]]
+    assert _endpoints(s0, "to_s1") == s1_both
+    assert _endpoints(s0, "to_s0") == [inbound["sidecar-s0"]]
+    # s1 on node3: s2 has no instance there; s1 on node2: it has.
+    assert _endpoints(configs["sidecar-s1-node3"], "to_s2") == s2_both
+    assert _endpoints(configs["sidecar-s1-node2"], "to_s2") == [inbound["sidecar-s2-node2"]]
+    assert _endpoints(configs["sidecar-s1-node3"], "to_s1") == [inbound["sidecar-s1-node3"]]
+    # Every instance's Envoy has its own service's stat prefixes and its app.
+    for name, p in desc.sidecars.items():
+        listeners = [x["name"] for x in configs[name]["static_resources"]["listeners"]]
+        assert listeners == [f"inbound_{p.service}", f"outbound_{p.service}"]
+        assert _cluster_port(configs[name], config.LOCAL_APP_CLUSTER) == p.app_port
+        assert configs[name]["node"]["id"] == name
+    # The gateway (node1 by default) follows the same rule.
+    assert desc.gateway_node == "node1"
+    gateway = configs["gateway"]
+    assert _endpoints(gateway, "to_s2") == [inbound["sidecar-s2-node1"]]
+    assert _endpoints(gateway, "to_s1") == s1_both
+    far = config.gateway_config(dataclasses.replace(desc, gateway_node="node3"))
+    assert _endpoints(far, "to_s2") == s2_both
+    assert _endpoints(far, "to_s1") == [inbound["sidecar-s1-node3"]]
+    # Round robin is Envoy's default; loopback endpoints need no DNS.
+    for cluster in _cluster_of(s0, "to_s1"), _cluster_of(gateway, "to_s1"):
+        assert cluster["type"] == "STATIC" and "lb_policy" not in cluster
+    found = config.tuning(_argv(desc), configs)
+    assert found["ok"] is True and found["envoys"] == sorted(configs)
+
+
+def test_a_cluster_of_named_hosts_resolves_them_by_dns():
+    desc = _description(FIXED_PORTS, SPREAD)
+    named = {
+        name: dataclasses.replace(p, host=name if p.node == "node3" else "10.0.0.2")
+        for name, p in desc.sidecars.items()
+    }
+    s0 = config.sidecar_config(dataclasses.replace(desc, sidecars=named), "sidecar-s0")
+    to_s1 = _cluster_of(s0, "to_s1")  # one IP endpoint, one name: DNS for all
+    assert (to_s1["type"], to_s1["dns_lookup_family"]) == ("STRICT_DNS", "V4_ONLY")
+    assert [host for host, _ in _endpoints(s0, "to_s1")] == ["10.0.0.2", "sidecar-s1-node3"]
+    assert _cluster_of(s0, "to_s2")["type"] == "STATIC"
 
 
 def test_circuit_breakers_are_raised_for_both_priorities():
@@ -119,15 +230,16 @@ def test_router_and_connection_manager_tuning():
         assert routes and all("retry_policy" not in r["route"] for r in routes)
 
 
-def test_upstreams_are_http11_with_connection_reuse():
-    for cluster in _clusters(_description(FIXED_PORTS)):
+@pytest.mark.parametrize("layout", [ONE_EACH, SPREAD])
+def test_upstreams_are_http11_with_connection_reuse(layout):
+    for cluster in _clusters(_description(FIXED_PORTS, layout)):
         options = cluster["typed_extension_protocol_options"][UPSTREAM_HTTP]
         # HTTP/1.1 (keep-alive by default), nothing capping requests per connection.
         assert options["explicit_http_config"] == {"http_protocol_options": {}}
         common = options.get("common_http_protocol_options", {})
         assert "max_requests_per_connection" not in common
         assert "max_requests_per_connection" not in cluster
-        if cluster["name"] == config.LOCAL_APP_CLUSTER:
+        if cluster["name"].startswith(config.LOCAL_APP_CLUSTER):
             # Idle connections to the app close before the app's own keep-alive does.
             assert set(common) == {"idle_timeout"}
             assert float(common["idle_timeout"].removesuffix("s")) < KEEPALIVE_S
@@ -245,6 +357,16 @@ def test_generated_configs_pass_envoy_validation(tmp_path):
     assert set(paths) == {"sidecar-s0", "sidecar-s1", "sidecar-s2", "gateway"}
 
 
+def test_several_instances_per_service_pass_envoy_validation(tmp_path):
+    require_external(_envoy_available(), "Envoy")
+    (tmp_path / "sidecars").mkdir()
+    (tmp_path / "nodes").mkdir()
+    paths = _write_configs(_description(FIXED_PORTS, SPREAD), tmp_path / "sidecars")
+    assert len(paths) == len(SPREAD) + 1
+    paths = _write_configs(_node_description(NODE_FIXED_PORTS), tmp_path / "nodes")
+    assert set(paths) == {*map(config.node_proxy_name, NODES), "gateway"}
+
+
 def _write_configs(
     desc: config.MeshDescription | config.NodeMeshDescription, out: Path
 ) -> dict[str, Path]:
@@ -266,15 +388,16 @@ def test_validate_raises_with_envoys_message(tmp_path):
         config.validate(bad)
 
 
-# Stand-in for a μBench cell: answers with what it saw and, when CALLS is set,
-# first calls each listed service through its sidecar's outbound listener (OUTBOUND,
-# by Host) or the port UPSTREAMS names for it (a node proxy's listener for that service).
+# Stand-in for a μBench cell: answers with what it saw (and which INSTANCE it is) and, when
+# CALLS is set, first calls each listed service through its sidecar's outbound listener
+# (OUTBOUND, by Host) or the port UPSTREAMS names for it (a node proxy's listener for it).
 _APP = textwrap.dedent(
     """
     import http.client, json, os
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     NAME, CALLS = os.environ["NAME"], [c for c in os.environ.get("CALLS", "").split(",") if c]
+    INSTANCE = os.environ.get("INSTANCE", NAME)
     OUTBOUND = int(os.environ.get("OUTBOUND", "0"))
     UPSTREAMS = dict(u.split("=") for u in os.environ.get("UPSTREAMS", "").split(",") if u)
 
@@ -297,6 +420,7 @@ _APP = textwrap.dedent(
                     conn.close()
             body = json.dumps({
                 "service": NAME,
+                "instance": INSTANCE,
                 "path": self.path,
                 "request_id": self.headers.get("x-request-id"),
                 "envoy_headers": sorted(h for h in self.headers if h.lower().startswith("x-envoy")),
@@ -330,18 +454,24 @@ def _get(port: int, path: str, headers: dict[str, str] | None = None) -> tuple[i
 
 @pytest.mark.e2e
 def test_requests_cross_gateway_and_both_sidecars(tmp_path):
+    """Sidecars of SPREAD on loopback: s0 (node1) calls s2 on its node, s1 round robin."""
     require_external(_envoy_available(), "Envoy")
-    ports = free_ports(14)
-    desc = _description(ports, concurrency=1)
+    ports = free_ports(_mesh_ports(SPREAD))
+    desc = _description(ports, SPREAD, concurrency=1)
     app = tmp_path / "app.py"
     app.write_text(_APP)
     with Supervisor(tmp_path / "run", grace_s=2) as sup:
-        for service, sp in desc.services.items():
-            env = {"NAME": service, "PORT": str(sp.app_port), "OUTBOUND": str(sp.outbound_port)}
-            if service == "s0":
+        for name, sp in desc.sidecars.items():
+            env = {
+                "NAME": sp.service,
+                "INSTANCE": name,
+                "PORT": str(sp.app_port),
+                "OUTBOUND": str(sp.outbound_port),
+            }
+            if sp.service == "s0":
                 env["CALLS"] = "s1,s2"
             sup.start(
-                service,
+                f"app-{name}",
                 [sys.executable, str(app)],
                 role="app",
                 env=env,
@@ -349,7 +479,7 @@ def test_requests_cross_gateway_and_both_sidecars(tmp_path):
             )
         (tmp_path / "envoy").mkdir()
         configs = _write_configs(desc, tmp_path / "envoy")
-        admin = {config.sidecar_name(s): p.admin_port for s, p in desc.services.items()}
+        admin = {name: p.admin_port for name, p in desc.sidecars.items()}
         admin[config.GATEWAY] = desc.gateway.admin_port
         for name, path in configs.items():
             sup.start(
@@ -359,7 +489,7 @@ def test_requests_cross_gateway_and_both_sidecars(tmp_path):
                 ready=http_ok(f"http://127.0.0.1:{admin[name]}/ready"),
             )
         sup.wait_ready(timeout_s=30)
-        assert len(sup.roles()["sidecar"]) == 3 and len(sup.roles()["gateway"]) == 1
+        assert len(sup.roles()["sidecar"]) == len(SPREAD) and len(sup.roles()["gateway"]) == 1
         assert {_concurrency_flag(sup.procs[name].argv) for name in configs} == {"1"}
 
         public = desc.gateway.listen_port
@@ -376,17 +506,15 @@ def test_requests_cross_gateway_and_both_sidecars(tmp_path):
         assert _get(public, "/s1/api/v1?x=1")[1]["service"] == "s1"
         assert _get(public, "/s1/api/v1?x=1")[1]["path"] == "/api/v1?x=1"
         assert _get(public, "/s1")[1]["path"] == "/"
-        assert _get(public, "/api/v1", {"Host": "s2"})[1]["service"] == "s2"
-        unknown_status, _ = _get(desc.services["s0"].outbound_port, "/", {"Host": "s9"})
+        by_host = _get(public, "/api/v1", {"Host": "s2"})[1]
+        assert (by_host["service"], by_host["instance"]) == ("s2", "sidecar-s2-node1")
+        unknown_status, _ = _get(desc.sidecars["sidecar-s0"].outbound_port, "/", {"Host": "s9"})
         assert unknown_status == 404
         assert _get(public, "/")[1]["request_id"] is None  # Envoy generated none
 
-        sidecars = [p.admin_port for p in desc.services.values()]
-        counts = config.mesh_listeners(
-            map(config.counted_stats, [desc.gateway.admin_port, *sidecars])
-        )
+        counts = config.mesh_listeners(map(config.counted_stats, admin.values()))
         totals = {prefix: c["downstream_rq_total"] for prefix, c in counts.items()}
-        assert totals == {
+        assert totals == {  # summed over each service's instances
             "gateway": 6,
             "inbound_s0": 2,
             "outbound_s0": 5,
@@ -397,7 +525,29 @@ def test_requests_cross_gateway_and_both_sidecars(tmp_path):
         }
         assert counts["outbound_s0"]["downstream_rq_4xx"] == 1
         assert counts["gateway"]["downstream_rq_2xx"] == 6
-    assert set(configs) == {"sidecar-s0", "sidecar-s1", "sidecar-s2", "gateway"}
+
+        # s0's calls to s1 alternate between its two instances; to s2 they stay on node1.
+        calls = [_get(public, "/")[1]["calls"] for _ in range(4)]
+        s1_seen = [c["s1"][1]["instance"] for c in calls]
+        assert set(s1_seen) == {"sidecar-s1-node2", "sidecar-s1-node3"}
+        assert all(a != b for a, b in itertools.pairwise(s1_seen)), s1_seen
+        assert {c["s2"][1]["instance"] for c in calls} == {"sidecar-s2-node1"}
+        # The callee clusters count what they carried: the accounting's cross-node calls.
+        to_s1, to_s2 = (
+            config.cluster_stat(config.callee_cluster(s), "upstream_rq_total") for s in ("s1", "s2")
+        )
+        absent = config.cluster_stat(config.callee_cluster("ms-1"), "upstream_rq_total")
+        s0 = config.counted_stats(admin["sidecar-s0"], [to_s1, to_s2, absent], host="127.0.0.1")
+        assert (s0[to_s1], s0[to_s2], absent in s0) == (6, 6, False)
+        assert s0[config.listener_stat("outbound_s0", "downstream_rq_total")] == 13
+        gateway = config.counted_stats(admin[config.GATEWAY], [to_s1, to_s2])
+        assert (gateway[to_s1], gateway[to_s2]) == (3, 1)
+        per_s1 = [
+            config.counted_stats(admin[n])["http.inbound_s1.downstream_rq_total"]
+            for n in ("sidecar-s1-node2", "sidecar-s1-node3")
+        ]
+        assert sorted(per_s1) == [4, 5]  # s0's 6 calls 3 + 3, the gateway's 3 2 + 1
+    assert set(configs) == {*desc.sidecars, "gateway"}
     for port in ports:
         wait_port_free(port, timeout_s=5)
     release_ports(ports)
@@ -412,25 +562,29 @@ def test_every_envoy_of_the_description_gets_the_configured_concurrency():
 
 # --- the node-proxy mesh and mTLS -------------------------------------------------------------
 
-# Two nodes: s0 and s2 on node a, s1 on node b, so s0's calls go to s2 on its own node and
-# to s1 on the other.
-NODE_OF = {"s0": "a", "s1": "b", "s2": "a"}
-NODE_PORTS = 16  # apps 3, node a 2 + 3 + admin, node b 1 + 3 + admin, gateway 2
+# Three nodes: s0 on node1, s1 on node2 and node3, s2 on node1 and node2. So s0's calls
+# (node1) go to s2 on its own node and round robin to s1 on the other two; node3's proxy
+# sends calls to s2 to both of its instances.
+NODES = ("node1", "node2", "node3")
+NODES_OF = {"s0": ("node1",), "s1": ("node2", "node3"), "s2": ("node1", "node2")}
+# apps 5; node1 2 in + 3 out + admin, node2 2 + 3 + 1, node3 1 + 3 + 1; gateway 2
+NODE_PORTS = 24
 NODE_FIXED_PORTS = list(range(20100, 20100 + NODE_PORTS))  # for configs never started
 
 
 def _node_description(ports: list[int], **kwargs) -> config.NodeMeshDescription:
     taken = iter(ports)
-    apps = {s: config.AppAddress(node, next(taken)) for s, node in NODE_OF.items()}
+    apps = {s: {n: config.AppAddress(next(taken)) for n in nodes} for s, nodes in NODES_OF.items()}
     nodes = {
         node: config.NodeProxyPorts(
-            inbound={s: next(taken) for s, n in NODE_OF.items() if n == node},
-            outbound={s: next(taken) for s in NODE_OF},
+            inbound={s: next(taken) for s, ns in NODES_OF.items() if node in ns},
+            outbound={s: next(taken) for s in NODES_OF},
             admin_port=next(taken),
         )
-        for node in ("a", "b")
+        for node in NODES
     }
     gateway = config.GatewayPorts(next(taken), next(taken))
+    assert next(taken, None) is None
     return config.NodeMeshDescription(apps=apps, nodes=nodes, gateway=gateway, **kwargs)
 
 
@@ -472,31 +626,43 @@ def _tls(holder: dict) -> dict | None:
 def test_node_proxies_route_same_node_calls_to_the_app_and_others_to_its_node():
     desc = _node_description(NODE_FIXED_PORTS)
     configs = config.render_nodes(desc)
-    assert list(configs) == ["nodeproxy-a", "nodeproxy-b", "gateway"]
-    a, b = configs["nodeproxy-a"], configs["nodeproxy-b"]
+    assert list(configs) == ["nodeproxy-node1", "nodeproxy-node2", "nodeproxy-node3", "gateway"]
+    n1, n2, n3 = (configs[config.node_proxy_name(n)] for n in NODES)
+    outbound = ["outbound_to_s0", "outbound_to_s1", "outbound_to_s2"]
     # An inbound listener per local service, an outbound one per service.
-    assert [x["name"] for x in a["static_resources"]["listeners"]] == [
-        "inbound_s0",
-        "inbound_s2",
-        "outbound_to_s0",
-        "outbound_to_s1",
-        "outbound_to_s2",
-    ]
-    assert [x["name"] for x in b["static_resources"]["listeners"]] == [
-        "inbound_s1",
-        "outbound_to_s0",
-        "outbound_to_s1",
-        "outbound_to_s2",
-    ]
-    # Same node: straight to the app (once through the node proxy); other node: its proxy.
-    assert _routed_cluster(_listener(a, "outbound_to_s2")) == config.app_cluster("s2")
-    assert _routed_cluster(_listener(a, "outbound_to_s1")) == "to_s1"
-    assert _cluster_port(a, "to_s1") == desc.nodes["b"].inbound["s1"]
-    assert _cluster_port(a, config.app_cluster("s2")) == desc.apps["s2"].port
-    assert _routed_cluster(_listener(b, "inbound_s1")) == config.app_cluster("s1")
-    # The gateway calls the inbound listener for each service on the service's node.
-    for s, node in NODE_OF.items():
-        assert _cluster_port(configs["gateway"], f"to_{s}") == desc.nodes[node].inbound[s]
+    names = {
+        n: [x["name"] for x in configs[config.node_proxy_name(n)]["static_resources"]["listeners"]]
+        for n in NODES
+    }
+    assert names == {
+        "node1": ["inbound_s0", "inbound_s2", *outbound],
+        "node2": ["inbound_s1", "inbound_s2", *outbound],
+        "node3": ["inbound_s1", *outbound],
+    }
+    assert desc.local("node2") == ["s1", "s2"]
+    # Same node: straight to the app (once through the node proxy); else the proxies of the
+    # nodes that have an instance, round robin.
+    assert _routed_cluster(_listener(n1, "outbound_to_s2")) == config.app_cluster("s2")
+    assert _cluster_port(n1, config.app_cluster("s2")) == desc.apps["s2"]["node1"].port
+    assert _cluster_port(n2, config.app_cluster("s2")) == desc.apps["s2"]["node2"].port
+    assert _routed_cluster(_listener(n1, "outbound_to_s1")) == "to_s1"
+    inbound = {
+        s: {n: ("127.0.0.1", desc.nodes[n].inbound[s]) for n in ns} for s, ns in NODES_OF.items()
+    }
+    assert _endpoints(n1, "to_s1") == [inbound["s1"]["node2"], inbound["s1"]["node3"]]
+    assert _routed_cluster(_listener(n3, "outbound_to_s2")) == "to_s2"
+    assert _endpoints(n3, "to_s2") == [inbound["s2"]["node1"], inbound["s2"]["node2"]]
+    assert _endpoints(n2, "to_s0") == _endpoints(n3, "to_s0") == [inbound["s0"]["node1"]]
+    assert _routed_cluster(_listener(n3, "outbound_to_s1")) == config.app_cluster("s1")
+    assert _routed_cluster(_listener(n2, "inbound_s1")) == config.app_cluster("s1")
+    # The gateway (node1) calls the inbound listeners by the same rule.
+    gateway = configs["gateway"]
+    assert _endpoints(gateway, "to_s0") == [inbound["s0"]["node1"]]
+    assert _endpoints(gateway, "to_s1") == [inbound["s1"]["node2"], inbound["s1"]["node3"]]
+    assert _endpoints(gateway, "to_s2") == [inbound["s2"]["node1"]]
+    far = config.node_gateway_config(dataclasses.replace(desc, gateway_node="node3"))
+    assert _endpoints(far, "to_s1") == [inbound["s1"]["node3"]]
+    assert _endpoints(far, "to_s2") == [inbound["s2"]["node1"], inbound["s2"]["node2"]]
     found = config.tuning(_argv(desc), configs)
     assert found["ok"] is True and found["mtls"] is False
     assert found["app_idle_timeout"] == "1.000s"
@@ -506,12 +672,14 @@ def test_node_description_rejects_bad_input():
     ports = NODE_FIXED_PORTS
     desc = _node_description(ports)
     with pytest.raises(ValueError, match="no described node"):
-        dataclasses.replace(desc, apps={**desc.apps, "s3": config.AppAddress("c", 20500)})
-    missing = {**desc.nodes, "b": dataclasses.replace(desc.nodes["b"], inbound={})}
+        dataclasses.replace(desc, apps={**desc.apps, "s3": {"c": config.AppAddress(20500)}})
+    with pytest.raises(ValueError, match="without instances"):
+        dataclasses.replace(desc, apps={**desc.apps, "s1": {}})
+    missing = {**desc.nodes, "node2": dataclasses.replace(desc.nodes["node2"], inbound={})}
     with pytest.raises(ValueError, match="an inbound port per local service"):
         dataclasses.replace(desc, nodes=missing)
-    with pytest.raises(ValueError, match="distinct"):
-        _node_description([*ports[:-1], ports[0]])
+    with pytest.raises(ValueError, match="gateway: ports must be distinct"):
+        _node_description([*ports[:-1], ports[-2]])
     with pytest.raises(ValueError, match="mtls needs the files of every Envoy"):
         files = config.MtlsFiles("ca", "cert", "key")
         dataclasses.replace(desc, mtls={"gateway": files})
@@ -523,6 +691,16 @@ def test_mtls_on_every_hop_between_envoys_and_only_there(mesh, tmp_path):
     plain = dataclasses.replace(desc, mtls={})
     files = desc.mtls
     configs = render(desc)
+    # Which Envoy listens on each inbound port.
+    if mesh == "sidecars":
+        owner = {p.inbound_port: name for name, p in desc.sidecars.items()}
+    else:
+        owner = {
+            port: config.node_proxy_name(n)
+            for n, p in desc.nodes.items()
+            for port in p.inbound.values()
+        }
+    several = 0
     for name, bootstrap in configs.items():
         for cluster in bootstrap["static_resources"]["clusters"]:
             tls = _tls(cluster)
@@ -536,13 +714,12 @@ def test_mtls_on_every_hop_between_envoys_and_only_there(mesh, tmp_path):
                     "private_key": {"filename": files[name].key},
                 }
             ]
-            (san,) = common["validation_context"]["match_typed_subject_alt_names"]
-            peer = (
-                config.sidecar_name(cluster["name"].removeprefix("to_"))
-                if mesh == "sidecars"
-                else config.node_proxy_name(NODE_OF[cluster["name"].removeprefix("to_")])
-            )
-            assert san == {"san_type": "URI", "matcher": {"exact": config.spiffe_id(peer)}}
+            # Any one of the cluster's peers is accepted, and only those.
+            peers = [owner[port] for _, port in _endpoints(bootstrap, cluster["name"])]
+            assert common["validation_context"]["match_typed_subject_alt_names"] == [
+                {"san_type": "URI", "matcher": {"exact": config.spiffe_id(peer)}} for peer in peers
+            ]
+            several += len(peers) > 1
             assert common["validation_context"]["trusted_ca"] == {"filename": files[name].ca}
         for listener in bootstrap["static_resources"]["listeners"]:
             tls = _tls(listener["filter_chains"][0])
@@ -550,6 +727,7 @@ def test_mtls_on_every_hop_between_envoys_and_only_there(mesh, tmp_path):
                 assert tls["require_client_certificate"] is True, (name, listener["name"])
             else:  # the public port, and what apps call
                 assert tls is None, (name, listener["name"])
+    assert several >= 2  # clusters of two peers, with mTLS
     found = config.tuning(_argv(desc), configs, mtls=True)
     assert found["ok"] is True and found["mtls"] is True
     assert config.tuning(_argv(desc), configs)["ok"] is False  # mTLS where none was asked for
@@ -571,7 +749,7 @@ def test_mtls_configs_pass_envoy_validation(mesh, tmp_path):
 def _mtls_description(mesh: str, out: Path):
     """A mesh with mTLS (`mesh`: sidecars or nodes) and its renderer, certificates in `out`."""
     if mesh == "sidecars":
-        plain, render = _description(FIXED_PORTS), config.render
+        plain, render = _description(FIXED_PORTS, SPREAD), config.render
     else:
         plain, render = _node_description(NODE_FIXED_PORTS), config.render_nodes
     return dataclasses.replace(plain, mtls=_pki(out / "tls", list(render(plain)))), render
@@ -599,7 +777,8 @@ def test_certificates_name_each_envoy_and_chain_to_the_mesh_ca():
 
 @pytest.mark.e2e
 def test_a_call_to_another_node_crosses_both_node_proxies_over_mtls(tmp_path):
-    """Two node proxies, a gateway and three stand-in apps on loopback, mTLS on."""
+    """Three node proxies, a gateway and five stand-in apps on loopback, mTLS on: s0's calls
+    to s1 alternate between node2 and node3, each proxy accepted by its own identity."""
     require_external(_envoy_available(), "Envoy")
     ports = free_ports(NODE_PORTS)
     plain = _node_description(ports, concurrency=1)
@@ -609,18 +788,22 @@ def test_a_call_to_another_node_crosses_both_node_proxies_over_mtls(tmp_path):
     admin = {config.node_proxy_name(n): p.admin_port for n, p in desc.nodes.items()}
     admin[config.GATEWAY] = desc.gateway.admin_port
     with Supervisor(tmp_path / "run", grace_s=2) as sup:
-        for service, where in desc.apps.items():
-            env = {"NAME": service, "PORT": str(where.port)}
-            if service == "s0":  # through its node proxy's listener for each callee
-                outbound = desc.nodes[where.node].outbound
-                env |= {"CALLS": "s1,s2", "UPSTREAMS": f"s1={outbound['s1']},s2={outbound['s2']}"}
-            sup.start(
-                service,
-                [sys.executable, str(app)],
-                role="app",
-                env=env,
-                ready=http_ok(f"http://127.0.0.1:{where.port}/health"),
-            )
+        for service, by_node in desc.apps.items():
+            for node, where in by_node.items():
+                env = {"NAME": service, "INSTANCE": f"{service}-{node}", "PORT": str(where.port)}
+                if service == "s0":  # through its node proxy's listener for each callee
+                    outbound = desc.nodes[node].outbound
+                    env |= {
+                        "CALLS": "s1,s2",
+                        "UPSTREAMS": f"s1={outbound['s1']},s2={outbound['s2']}",
+                    }
+                sup.start(
+                    f"{service}-{node}",
+                    [sys.executable, str(app)],
+                    role="app",
+                    env=env,
+                    ready=http_ok(f"http://127.0.0.1:{where.port}/health"),
+                )
         (tmp_path / "envoy").mkdir()
         for name, path in _write_configs(desc, tmp_path / "envoy").items():
             sup.start(
@@ -630,14 +813,18 @@ def test_a_call_to_another_node_crosses_both_node_proxies_over_mtls(tmp_path):
                 ready=http_ok(f"http://127.0.0.1:{admin[name]}/ready"),
             )
         sup.wait_ready(timeout_s=30)
-        status, body = _get(desc.gateway.listen_port, "/", {"x-request-id": "rid-n"})
-        assert status == 200 and body["service"] == "s0"
-        assert {c: (s, b["service"]) for c, (s, b) in body["calls"].items()} == {
-            "s1": (200, "s1"),
-            "s2": (200, "s2"),
-        }
-        assert body["calls"]["s1"][1]["request_id"] == "rid-n"
-        assert body["envoy_headers"] == body["calls"]["s1"][1]["envoy_headers"] == []
+        seen = []
+        for rid in ("rid-n", "rid-m"):
+            status, body = _get(desc.gateway.listen_port, "/", {"x-request-id": rid})
+            assert status == 200 and body["service"] == "s0"
+            assert {c: (s, b["service"]) for c, (s, b) in body["calls"].items()} == {
+                "s1": (200, "s1"),
+                "s2": (200, "s2"),
+            }
+            assert body["calls"]["s1"][1]["request_id"] == rid
+            assert body["envoy_headers"] == body["calls"]["s1"][1]["envoy_headers"] == []
+            seen.append((body["calls"]["s1"][1]["instance"], body["calls"]["s2"][1]["instance"]))
+        to_s1 = config.cluster_stat(config.callee_cluster("s1"), "upstream_rq_total")
         per_envoy = {
             name: {
                 p: c["downstream_rq_total"]
@@ -645,30 +832,35 @@ def test_a_call_to_another_node_crosses_both_node_proxies_over_mtls(tmp_path):
             }
             for name, port in admin.items()
         }
-        tls = {name: config.read_stats(port, r"\.ssl\.handshake$") for name, port in admin.items()}
+        carried = config.counted_stats(admin["nodeproxy-node1"], [to_s1], host="127.0.0.1")
+        tls = {
+            name: config.read_stats(port, r"\.ssl\.handshake$", host="127.0.0.1")
+            for name, port in admin.items()
+        }
+    # s2 on s0's own node; s1 round robin over its two nodes.
+    assert sorted(seen) == [("s1-node2", "s2-node1"), ("s1-node3", "s2-node1")]
+    assert carried[to_s1] == 2
+    none_out = {"outbound_to_s0": 0, "outbound_to_s1": 0, "outbound_to_s2": 0}
     assert per_envoy == {
-        # s0's node: the gateway's request in, then one call to each callee out.
-        "nodeproxy-a": {
-            "inbound_s0": 1,
+        # s0's node: the gateway's requests in, then one call to each callee out per request.
+        "nodeproxy-node1": {
+            "inbound_s0": 2,
             "inbound_s2": 0,
             "outbound_to_s0": 0,
-            "outbound_to_s1": 1,
-            "outbound_to_s2": 1,
+            "outbound_to_s1": 2,
+            "outbound_to_s2": 2,
         },
-        # s1's node: the call from node a in (the destination node proxy), nothing out.
-        "nodeproxy-b": {
-            "inbound_s1": 1,
-            "outbound_to_s0": 0,
-            "outbound_to_s1": 0,
-            "outbound_to_s2": 0,
-        },
-        "gateway": {"gateway": 1},
+        # s1's nodes: one call from node1 in each (the destination node proxy), nothing out.
+        "nodeproxy-node2": {"inbound_s1": 1, "inbound_s2": 0, **none_out},
+        "nodeproxy-node3": {"inbound_s1": 1, **none_out},
+        "gateway": {"gateway": 2},
     }
-    # Both hops between Envoys were TLS: gateway -> node a, node a -> node b; none else.
+    # Every hop between Envoys was TLS: gateway -> node1, node1 -> node2 and node3; none else.
     assert {name: {k for k, v in stats.items() if v} for name, stats in tls.items()} == {
         "gateway": {"cluster.to_s0.ssl.handshake"},
-        "nodeproxy-a": {"listener.inbound_s0.ssl.handshake", "cluster.to_s1.ssl.handshake"},
-        "nodeproxy-b": {"listener.inbound_s1.ssl.handshake"},
+        "nodeproxy-node1": {"listener.inbound_s0.ssl.handshake", "cluster.to_s1.ssl.handshake"},
+        "nodeproxy-node2": {"listener.inbound_s1.ssl.handshake"},
+        "nodeproxy-node3": {"listener.inbound_s1.ssl.handshake"},
     }
     for port in ports:
         wait_port_free(port, timeout_s=5)

@@ -163,18 +163,19 @@ def test_real_workmodel_serves_through_the_entry_service(cluster, path: Path) ->
     cell = Cell(load_workmodel(str(path)), "s0", seed=SEED)
     c = cluster(path)
     c.start(services, "--scale", "0.01")  # process cap: defaults
-    planned = 0
+    planned: Counter[str] = Counter()
     for rid in ("smoke-1", "smoke-2"):
         response = c.get("s0", "/", **{"x-request-id": rid})
         assert response.status == 200, response.data[:200]
         assert len(response.data) >= 1
         plan = cell.plan(Request("GET", headers={"x-request-id": rid}))
-        planned += sum(len(group) for group in plan.groups)
+        planned.update(call.service for group in plan.groups for call in group)
     assert c.stats("s0") == {
         "service": "s0",
         "requests": 2,
         "errors": 0,
-        "downstream_calls": planned,
+        "downstream_calls": planned.total(),
+        "calls": dict(planned),
     }
 
 
@@ -276,6 +277,12 @@ def test_trace_post_calls_exactly_the_services_in_the_trace(topo: Cluster) -> No
         svc: after[svc]["downstream_calls"] - before[svc]["downstream_calls"] for svc in RUNNING
     }
     assert (calls["s0"], calls["s4"], calls["s3"]) == (3, 1, 0)
+    per_callee = {
+        svc: Counter(after[svc]["calls"]) - Counter(before[svc]["calls"]) for svc in RUNNING
+    }
+    assert per_callee["s0"] == {"s3": 1, "s4": 1, "s6": 1}
+    assert per_callee["s4"] == {"s5": 1}
+    assert per_callee["s3"] == {}
 
 
 def test_bad_trace_is_400(topo: Cluster) -> None:
@@ -306,10 +313,14 @@ def test_response_body_is_reproducible_from_seed_and_request_id(topo: Cluster) -
 
 
 class _RecordingProxy(BaseHTTPRequestHandler):
+    """Records every request (Host, path, request id) and counts them per server port."""
+
     seen: ClassVar[list[tuple[str, str, str | None]]] = []
+    hits: ClassVar[Counter[int]] = Counter()
 
     def do_GET(self) -> None:
         self.seen.append((self.headers["Host"], self.path, self.headers["x-request-id"]))
+        self.hits[self.server.server_port] += 1
         self.send_response(200)
         self.send_header("content-length", "2")
         self.end_headers()
@@ -320,6 +331,7 @@ class _RecordingProxy(BaseHTTPRequestHandler):
 
 
 def test_egress_proxy_gets_every_call_with_the_callee_as_host(cluster) -> None:
+    _RecordingProxy.seen.clear()
     proxy = ThreadingHTTPServer(("127.0.0.1", 0), _RecordingProxy)
     threading.Thread(target=proxy.serve_forever, daemon=True).start()
     try:
@@ -334,6 +346,33 @@ def test_egress_proxy_gets_every_call_with_the_callee_as_host(cluster) -> None:
     finally:
         proxy.shutdown()
         proxy.server_close()
+
+
+def test_several_upstreams_of_one_service_take_turns(cluster) -> None:
+    peers = [ThreadingHTTPServer(("127.0.0.1", 0), _RecordingProxy) for _ in range(2)]
+    for peer in peers:
+        threading.Thread(target=peer.serve_forever, daemon=True).start()
+    try:
+        c = cluster(
+            {
+                "s0": {
+                    "internal_service": QUIET,
+                    "external_services": [{"seq_len": 1, "services": ["s1"]}],
+                },
+                "s1": {"internal_service": QUIET},
+            }
+        )
+        urls = [f"--upstream=s1=http://127.0.0.1:{p.server_port}" for p in peers]
+        c.start(["s0"], "--workers", "1", *urls, wire=False)  # one process: one rotation
+        for _ in range(6):
+            assert c.get("s0").status == 200
+        assert [_RecordingProxy.hits[p.server_port] for p in peers] == [3, 3]
+        stats = c.stats("s0")
+        assert (stats["downstream_calls"], stats["calls"]) == (6, {"s1": 6})
+    finally:
+        for peer in peers:
+            peer.shutdown()
+            peer.server_close()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
@@ -355,7 +394,13 @@ def test_stats_sum_over_workers_and_signals_stop_everything(cluster, sig) -> Non
         t.start()
     for t in threads:
         t.join()
-    assert c.stats("s0") == {"service": "s0", "requests": 16, "errors": 0, "downstream_calls": 0}
+    assert c.stats("s0") == {
+        "service": "s0",
+        "requests": 16,
+        "errors": 0,
+        "downstream_calls": 0,
+        "calls": {},
+    }
     c.stop(sig)
 
 
@@ -363,16 +408,24 @@ def test_shared_counters_sum_over_forked_processes_and_survive_their_death() -> 
     class TwoSlots(SharedCounters):
         SLOTS = 2
 
-    counters = TwoSlots()
-    for _ in range(4):  # more processes than slots: dead owners' slots are taken over
+    counters = TwoSlots(callees=["s1", "s2", "s3"])
+    for n in range(4):  # more processes than slots: dead owners' slots are taken over
         pid = os.fork()
         if pid == 0:
             for _ in range(100):
                 counters.add("requests")
             counters.add("errors")
+            counters.add_call("s1")
+            for _ in range(n):
+                counters.add_call("s2")
             os._exit(0)
         os.waitpid(pid, 0)
-    assert counters.snapshot() == {"requests": 400, "errors": 4, "downstream_calls": 0}
+    assert counters.snapshot() == {
+        "requests": 400,
+        "errors": 4,
+        "downstream_calls": 10,
+        "calls": {"s1": 4, "s2": 6},  # callees never called are left out
+    }
 
 
 def test_cli_help() -> None:

@@ -554,3 +554,164 @@ def test_mtls_keys_are_secrets_mounted_by_their_envoy(tmp_path: Path) -> None:
             for name in TLS_MOUNTS:
                 secret = k8s.k8s_name(f"{c.name}-{name}")
                 assert volumes[secret] == {"name": secret, "secret": {"secretName": secret}}
+
+
+# Nodes (DESIGN §8): the description's placement as node affinity to labelled nodes.
+
+# The Envoy generators (`baselines.envoy.config`) want every port of the mesh distinct, and the
+# manifests' numbers are fixed per service: two instances of a service (envoy) or two node
+# proxies (nodeproxy) repeat them, so those stacks do not render on several nodes yet.
+
+
+def replicated_workmodel(directory: Path) -> Path:
+    """The default workmodel with s1 on two nodes (μBench's `replicas`)."""
+    doc = json.loads(DEFAULT_WORKMODEL.read_text())
+    doc["s1"]["replicas"] = 2
+    path = directory / "replicated.json"
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def placed(mesh: str, workmodel: Path, out: Path, nodes: int) -> tuple[StackDescription, dict]:
+    """`mesh` on `nodes` nodes, written to `out` and validated."""
+    desc = describe(mesh, Settings(workmodel=workmodel, nodes=nodes))
+    k8s.write([desc], out, check=False)
+    assert all(n > 0 for n in k8s.validate_all(out).values())
+    return desc, read(out, mesh)
+
+
+def affinity_node(spec: dict[str, Any]) -> str | None:
+    """The one node a pod spec's required node affinity allows, None without affinity."""
+    if "affinity" not in spec:
+        return None
+    assert "nodeSelector" not in spec
+    assert spec["affinity"].keys() == {"nodeAffinity"}
+    required = spec["affinity"]["nodeAffinity"]
+    assert required.keys() == {"requiredDuringSchedulingIgnoredDuringExecution"}
+    (term,) = required["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    (expression,) = term["matchExpressions"]
+    assert (expression["key"], expression["operator"]) == (k8s.NODE_LABEL, "In")
+    (node,) = expression["values"]
+    return node
+
+
+def workload_of(files: dict, desc: StackDescription, component: str) -> dict[str, Any]:
+    owner = desc.network_owner(component)
+    kind = "DaemonSet" if owner.role in k8s.NODE_ROLES else "Deployment"
+    return find(files, kind, k8s.K8sResolver(desc).pod(component))
+
+
+@pytest.mark.parametrize("nodes", [1, 3])
+@pytest.mark.parametrize("mesh", MESHES)
+def test_every_pod_has_affinity_to_its_components_node(
+    mesh: str, nodes: int, tmp_path: Path
+) -> None:
+    desc, files = placed(mesh, replicated_workmodel(tmp_path), tmp_path / "out", nodes)
+    assert desc.topology.isolated and len(desc.topology.nodes) == nodes
+    pinned: dict[str, str] = {}
+    for c in desc.components:
+        workload = workload_of(files, desc, c.name)
+        assert k8s.k8s_name(c.name) in [x["name"] for x in pod_spec(workload)["containers"]]
+        assert affinity_node(pod_spec(workload)) == c.node, c.name
+        pinned[workload["metadata"]["name"]] = c.node
+    workloads = [o for o in objects(files) if o["kind"] in WORKLOADS]
+    for workload in workloads:
+        name = workload["metadata"]["name"]
+        if workload["metadata"]["labels"]["dpumesh.role"] == "loadgen":
+            assert affinity_node(pod_spec(workload)) == k8s.CLIENT_NODE == "client"
+        else:
+            assert name in pinned  # every other workload is a component's
+    loadgen = {o["metadata"]["name"] for o in workloads if o["metadata"]["name"] not in pinned}
+    assert loadgen == {"locust-master", "locust-worker", "locust-headless"}
+    # A service on several nodes: one workload per instance, each on its node.
+    if nodes == 3:
+        instances = [c for c in desc.components if c.role == "app" and c.service == "s1"]
+        assert sorted(c.node for c in instances) == ["node2", "node3"]
+        assert len({workload_of(files, desc, c.name)["metadata"]["name"] for c in instances}) == 2
+    # Per-node pods' Services answer callers on other nodes (the load generator's among them).
+    for daemonset in (o for o in workloads if o["kind"] == "DaemonSet"):
+        name = daemonset["metadata"]["name"]
+        assert name in {k8s.k8s_name(c.name) for c in desc.components}  # one per component
+        services = [o for o in objects(files) if o["kind"] == "Service"]
+        for service in (s for s in services if s["metadata"]["name"] == name):
+            assert service["spec"]["internalTrafficPolicy"] == "Cluster"
+            assert service["spec"]["selector"] == {"app": name}
+
+
+def test_dpumesh_has_a_daemonset_per_node_and_role_with_its_routes(tmp_path: Path) -> None:
+    desc, files = placed("dpumesh", replicated_workmodel(tmp_path), tmp_path / "out", 3)
+    topology = desc.topology
+    assert dict(topology.instances) == {
+        "s0": ("node1",),
+        "s1": ("node2", "node3"),
+        "s2": ("node3",),
+    }
+    daemonsets = {o["metadata"]["name"]: o for o in objects(files) if o["kind"] == "DaemonSet"}
+    expected = {f"{role}-{node}" for role in k8s.DPU_ROLES for node in topology.nodes}
+    assert set(daemonsets) == expected
+
+    def bridge(node: str) -> str:
+        return f"http://dpu-daemon-{node}.dpumesh-system.svc.cluster.local:5005"
+
+    for node in topology.nodes:
+        for role in k8s.DPU_ROLES:
+            ds = daemonsets[f"{role}-{node}"]
+            assert ds["metadata"]["namespace"] == "dpumesh-system"
+            assert affinity_node(pod_spec(ds)) == node
+            assert SHM_VOLUME in pod_spec(ds)["volumes"]
+        # The services with no worker on this node, to the bridges of the nodes that have one.
+        assert routes_of(daemonsets, node) == [
+            f"{svc}={bridge(other)}"
+            for svc in desc.services
+            if node not in topology.nodes_of(svc)
+            for other in topology.nodes_of(svc)
+        ]
+        service = find(files, "Service", f"dpu-daemon-{node}")
+        assert service["spec"]["internalTrafficPolicy"] == "Cluster"
+        assert service["spec"]["selector"] == {"app": f"dpu-daemon-{node}"}
+        template = daemonsets[f"dpu-daemon-{node}"]["spec"]["template"]
+        assert template["metadata"]["labels"]["app"] == f"dpu-daemon-{node}"
+    assert routes_of(daemonsets, "node1") == [
+        f"s1={bridge('node2')}",
+        f"s1={bridge('node3')}",
+        f"s2={bridge('node3')}",
+    ]
+    assert routes_of(daemonsets, "node3") == [f"s0={bridge('node1')}"]
+    # Each worker's startup probe asks its own node's bridge; a replicated one per node.
+    for c in (c for c in desc.components if c.role == "app"):
+        (container,) = pod_spec(workload_of(files, desc, c.name))["containers"]
+        assert container["startupProbe"]["exec"]["command"][-3] == (
+            f"{bridge(c.node)}/_dpumesh/stats"
+        )
+    assert {o["metadata"]["name"] for o in objects(files) if o["kind"] == "Deployment"} >= {
+        "s0-worker",
+        "s1-worker-node2",
+        "s1-worker-node3",
+        "s2-worker",
+    }
+    # Locust, on the client node, calls the entry's bridge (node1's) through its Service.
+    job = find(files, "Job", "locust-headless")
+    (master,) = pod_spec(job)["containers"]
+    assert master["args"][master["args"].index("--host") + 1] == bridge("node1")
+
+
+def routes_of(daemonsets: dict[str, dict[str, Any]], node: str) -> list[str]:
+    (daemon,) = pod_spec(daemonsets[f"dpu-daemon-{node}"])["containers"]
+    return [daemon["args"][i + 1] for i, a in enumerate(daemon["args"]) if a == "--route"]
+
+
+def test_envoy_on_three_nodes_pins_each_pod(tmp_path: Path) -> None:
+    """One instance a service (the Envoy generator's ports stay distinct): every pod pinned."""
+    desc, files = placed("envoy", DEFAULT_WORKMODEL, tmp_path / "out", 3)
+    for c in desc.components:
+        assert affinity_node(pod_spec(workload_of(files, desc, c.name))) == c.node
+    assert {c.node for c in desc.components} == {"node1", "node2", "node3"}
+    assert affinity_node(pod_spec(find(files, "Deployment", "locust-worker"))) == "client"
+
+
+def test_no_affinity_without_nodes(default: dict[str, Any]) -> None:
+    for mesh in MESHES:
+        assert not default["descs"][mesh].topology.isolated
+        for workload in (o for o in objects(default["files"][mesh]) if o["kind"] in WORKLOADS):
+            assert affinity_node(pod_spec(workload)) is None
+            assert "nodeSelector" not in pod_spec(workload)

@@ -119,15 +119,26 @@ def test_corrupted_histograms_raise_value_error_only():
 
 def test_counters_since_the_test_start():
     before = counters.parse_traffic(
-        {"entry_requests": 10, "per_service": {"s0": 10, "s1": 30}, "errors": {"s0": 1, "s1": 0}}
+        {
+            "entry_requests": 10,
+            "per_service": {"s0": 10, "s1": 30},
+            "errors": {"s0": 1, "s1": 0},
+            "cross_node": 4,
+        }
     )
     after = counters.parse_traffic(
-        {"entry_requests": 25, "per_service": {"s0": 25, "s1": 5}, "errors": {"s0": 1, "s1": 2}}
+        {
+            "entry_requests": 25,
+            "per_service": {"s0": 25, "s1": 5},
+            "errors": {"s0": 1, "s1": 2},
+            "cross_node": 10,
+        }
     )
     delta = counters.since(after, before)
     assert delta["entry_requests"] == 15
     assert delta["per_service"] == {"s0": 15, "s1": 5}  # s1 restarted: all 5 are new
     assert delta["errors"] == {"s0": 0, "s1": 2}
+    assert delta["cross_node"] == 6
     for doc in (
         [],
         {"entry_requests": -1, "per_service": {}, "errors": {}},
@@ -138,6 +149,8 @@ def test_counters_since_the_test_start():
         {"entry_requests": 1, "per_service": [], "errors": {}},
         {"entry_requests": 1, "per_service": {}},
         {"entry_requests": 1, "per_service": {f"s{i}": 1 for i in range(2000)}, "errors": {}},
+        {"entry_requests": 1, "per_service": {}, "errors": {}},  # no cross_node
+        {"entry_requests": 1, "per_service": {}, "errors": {}, "cross_node": -2},
     ):
         with pytest.raises(ValueError):
             counters.parse_traffic(doc)
@@ -146,7 +159,12 @@ def test_counters_since_the_test_start():
 def test_table_rows_show_the_snapshot():
     block = meshstats.latency_block([(_hist([100, 200, 300, 400]), 1)])
     mesh = counters.parse_traffic(
-        {"entry_requests": 5, "per_service": {"s1": 4, "s0": 5}, "errors": {"s0": 1, "s1": 0}}
+        {
+            "entry_requests": 5,
+            "per_service": {"s1": 4, "s0": 5},
+            "errors": {"s0": 1, "s1": 0},
+            "cross_node": 3,
+        }
     )
     options = LoadOptions(open_loop_rate=40.0, request_mode="trace")
     doc = meshstats.snapshot("running", block, options, mesh, None)
@@ -158,6 +176,7 @@ def test_table_rows_show_the_snapshot():
         "mesh: entry requests (public port)",
         "mesh: s0",
         "mesh: s1",
+        "mesh: requests carried between nodes",
     ]
     locust = rows[0]
     assert (locust["requests"], locust["errors"]) == (5, 1)  # 4 recorded + 1 failure
@@ -165,6 +184,7 @@ def test_table_rows_show_the_snapshot():
         block[k] for k in ("p50_us", "p90_us", "p99_us", "p999_us", "max_us")
     ]
     assert rows[2] == {"name": "mesh: s0", "requests": 5, "errors": 1}
+    assert rows[-1] == {"name": "mesh: requests carried between nodes", "requests": 3}
     keys = {key for key, _ in meshstats.TABLE}
     assert all(set(r) <= keys for r in rows)  # every cell has a column
     down = meshstats.snapshot("ready", block, LoadOptions(), None, "unreadable (refused)")

@@ -223,6 +223,8 @@ def test_derived_numbers():
         sidecar={},
         usage=d2,
         downstream_calls_per_req=None,
+        cross_node_per_req=None,
+        nodes=0,
         mtls=False,
         dpu_model=dict.fromkeys(c.name for c in schema.DPU_MODEL),
         checks_ok=True,

@@ -74,7 +74,9 @@ def _counts(manifest: dict[str, Any]) -> dict[str, Any]:
     admins += _ports(manifest, "gateway", "admin").values()
     apps = {
         c["service"]: {
-            k: v for k, v in get_json(c["ports"]["http"], APP_STATS_PATH).items() if k != "service"
+            k: v
+            for k, v in get_json(("127.0.0.1", c["ports"]["http"]), APP_STATS_PATH).items()
+            if k not in ("service", "calls")
         }
         for c in manifest["components"]
         if c["role"] == "app"
@@ -299,13 +301,14 @@ def test_mtls_between_proxies_and_a_plaintext_client_is_refused(mesh, tmp_path):
         }
         # A client bypassing the app's proxy: plaintext, then TLS without a client certificate.
         inbound, admin = _callee_inbound(manifest, mesh)
-        s1_before = get_json(_ports(manifest, "app", "http")["app-s1"], APP_STATS_PATH)
+        s1_app = ("127.0.0.1", _ports(manifest, "app", "http")["app-s1"])
+        s1_before = get_json(s1_app, APP_STATS_PATH)
         ca = tmp_path / "secrets" / "gateway" / "ca.pem"
         trusting = ssl.create_default_context(cafile=str(ca))
         trusting.check_hostname = False  # the peer is named by a SPIFFE URI, not a host name
         replies = [_no_http_answer(inbound), _no_http_answer(inbound, trusting)]
         refused = envoy.read_stats(admin, r"^listener\.inbound_s1\.ssl\.")
-        s1_after = get_json(_ports(manifest, "app", "http")["app-s1"], APP_STATS_PATH)
+        s1_after = get_json(s1_app, APP_STATS_PATH)
         fairness = envoy.tuning(
             ["envoy", *envoy.envoy_args(1, "x")],
             {name: json.loads(Path(p).read_text()) for name, p in stack.configs.items()},

@@ -48,6 +48,8 @@ CASES: dict[str, tuple[str, Any, str]] = {
     "scale": ("0", 0.0, "-1"),
     "envoy_concurrency": ("3", 3, "1.5"),
     "mtls": ("true", True, "yes"),
+    "nodes": ("2", 2, "33"),
+    "place": ("s1=2,s2=1", (("s1", 2), ("s2", 1)), "s1"),
     "functions_dir": (str(REPO / "tests" / "apps"), REPO / "tests" / "apps", "/no/such/dir"),
     "restart": ("never", "never", "sometimes"),
     "restart_backoff": ("1.5", 1.5, "0"),

@@ -254,6 +254,7 @@ FIXED = {
     "rss_host_mb": 100.0,
     "rss_offload_mb": 0.0,
     "mtls": False,
+    "nodes": 0,
     "placement": "host=0;dpu=1;loadgen=1",
     "dpu_profile": "bluefield3",
     "dpu_cores": 1,
@@ -770,3 +771,57 @@ def test_the_report_says_whether_the_envoy_stacks_ran_mutual_tls(tmp_path: Path)
     assert "Proxy-to-proxy hops of envoy ran mutual TLS" in text and "plaintext" not in text
     run.results = run.results[run.results["mesh"] != "envoy"]
     assert _transport(run) == ""  # no Envoy stack, nothing to say
+
+
+def _on_nodes(root: Path, nodes: int, extra_us: float) -> Path:
+    """A two-stack run on `nodes` nodes, each stack `extra_us` slower than on one node, one
+    call in three crossing nodes (cross-node per request 1 of 1 + 2 requests)."""
+    rng = random.Random(nodes)
+    rows = []
+    for rep in (1, 2):
+        for mesh, base in {"dpumesh": 900, "nomesh": 700}.items():
+            for level, users, rate in LEVELS:
+                row = _measured(
+                    root,
+                    mesh,
+                    rep,
+                    level,
+                    users,
+                    rate,
+                    latency_us=base + extra_us,
+                    cpu=(1.0, 0.0),
+                    rng=rng,
+                )
+                crossing = 1.0 if nodes > 1 else 0.0
+                rows.append(
+                    row
+                    | {
+                        "nodes": nodes,
+                        "cross_node_per_req": crossing,
+                        "downstream_calls_per_req": 2.0,
+                    }
+                )
+    _write(root, rows, [r for row in rows for r in _roles(row)]).write_meta(
+        {"config": {"slo_p99_ms": 10, "nodes": nodes}}
+    )
+    return root
+
+
+def test_nodes_show_the_cross_node_share_and_the_latency_difference(tmp_path):
+    one = _on_nodes(tmp_path / "one-node", 1, 0.0)
+    three = _on_nodes(tmp_path / "three-nodes", 3, 1000.0)
+    summary = summarize(load_run(three))
+    share = summary.stacks["dpumesh"].values["cross_node_share"]
+    assert share.value == pytest.approx(1 / 3)
+    page_html = write_report([one, three], tmp_path / "report.html").read_text()
+    text = re.sub(r"<[^>]+>", " ", page_html)
+    assert "The services ran on 3 node(s)" in text
+    assert "dpumesh 33.3 %" in text
+    assert "one-node (open-100, 1 node(s))" in text and "three-nodes (open-100, 3 node(s))" in text
+    differences = re.findall(
+        r"p50 latency difference to the first run \(ms\)\s+—\s+([-0-9.]+)", text
+    )
+    assert len(differences) == 2  # per stack; the latencies were 1 ms apart, uniform x0.5..2
+    assert all(0.8 < float(d) < 1.7 for d in differences), differences
+    single = re.sub(r"<[^>]+>", " ", write_report([one], tmp_path / "one.html").read_text())
+    assert "crossed nodes" not in single

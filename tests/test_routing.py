@@ -1,10 +1,10 @@
-"""Sidecar routing rules: service resolution and least-outstanding worker choice."""
+"""Sidecar routing rules: service resolution, least-outstanding worker choice, nearest node."""
 
 from __future__ import annotations
 
 from collections import Counter
 
-from dpumesh.routing import WorkerTable, egress_target, host_service, split_prefix
+from dpumesh.routing import WorkerTable, egress_target, host_service, nearest, split_prefix
 
 KNOWN = {"s0", "s1", "ms-001"}
 
@@ -55,3 +55,15 @@ def test_update_reports_removed_and_remembers_services():
     table.update([])
     assert table.workers("s1") == []
     assert {"s1", "s9"} <= table.known
+
+
+def test_nearest_prefers_the_callers_own_node():
+    assert nearest("n1", ["n0", "n1", "n2"]) == ("n1",)
+    assert nearest("n1", ["n1", "n1"]) == ("n1",)
+
+
+def test_nearest_else_every_other_node_in_order_once():
+    assert nearest("n9", ["n2", "n0", "n2", "n1"]) == ("n2", "n0", "n1")
+    assert nearest("n0", ["n1"]) == ("n1",)
+    assert nearest("n0", []) == ()
+    assert nearest("n0", ("n1", "n2")) == ("n1", "n2")  # any sequence

@@ -384,6 +384,8 @@ def _row(**over):
             "rss_offload_mb": 0.0,
         },
         downstream_calls_per_req=2.0,
+        cross_node_per_req=None,
+        nodes=0,
         mtls=False,
         dpu_model={  # the Placement.record() keys results.csv takes
             "placement": "host=0;dpu=1;loadgen=1",

@@ -68,6 +68,8 @@ def _result(level: str, offered: float | None, **over: Any) -> dict[str, Any]:
             "rss_offload_mb": 30.5,
         },
         downstream_calls_per_req=2.0,
+        cross_node_per_req=None,
+        nodes=0,
         mtls=False,
         dpu_model=MODEL,
         checks_ok=True,
@@ -206,7 +208,7 @@ def test_the_reader_names_the_file_line_and_column(tmp_path: Path) -> None:
         load_results(tmp_path)
 
 
-@pytest.mark.parametrize(("version", "shown"), [(None, 1), (1, 1), (3, 3), ("2", 2)])
+@pytest.mark.parametrize(("version", "shown"), [(None, 1), (2, 2), (4, 4), ("3", 3)])
 def test_a_directory_of_another_schema_version_is_refused_in_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture, version: Any, shown: int
 ) -> None:

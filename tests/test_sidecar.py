@@ -1,7 +1,8 @@
-"""The sidecar's queue reader and replies to workers, in-process on real shared memory.
+"""The sidecar's queue reader, replies to workers and fallback routes, in-process.
 
 No DMA manager runs here, so the test itself is the producer of sidecar_sq and
 the consumer of sidecar_cq: it can inject faults the daemons never produce.
+Fallback peers are real loopback servers.
 """
 
 from __future__ import annotations
@@ -15,22 +16,41 @@ import pytest
 
 from dpumesh import naming, ring, wire
 from dpumesh.bridge_codec import BridgeRequest
-from dpumesh.dpu_daemon import Config, Sidecar
+from dpumesh.dpu_daemon import Config, Sidecar, parse_args
+from dpumesh.fallback import Peer
 from tests.mesh import corrupt, shm_objects
+from tests.test_fallback import Server
 
 TAIL_OFFSET = 320  # the ring header's tail counter (see tests/test_ring.py)
 
 
 @pytest.fixture
-def sidecar(ns: str) -> Iterator[Sidecar]:
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
     loop = asyncio.new_event_loop()
-    sc = Sidecar(Config(namespace=ns), loop)
+    yield loop
+    loop.close()
+
+
+@pytest.fixture
+def make_sidecar(ns: str, loop) -> Iterator[Callable[..., Sidecar]]:
+    """The sidecar of namespace `ns` on `loop`, Config fields as keywords (once per test)."""
+    made: list[Sidecar] = []
+
+    def make(**cfg: object) -> Sidecar:
+        made.append(Sidecar(Config(namespace=ns, **cfg), loop))
+        return made[-1]
+
     try:
-        yield sc
+        yield make
     finally:
-        sc.stop()
-        loop.close()
+        for sc in made:
+            sc.stop()
     assert shm_objects(ns) == []
+
+
+@pytest.fixture
+def sidecar(make_sidecar: Callable[..., Sidecar]) -> Sidecar:
+    return make_sidecar()
 
 
 def run_until(sc: Sidecar, done: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -117,3 +137,29 @@ def test_counters_for_client_chosen_names_are_bounded(sidecar, monkeypatch):
     assert len(stats) == 5
     assert stats["(other)"]["ingress"] == 6
     assert json.dumps(stats)  # still one small JSON document
+
+
+def test_route_repeated_for_a_service_collects_its_peers_in_order():
+    cfg = parse_args(
+        ["--route", "s1=http://a:1", "--route", "s2=http://c:3", "--route", "s1=http://b:2"]
+    )
+    assert cfg.routes == {"s1": (Peer("a", 1), Peer("b", 2)), "s2": (Peer("c", 3),)}
+
+
+def test_a_service_with_no_local_worker_rotates_over_its_peers(loop, make_sidecar):
+    servers = [Server(), Server()]
+    peers = tuple(loop.run_until_complete(s.start()) for s in servers)
+    sc = make_sidecar(routes={"far": peers})
+    statuses = []
+    for _ in range(6):
+        req = BridgeRequest(protocol="json", method="GET", path="/x", target_service="far")
+        _, fut = sc.dispatch(req)
+        run_until(sc, fut.done)
+        statuses.append(fut.result()[0])
+    sc.fallback.close()  # the peers' handlers see EOF and finish before the loop closes
+    for s in servers:
+        s.server.close()
+    loop.run_until_complete(asyncio.sleep(0.05))
+    assert statuses == [200] * 6
+    assert [s.received.count(b"GET /x ") for s in servers] == [3, 3]
+    assert sc.snapshot_stats()["services"]["far"]["fallback"] == 6

@@ -106,9 +106,9 @@ def test_default_workmodel_answers_and_counts(mesh, tmp_path):
             assert listeners["inbound_s2"]["downstream_rq_total"] == 2
             assert listeners["outbound_s1"]["downstream_rq_total"] == 0
             assert {s: c["requests"] for s, c in traffic["raw"]["apps"].items()} == {
-                "s0": 2,
-                "s1": 2,
-                "s2": 2,
+                "app-s0": 2,
+                "app-s1": 2,
+                "app-s2": 2,
             }
             assert set(stack.configs) == {"gateway", "sidecar-s0", "sidecar-s1", "sidecar-s2"}
             for path in stack.configs.values():
@@ -129,9 +129,9 @@ def test_default_workmodel_answers_and_counts(mesh, tmp_path):
                 "outbound_to_s2": 2,
             }
             assert {s: c["requests"] for s, c in traffic["raw"]["apps"].items()} == {
-                "s0": 2,
-                "s1": 2,
-                "s2": 2,
+                "app-s0": 2,
+                "app-s1": 2,
+                "app-s2": 2,
             }
             assert set(stack.configs) == {"gateway", "nodeproxy-node1"}
         else:

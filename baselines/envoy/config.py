@@ -6,9 +6,14 @@ Topology (Istio-like: every service-to-service call crosses two sidecars)::
 
 * Each service instance has ONE sidecar Envoy with two listeners:
   - inbound `127.0.0.1:<inbound_port>` -> the local app on `127.0.0.1:<app_port>`;
-  - outbound `127.0.0.1:<outbound_port>` -> the callee's *inbound* listener (never
+  - outbound `127.0.0.1:<outbound_port>` -> the callee's *inbound* listeners (never
     its app), chosen by the `Host` header: `<svc>`, `<svc>:<port>` or `<svc>.<domain>`.
     Any other host gets Envoy's 404.
+* Stacks may spread over several nodes, a service over several of them. Every
+  caller (sidecar, node proxy, gateway) follows one rule,
+  `dpumesh.routing.nearest`: the callee's instance on the caller's own node when
+  there is one, else round robin (Envoy's default, one `lb_endpoints` entry
+  each) over its instances on the other nodes.
 * The gateway Envoy on the stack's public port picks the service the way the
   DPUmesh bridge does (DESIGN §2): a `/<svc>` or `/<svc>/...` path prefix, with
   the prefix stripped (`/s1/api/v1` -> `/api/v1`, `/s1` -> `/`); else a `Host`
@@ -36,11 +41,11 @@ per node ONE Envoy, `nodeproxy-<node>`, in front of every app on the node::
   call for that service (the explicit stand-in for ambient's redirection by
   destination address): to the callee's app when it is on this node (one pass
   through the node proxy, as ambient's same-node path), else to the inbound
-  listener for it on the callee's node's proxy;
+  listeners for it on the proxies of the nodes that have it (round robin);
 * per local service an inbound listener `inbound_<svc>`, which the gateway and
   other nodes' proxies call, to that app;
-* the gateway routes as in the sidecar mesh, to `inbound_<svc>` of the
-  service's node.
+* the gateway (on `gateway_node`) routes as in the sidecar mesh, to
+  `inbound_<svc>` of the service's nearest nodes.
 
 One HTTP connection manager per service and direction, as a sidecar has, so
 each service's requests and 5xx answers (Envoy's own 503s for a dead app
@@ -54,15 +59,18 @@ its own proxy stays plaintext. Listeners that other Envoys call (a sidecar's
 inbound, a node proxy's inbound) take TLS only and require a client
 certificate signed by the mesh CA; clusters to another Envoy present this
 Envoy's certificate and accept the peer only with the CA's signature and the
-peer's identity (`spiffe_id`) as URI SAN. Certificates: `baselines.envoy.tls`.
+peer's identity (`spiffe_id`) as URI SAN: a cluster of several peers accepts
+any of theirs. Certificates: `baselines.envoy.tls`.
 
 Every listener's HTTP stats live under `http.<stat_prefix>.` with prefixes
 `gateway`, `inbound_<svc>` and `outbound_<svc>` (node proxies: `inbound_<svc>`,
 `outbound_to_<svc>`); clusters are `local_app` (a sidecar's app), `local_app_<svc>`
-(a node proxy's app of `svc`) and `to_<svc>` (the inbound listener for a
-service on its sidecar or node proxy), counted under `cluster.<name>.`
-(`upstream_rq_total` vs `upstream_cx_total` shows reuse). TLS handshakes count
-under `listener.<stat_prefix>.ssl.` and `cluster.<name>.ssl.`.
+(a node proxy's app of `svc`) and `to_<svc>` (`callee_cluster`: the inbound
+listeners for a service on its nearest sidecars or node proxies), counted under
+`cluster.<name>.` (`cluster_stat`; `upstream_rq_total` counts the requests sent
+through it, router `dynamic_stats: false` or not, and vs `upstream_cx_total`
+shows reuse). TLS handshakes count under `listener.<stat_prefix>.ssl.` and
+`cluster.<name>.ssl.`.
 
 `tuning()` reads that tuning back from the generated bootstraps and an Envoy
 command line, so a run's fairness record states what ran, not what was meant.
@@ -84,6 +92,7 @@ from pathlib import Path
 from typing import Any
 
 # Service ids become stat-name segments and Host patterns: the workmodel loader's rule.
+from dpumesh.routing import nearest
 from mubench.workmodel import SERVICE_ID
 
 GATEWAY = "gateway"
@@ -132,13 +141,21 @@ class EnvoyConfigError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class ServicePorts:
-    """Loopback ports of one service instance and its sidecar."""
+class Sidecar:
+    """One service instance's sidecar: its service, its node and its ports.
 
+    `app_port` and `outbound_port` are on loopback (the app and its sidecar share
+    a network namespace, as a pod); `host` is how the Envoy being configured
+    reaches this sidecar's inbound listener (a name is resolved by DNS).
+    """
+
+    service: str
+    node: str
     app_port: int
     inbound_port: int
     outbound_port: int
     admin_port: int
+    host: str = _LOOPBACK
 
 
 @dataclass(frozen=True)
@@ -175,9 +192,13 @@ class _Mesh:
     name each peer as this Envoy reaches it (a name is resolved by DNS).
 
     `mtls`: per Envoy (by config name) its certificate files; empty, plaintext.
+
+    `gateway_node`: the node the gateway runs on; its calls follow the same
+    rule as every other caller's (`dpumesh.routing.nearest`).
     """
 
     gateway: GatewayPorts
+    gateway_node: str = "node1"
     entry: str = "s0"
     concurrency: int = DEFAULT_CONCURRENCY
     route_timeout_s: float = 30.0
@@ -185,17 +206,26 @@ class _Mesh:
     listen_address: str = _LOOPBACK
     mtls: Mapping[str, MtlsFiles] = field(default_factory=dict)
 
-    def _check(self, services: Iterable[str], ports: list[int], envoys: Iterable[str]) -> None:
-        """Reject ids Envoy could not name, an unknown entry, clashing ports, bad tuning."""
+    def _check(
+        self, services: Iterable[str], ports: Mapping[str, list[int]], envoys: Iterable[str]
+    ) -> None:
+        """Reject ids Envoy could not name, an unknown entry, clashing ports, bad tuning.
+
+        `ports`: what each network namespace binds (a pod: an Envoy with its app, a node
+        proxy, an app), by owner; only within one can a port clash (pods of one service,
+        node proxies of several nodes, bind the same numbers in Kubernetes)."""
         services = list(services)
         bad = [s for s in services if not SERVICE_ID.fullmatch(s)]
         if bad:
             raise ValueError(f"service ids must match {SERVICE_ID.pattern}: {bad}")
         if self.entry not in services:
             raise ValueError(f"entry service {self.entry!r} is not among the services")
-        ports = [self.gateway.listen_port, self.gateway.admin_port, *ports]
-        if len(set(ports)) != len(ports) or not all(0 < p < 65536 for p in ports):
-            raise ValueError(f"ports must be distinct and in 1..65535: {sorted(ports)}")
+        owned = {**ports, GATEWAY: [self.gateway.listen_port, self.gateway.admin_port]}
+        for owner, numbers in owned.items():
+            if len(set(numbers)) != len(numbers) or not all(0 < p < 65536 for p in numbers):
+                raise ValueError(
+                    f"{owner}: ports must be distinct and in 1..65535: {sorted(numbers)}"
+                )
         if self.concurrency < 1 or self.route_timeout_s <= 0 or self.app_idle_timeout_s <= 0:
             raise ValueError("concurrency and timeouts must be positive")
         if self.mtls and set(self.mtls) != set(envoys):
@@ -206,21 +236,29 @@ class _Mesh:
 class MeshDescription(_Mesh):
     """The sidecar mesh; plain data so it does not depend on μBench.
 
-    `service_hosts` names each service's sidecar host for the callee clusters.
-    A sidecar's outbound listener and its app stay on loopback: they share a
-    network namespace like a pod.
+    `sidecars`: every service instance's sidecar, keyed by its Envoy config name
+    (`sidecar_name(service)` when a service has one instance). A service may
+    have sidecars on several nodes.
     """
 
-    services: Mapping[str, ServicePorts]
-    service_hosts: Mapping[str, str] = field(default_factory=dict)
+    sidecars: Mapping[str, Sidecar]
 
     def __post_init__(self) -> None:
-        ports = [
-            port
-            for p in self.services.values()
-            for port in (p.app_port, p.inbound_port, p.outbound_port, p.admin_port)
-        ]
-        self._check(self.services, ports, [*map(sidecar_name, self.services), GATEWAY])
+        if GATEWAY in self.sidecars:
+            raise ValueError(f"a sidecar must not be named {GATEWAY!r}")
+        ports = {
+            name: [p.app_port, p.inbound_port, p.outbound_port, p.admin_port]
+            for name, p in self.sidecars.items()
+        }
+        self._check(self.services(), ports, [*self.sidecars, GATEWAY])
+
+    def services(self) -> list[str]:
+        """Every service with a sidecar, in the order of their first sidecars."""
+        return list(dict.fromkeys(p.service for p in self.sidecars.values()))
+
+    def node_of(self, envoy: str) -> str:
+        """The node of the Envoy of config name `envoy` (a sidecar or the gateway)."""
+        return self.gateway_node if envoy == GATEWAY else self.sidecars[envoy].node
 
 
 @dataclass(frozen=True)
@@ -235,9 +273,8 @@ class NodeProxyPorts:
 
 @dataclass(frozen=True)
 class AppAddress:
-    """One service's app: the node it runs on and where its node's proxy reaches it."""
+    """One service instance's app: where its node's proxy reaches it."""
 
-    node: str
     port: int
     host: str = _LOOPBACK
 
@@ -246,12 +283,13 @@ class AppAddress:
 class NodeMeshDescription(_Mesh):
     """The node-proxy mesh: one Envoy per node in front of all of that node's apps.
 
-    `node_hosts` names each node's proxy as the Envoy being configured reaches
-    it (loopback when absent). Its outbound listeners listen on
-    `listen_address` too: its apps are not in its network namespace.
+    `apps`: per service, per node, its instance there. `node_hosts` names each
+    node's proxy as the Envoy being configured reaches it (loopback when
+    absent). Its outbound listeners listen on `listen_address` too: its apps
+    are not in its network namespace.
     """
 
-    apps: Mapping[str, AppAddress]
+    apps: Mapping[str, Mapping[str, AppAddress]]
     nodes: Mapping[str, NodeProxyPorts]
     node_hosts: Mapping[str, str] = field(default_factory=dict)
 
@@ -259,27 +297,33 @@ class NodeMeshDescription(_Mesh):
         bad = [n for n in self.nodes if not SERVICE_ID.fullmatch(n)]
         if bad:
             raise ValueError(f"node names must match {SERVICE_ID.pattern}: {bad}")
-        homeless = sorted(s for s, app in self.apps.items() if app.node not in self.nodes)
+        homeless = sorted(
+            s for s, by_node in self.apps.items() if not by_node or set(by_node) - set(self.nodes)
+        )
         if homeless:
-            raise ValueError(f"services on no described node: {homeless}")
+            raise ValueError(f"services without instances or on no described node: {homeless}")
         for node, p in self.nodes.items():
             if set(p.inbound) != set(self.local(node)) or set(p.outbound) != set(self.apps):
                 raise ValueError(
                     f"node {node}: an inbound port per local service and an outbound port "
                     "per service"
                 )
-        ports = [app.port for app in self.apps.values()]
-        for p in self.nodes.values():
-            ports += [*p.inbound.values(), *p.outbound.values(), p.admin_port]
+        ports = {
+            node_proxy_name(node): [*p.inbound.values(), *p.outbound.values(), p.admin_port]
+            for node, p in self.nodes.items()
+        }
+        ports |= {
+            f"app of {s} on {n}": [a.port] for s, by in self.apps.items() for n, a in by.items()
+        }
         self._check(self.apps, ports, [*map(node_proxy_name, self.nodes), GATEWAY])
 
     def local(self, node: str) -> list[str]:
-        """The services whose apps run on `node`."""
-        return [s for s, app in self.apps.items() if app.node == node]
+        """The services with an instance on `node`."""
+        return [s for s, by_node in self.apps.items() if node in by_node]
 
 
 def sidecar_name(service: str) -> str:
-    """Config/process name of a service's sidecar."""
+    """Config/process name of the sidecar of a service's only instance."""
     return f"sidecar-{service}"
 
 
@@ -309,9 +353,20 @@ def app_cluster(service: str) -> str:
     return f"{LOCAL_APP_CLUSTER}_{service}"
 
 
+def callee_cluster(service: str) -> str:
+    """The cluster through which an Envoy calls `service`'s sidecars or node proxies."""
+    return f"to_{service}"
+
+
 def listener_stat(stat_prefix: str, counter: str) -> str:
     """The full name of one listener counter (`http.<prefix>.<counter>`)."""
     return f"http.{stat_prefix}.{counter}"
+
+
+def cluster_stat(cluster: str, counter: str) -> str:
+    """The full name of one cluster counter (`cluster.<name>.<counter>`), such as
+    `upstream_rq_total` of `callee_cluster(svc)`: the requests sent through it."""
+    return f"cluster.{cluster}.{counter}"
 
 
 def spiffe_id(envoy: str) -> str:
@@ -336,12 +391,16 @@ def _is_ip(host: str) -> bool:
 
 
 def _cluster(
-    name: str, port: int, idle_timeout_s: float | None = None, host: str = _LOOPBACK
+    name: str, endpoints: Sequence[tuple[str, int]], idle_timeout_s: float | None = None
 ) -> dict[str, Any]:
-    """A one-endpoint cluster: HTTP/1.1 with keep-alive, circuit breakers out of the way.
+    """A cluster of `endpoints` (host, port), used round robin (Envoy's default):
+    HTTP/1.1 with keep-alive, circuit breakers out of the way.
 
-    STATIC for an IP address; STRICT_DNS (IPv4) for a host name such as a container's.
+    STATIC when every host is an IP address; else STRICT_DNS (IPv4), for host
+    names such as containers'.
     """
+    if not endpoints:
+        raise ValueError(f"cluster {name} has no endpoints")
     limits = {
         "max_connections": _UNLIMITED,
         "max_pending_requests": _UNLIMITED,
@@ -355,7 +414,7 @@ def _cluster(
     if idle_timeout_s is not None:
         protocol["common_http_protocol_options"] = {"idle_timeout": _duration(idle_timeout_s)}
     discovery: dict[str, str] = {"type": "STATIC"}
-    if not _is_ip(host):
+    if not all(_is_ip(host) for host, _ in endpoints):
         discovery = {"type": "STRICT_DNS", "dns_lookup_family": "V4_ONLY"}
     return {
         "name": name,
@@ -363,7 +422,13 @@ def _cluster(
         "connect_timeout": "5s",
         "load_assignment": {
             "cluster_name": name,
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address(port, host)}}]}],
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {"endpoint": {"address": _address(port, host)}} for host, port in endpoints
+                    ]
+                }
+            ],
         },
         "circuit_breakers": {
             "thresholds": [{"priority": prio, **limits} for prio in ("DEFAULT", "HIGH")]
@@ -373,20 +438,28 @@ def _cluster(
 
 
 def _app_cluster(desc: _Mesh, name: str, port: int, host: str = _LOOPBACK) -> dict[str, Any]:
-    """A cluster of an app: plaintext, idle connections closed before the app closes them."""
-    return _cluster(name, port, desc.app_idle_timeout_s, host)
+    """A cluster of one app: plaintext, idle connections closed before the app closes them."""
+    return _cluster(name, [(host, port)], desc.app_idle_timeout_s)
 
 
 def _peer_cluster(
-    desc: _Mesh, reader: str, name: str, port: int, host: str, peer: str
+    desc: _Mesh,
+    reader: str,
+    name: str,
+    endpoints: Sequence[tuple[str, int]],
+    peers: Sequence[str],
 ) -> dict[str, Any]:
-    """A cluster of another Envoy (`peer`): mutual TLS when the mesh has it."""
-    cluster = _cluster(name, port, host=host)
+    """A cluster of other Envoys (`peers`, their config names, at `endpoints`): mutual TLS
+    when the mesh has it, a peer accepted when its certificate names any of `peers`."""
+    cluster = _cluster(name, endpoints)
     files = desc.mtls.get(reader)
     if files is not None:
-        san = {"san_type": "URI", "matcher": {"exact": spiffe_id(peer)}}
+        sans = [
+            {"san_type": "URI", "matcher": {"exact": spiffe_id(peer)}}
+            for peer in dict.fromkeys(peers)
+        ]
         cluster["transport_socket"] = _tls_socket(
-            _UPSTREAM_TLS, files, {"match_typed_subject_alt_names": [san]}
+            _UPSTREAM_TLS, files, {"match_typed_subject_alt_names": sans}
         )
     return cluster
 
@@ -490,30 +563,29 @@ def _bootstrap(
 
 
 def _callee_clusters(desc: MeshDescription, reader: str) -> list[dict[str, Any]]:
-    """One cluster per service, pointing at its sidecar's inbound listener."""
-    return [
-        _peer_cluster(
-            desc,
-            reader,
-            f"to_{s}",
-            p.inbound_port,
-            desc.service_hosts.get(s, _LOOPBACK),
-            sidecar_name(s),
-        )
-        for s, p in desc.services.items()
-    ]
+    """Per service a cluster `to_<svc>` of the inbound listeners of its sidecars on the nodes
+    `nearest` the node of `reader` (its own node when the service has an instance there)."""
+    clusters = []
+    for service in desc.services():
+        sidecars = {n: p for n, p in desc.sidecars.items() if p.service == service}
+        chosen = nearest(desc.node_of(reader), [p.node for p in sidecars.values()])
+        peers = [n for n, p in sidecars.items() if p.node in chosen]
+        endpoints = [(sidecars[n].host, sidecars[n].inbound_port) for n in peers]
+        clusters.append(_peer_cluster(desc, reader, callee_cluster(service), endpoints, peers))
+    return clusters
 
 
-def sidecar_config(desc: MeshDescription, service: str) -> dict[str, Any]:
-    """Bootstrap of `service`'s sidecar: inbound -> its app, outbound -> callees' inbound."""
-    name = sidecar_name(service)
-    ports = desc.services[service]
+def sidecar_config(desc: MeshDescription, name: str) -> dict[str, Any]:
+    """Bootstrap of the sidecar of config name `name`: inbound -> its app, outbound -> the
+    inbound listeners of its callees' nearest sidecars."""
+    ports = desc.sidecars[name]
+    service = ports.service
     local = _one_route(desc, "local_app", LOCAL_APP_CLUSTER)
     inbound = _inbound(desc, name, inbound_stat_prefix(service), ports.inbound_port, local)
     outbound = _listener(
         outbound_stat_prefix(service),
         ports.outbound_port,
-        _by_host(desc, {callee: f"to_{callee}" for callee in desc.services}),
+        _by_host(desc, {callee: callee_cluster(callee) for callee in desc.services()}),
     )
     clusters = [
         _app_cluster(desc, LOCAL_APP_CLUSTER, ports.app_port),
@@ -522,20 +594,22 @@ def sidecar_config(desc: MeshDescription, service: str) -> dict[str, Any]:
     return _bootstrap(desc, name, ports.admin_port, [inbound, outbound], clusters)
 
 
-def _gateway(desc: _Mesh, clusters: list[dict[str, Any]]) -> dict[str, Any]:
+def _gateway(
+    desc: _Mesh, services: Iterable[str], clusters: list[dict[str, Any]]
+) -> dict[str, Any]:
     """The ingress gateway: path prefix, then Host, then the entry service, each service to
-    its cluster `to_<svc>` (among `clusters`, the listener in front of its app)."""
-    services = [c["name"].removeprefix("to_") for c in clusters]
+    its cluster `to_<svc>` (among `clusters`, the listeners in front of its apps)."""
+    services = list(services)
     by_prefix = []
     for s in services:
-        by_prefix.append(_route(desc, f"to_{s}", {"path": f"/{s}"}, rewrite=True))
-        by_prefix.append(_route(desc, f"to_{s}", {"prefix": f"/{s}/"}, rewrite=True))
+        by_prefix.append(_route(desc, callee_cluster(s), {"path": f"/{s}"}, rewrite=True))
+        by_prefix.append(_route(desc, callee_cluster(s), {"prefix": f"/{s}/"}, rewrite=True))
     targets = [(s, _service_domains(s)) for s in services] + [(desc.entry, ["*"])]
     virtual_hosts = [
         {
             "name": "*" if domains == ["*"] else s,
             "domains": domains,
-            "routes": [*by_prefix, _route(desc, f"to_{s}", {"prefix": "/"})],
+            "routes": [*by_prefix, _route(desc, callee_cluster(s), {"prefix": "/"})],
         }
         for s, domains in targets
     ]
@@ -544,32 +618,29 @@ def _gateway(desc: _Mesh, clusters: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def gateway_config(desc: MeshDescription) -> dict[str, Any]:
-    """Bootstrap of the sidecar mesh's gateway: each service to its sidecar."""
-    return _gateway(desc, _callee_clusters(desc, GATEWAY))
+    """Bootstrap of the sidecar mesh's gateway: each service to its nearest sidecars."""
+    return _gateway(desc, desc.services(), _callee_clusters(desc, GATEWAY))
 
 
 def render(desc: MeshDescription) -> dict[str, dict[str, Any]]:
-    """Every Envoy's bootstrap by config name: one sidecar per service, then the gateway."""
-    configs = {sidecar_name(s): sidecar_config(desc, s) for s in desc.services}
+    """Every Envoy's bootstrap by config name: every sidecar (by its key), then the gateway."""
+    configs = {name: sidecar_config(desc, name) for name in desc.sidecars}
     configs[GATEWAY] = gateway_config(desc)
     return configs
 
 
 def _node_clusters(
-    desc: NodeMeshDescription, reader: str, services: Iterable[str]
+    desc: NodeMeshDescription, reader: str, node: str, services: Iterable[str]
 ) -> list[dict[str, Any]]:
-    """A `to_<svc>` cluster per service: the inbound listener for it on its node's proxy."""
-    return [
-        _peer_cluster(
-            desc,
-            reader,
-            f"to_{s}",
-            desc.nodes[desc.apps[s].node].inbound[s],
-            desc.node_hosts.get(desc.apps[s].node, _LOOPBACK),
-            node_proxy_name(desc.apps[s].node),
-        )
-        for s in services
-    ]
+    """A `to_<svc>` cluster per service: the inbound listeners for it on the proxies of the
+    nodes `nearest` `node` (the node of `reader`)."""
+    clusters = []
+    for s in services:
+        chosen = nearest(node, list(desc.apps[s]))
+        endpoints = [(desc.node_hosts.get(n, _LOOPBACK), desc.nodes[n].inbound[s]) for n in chosen]
+        peers = [node_proxy_name(n) for n in chosen]
+        clusters.append(_peer_cluster(desc, reader, callee_cluster(s), endpoints, peers))
+    return clusters
 
 
 def _one_route(desc: _Mesh, name: str, cluster: str) -> list[dict[str, Any]]:
@@ -578,8 +649,9 @@ def _one_route(desc: _Mesh, name: str, cluster: str) -> list[dict[str, Any]]:
 
 
 def node_proxy_config(desc: NodeMeshDescription, node: str) -> dict[str, Any]:
-    """Bootstrap of `node`'s proxy: per local service an inbound listener to its app; per
-    service an outbound listener to its app (same node) or to its node's proxy (else)."""
+    """Bootstrap of `node`'s proxy: per local service an inbound listener to its app here; per
+    service an outbound listener to its app here (an instance on this node) or else to the
+    proxies of the nodes with one (round robin)."""
     name = node_proxy_name(node)
     ports = desc.nodes[node]
     local = desc.local(node)
@@ -597,21 +669,24 @@ def node_proxy_config(desc: NodeMeshDescription, node: str) -> dict[str, Any]:
         _listener(
             outbound_to_stat_prefix(s),
             ports.outbound[s],
-            _one_route(desc, s, app_cluster(s) if s in local else f"to_{s}"),
+            _one_route(desc, s, app_cluster(s) if s in local else callee_cluster(s)),
             desc.listen_address,
         )
         for s in desc.apps
     ]
     clusters = [
-        *(_app_cluster(desc, app_cluster(s), desc.apps[s].port, desc.apps[s].host) for s in local),
-        *_node_clusters(desc, name, [s for s in desc.apps if s not in local]),
+        *(
+            _app_cluster(desc, app_cluster(s), desc.apps[s][node].port, desc.apps[s][node].host)
+            for s in local
+        ),
+        *_node_clusters(desc, name, node, [s for s in desc.apps if s not in local]),
     ]
     return _bootstrap(desc, name, ports.admin_port, [*inbound, *outbound], clusters)
 
 
 def node_gateway_config(desc: NodeMeshDescription) -> dict[str, Any]:
-    """Bootstrap of the node-proxy mesh's gateway: each service to its node's proxy."""
-    return _gateway(desc, _node_clusters(desc, GATEWAY, desc.apps))
+    """Bootstrap of the node-proxy mesh's gateway: each service to its nearest node proxies."""
+    return _gateway(desc, desc.apps, _node_clusters(desc, GATEWAY, desc.gateway_node, desc.apps))
 
 
 def render_nodes(desc: NodeMeshDescription) -> dict[str, dict[str, Any]]:
@@ -845,15 +920,17 @@ def _reuses_connections(cluster: Mapping[str, Any]) -> bool:
     return all(cap in (None, 0) or cap > 1 for cap in caps)
 
 
-def read_stats(admin_port: int, filter_regex: str | None = None) -> dict[str, int]:
-    """Counters and gauges of one Envoy from its admin `/stats?format=json`.
+def read_stats(
+    admin_port: int, filter_regex: str | None = None, *, host: str = _LOOPBACK
+) -> dict[str, int]:
+    """Counters and gauges of one Envoy from its admin `/stats?format=json` at `host`.
 
     Plain `http.client` so proxy environment variables can never divert it.
     """
     target = "/stats?format=json"
     if filter_regex:
         target += "&filter=" + urllib.parse.quote(filter_regex)
-    conn = http.client.HTTPConnection(_LOOPBACK, admin_port, timeout=5)
+    conn = http.client.HTTPConnection(host, admin_port, timeout=5)
     try:
         conn.request("GET", target)
         resp = conn.getresponse()
@@ -861,7 +938,9 @@ def read_stats(admin_port: int, filter_regex: str | None = None) -> dict[str, in
     finally:
         conn.close()
     if resp.status != 200:
-        raise RuntimeError(f"envoy admin :{admin_port} answered {resp.status}: {body[:200]!r}")
+        raise RuntimeError(
+            f"envoy admin {host}:{admin_port} answered {resp.status}: {body[:200]!r}"
+        )
     return {
         s["name"]: s["value"]
         for s in json.loads(body)["stats"]
@@ -884,11 +963,14 @@ def listeners(stats: Mapping[str, int]) -> dict[str, dict[str, int]]:
     return {p: listener_counts(stats, p) for p in prefixes if p != _ADMIN_STAT_PREFIX}
 
 
-def counted_stats(admin_port: int, extra: Iterable[str] = ()) -> dict[str, int]:
-    """One Envoy's listener counters and the stats named in `extra`, in one admin read."""
+def counted_stats(
+    admin_port: int, extra: Iterable[str] = (), *, host: str = _LOOPBACK
+) -> dict[str, int]:
+    """One Envoy's listener counters and the stats named in `extra` (exact names, such as
+    `cluster_stat(callee_cluster(svc), "upstream_rq_total")`), in one admin read."""
     pattern = r"^http\.[^.]+\.downstream_(rq|cx)_[0-9a-z]+$"
     names = "|".join(re.escape(name) for name in extra)
-    return read_stats(admin_port, f"{pattern}|^({names})$" if names else pattern)
+    return read_stats(admin_port, f"{pattern}|^({names})$" if names else pattern, host=host)
 
 
 def mesh_listeners(stats: Iterable[Mapping[str, int]]) -> dict[str, dict[str, int]]:

@@ -5,8 +5,8 @@ writes ``<out>/<mesh>/``; `validate_all(out_dir)` checks every document
 offline against the OpenAPI schemas of Kubernetes `KUBERNETES_VERSION` with
 `kubernetes_validate.validate(doc, version, strict=True)` (unknown fields
 are errors). That is all that was exercised: no manifest was ever applied to
-a cluster, so scheduling, DNS, probes and shared memory on a real node are
-untested.
+a cluster, so scheduling (node affinity to labelled nodes included), DNS,
+probes and shared memory on a real node are untested.
 
 Files (`kubectl apply -f` keeps document order; ``-R`` would start both masters):
 
@@ -28,7 +28,42 @@ apply -f <mesh>/stack.yaml``; wait until it is ready (``kubectl -n <ns> wait
 --for=condition=Available deployment --all``, ``rollout status`` for the
 DaemonSets); ``kubectl apply -f <mesh>/locust/workers.yaml -f
 <mesh>/locust/master-headless.yaml`` (or ``master-ui.yaml``, then ``kubectl
--n <ns> port-forward svc/locust-master 8089``).
+-n <ns> port-forward svc/locust-master 8089``). With nodes, label the nodes
+first (below).
+
+Nodes (DESIGN §8). Without nodes (`Settings.nodes` 0) no pod says where it
+runs: the scheduler places them, and one node is what such manifests are
+for. With nodes (N >= 1, `Topology.isolated`) the description puts every
+component on a node ``node1``..``nodeN`` and the load generator on a node of
+its own, and the manifests say the same with a label on the cluster's nodes:
+`NODE_LABEL` ``dpumesh.node`` = the description's node name, exactly one
+Kubernetes node per value, and `CLIENT_NODE` ``client`` for the node of
+Locust's master and workers::
+
+    kubectl label node worker-a dpumesh.node=node1
+    kubectl label node worker-b dpumesh.node=node2
+    kubectl label node worker-c dpumesh.node=node3
+    kubectl label node loadgen dpumesh.node=client
+    kubectl get nodes -L dpumesh.node
+
+Every pod of a component then has required node affinity to its
+component's node (`node_affinity`: under ``affinity.nodeAffinity``,
+``requiredDuringSchedulingIgnoredDuringExecution`` with one term,
+``dpumesh.node In [node2]``), and Locust's pods to ``client``. Node
+affinity rather than a `nodeSelector`, which would constrain the same: it is
+what DESIGN §8 and the issue name, it leaves `nodeSelector` to the cluster's
+own constraints (a patch adding e.g. ``kubernetes.io/arch`` does not replace
+ours), and ``In`` takes several nodes should a pod ever be allowed on more
+than one. A pod
+whose node is not labelled stays Pending (nothing runs elsewhere); labels
+are read at scheduling only, so relabelling a node moves nothing already
+running. Two Kubernetes nodes with one value would run a per-node
+DaemonSet twice, on two /dev/shm, behind one Service: label one node per
+value. (A DaemonSet's controller picks its nodes with the template's
+affinity, then writes its pods' required affinity as the node's name, so
+``kubectl get pod -o yaml`` shows ``metadata.name`` there, not the label.)
+Port numbers are fixed per service, so two pods of one service, or two node
+proxies, bind the same numbers, each in its own pod.
 
 Where and how, decided here (what runs is the description's):
 
@@ -39,12 +74,18 @@ Where and how, decided here (what runs is the description's):
   spans two namespaces), at its port's fixed number; everything listens on
   0.0.0.0. A Service exposes every port its pod's containers declare. A
   component whose environment has `K8S_APP` names its pod so, and that is
-  the pod's `app` label (the seed's ``s0-worker``);
+  the pod's `app` label (the seed's ``s0-worker``; ``s1-worker-node2`` for
+  the instance on node2 of a service with instances on several nodes, the
+  variable itself keeping the description's value);
 * the seed's layout: the `NODE_ROLES` (dpa-daemon, dpu-daemon, and the
-  nodeproxy stack's node proxy) are DaemonSets named after their role, the
-  DPU daemons' in `dpumesh-system`; every other pod is a one-replica
-  Deployment in the stack's namespace (`stack_namespace`: `mubench-dpu`,
-  `mubench-envoy`, `mubench-nodeproxy`, `mubench-nomesh`), and so is Locust;
+  nodeproxy stack's node proxy) are DaemonSets, the DPU daemons' in
+  `dpumesh-system`: without nodes one per role, named after it; with nodes
+  one per node and role, named after the component (``dpu-daemon-node2``,
+  ``nodeproxy-node2``) and pinned to its node, since each has its own
+  arguments (a dpu-daemon's routes, a node proxy's bootstrap). Every other
+  pod is a one-replica Deployment in the stack's namespace
+  (`stack_namespace`: `mubench-dpu`, `mubench-envoy`, `mubench-nodeproxy`,
+  `mubench-nomesh`), one per instance of a service, and so is Locust;
 * files are read-only ConfigMap mounts at their `mount`: a source file (the
   workmodel, the functions directory's files) is one ConfigMap per
   namespace, shared by its readers; a generated one (an Envoy bootstrap) is
@@ -84,23 +125,34 @@ them.
 
 Probes. A `Probe` is an httpGet readiness probe on the named port. A
 `WorkersProbe` (a worker has no port: it is ready once registered) is a
-startup probe that asks the node's bridge for its stats and counts the
-service's live workers, as the local deployer does; it stops once passed,
+startup probe that asks its node's bridge (the dpu-daemon its description
+names: ``dpu-daemon``, with nodes ``dpu-daemon-<its node>``) for its stats
+and counts the service's live workers, as the local deployer does; it stops once passed,
 so no probe process competes with the measured workers during a run.
 
-The bridge Service (`dpu-daemon`, 5005) has `internalTrafficPolicy: Local`,
-as every Service of a DaemonSet's pods: a client reaches the dpu-daemon of
-its own node, the one sharing /dev/shm with that node's workers (DESIGN §8:
-a call leaves through the local sidecar; a worker's startup probe must ask
-its own node's bridge). With `Cluster`, kube-proxy would spread connections
-over every node's dpu-daemon, and one on a node without the callee's worker
-answers 503; a headless Service hands out every daemon's address with no
-node preference, the same problem. On one node (what these manifests are
-for) the policies agree. On several, the load generator must run on a node
-whose bridge serves the entry, and a call to a service with no local worker
-needs the dpu-daemon's fallback (`--route SVC=URL`) to a node that has one:
-workers pinned by node affinity and a per-node bridge address (e.g. a
-`hostPort`), which the description does not carry yet.
+Services of per-node pods. Without nodes, the bridge Service
+(`dpu-daemon`, 5005) has `internalTrafficPolicy: Local`, as every Service of
+a one-per-role DaemonSet: a client reaches the dpu-daemon of its own node,
+the one sharing /dev/shm with that node's workers (DESIGN §8: a call leaves
+through the local sidecar; a worker's startup probe must ask its own node's
+bridge). With `Cluster`, kube-proxy would spread connections over every
+node's dpu-daemon, and one on a node without the callee's worker answers
+503; a headless Service hands out every daemon's address with no node
+preference, the same problem. On one node the policies agree.
+
+With nodes, the description carries the per-node addresses itself: each
+node's dpu-daemon is its own component, and its fallback names the
+dpu-daemons of the nodes that have a service it lacks (``--route
+s2=http://{host:dpu-daemon-node3}:{port:dpu-daemon-node3:public}``); a
+worker's `WorkersProbe` names its own node's dpu-daemon; the load generator
+calls the entry's (node1's). So each per-node DaemonSet's Service selects
+its one pod, and has `internalTrafficPolicy: Cluster`: that pod is the right
+one from whichever node calls, and the caller already chose the node by
+name. `Local` would leave every caller on another node with no endpoint,
+its connections dropped, which is all the fallback's traffic (node1 to
+``dpu-daemon-node3``) and Locust's (from ``client``). The same holds for
+the node proxies (``nodeproxy-node2``: its node's apps and other node
+proxies call it).
 (`externalTrafficPolicy: Local` is the same choice for a NodePort or
 LoadBalancer Service; a ClusterIP Service has no such field.)
 
@@ -167,8 +219,14 @@ from loadtests.options import DEFAULT_REQUEST_ID_PREFIX, REQUEST_MODES, USER_CLA
 KUBERNETES_VERSION = "1.33.0"
 PART_OF = "dpumesh-bench"
 SYSTEM_NAMESPACE = "dpumesh-system"
-#: Roles that run once per node: a DaemonSet (one workload, named after the role).
+#: Roles that run once per node: DaemonSets (one named after the role, or, with nodes, one per
+#: node named after the component).
 NODE_ROLES = ("dpa-daemon", "dpu-daemon", "nodeproxy")
+#: The label of the placement (DESIGN §8): a cluster node labelled ``dpumesh.node=node2`` runs
+#: what the description puts on ``node2`` (one Kubernetes node per value).
+NODE_LABEL = "dpumesh.node"
+#: `NODE_LABEL`'s value for the load generator's node (Locust's master and workers).
+CLIENT_NODE = "client"
 DPU_ROLES = tuple(role for role, cpu_set in ROLE_CPU_SET.items() if cpu_set == "dpu")
 #: Roles whose pods live in `SYSTEM_NAMESPACE` (the seed's layout of the DPU daemons).
 SYSTEM_ROLES = DPU_ROLES
@@ -306,6 +364,8 @@ class K8sResolver:
 
     def __init__(self, desc: StackDescription) -> None:
         self.desc = desc
+        #: Whether the run asked for nodes: pods pinned to them, a DaemonSet per node component.
+        self.placed = desc.topology.isolated
 
     def bind(self, component: Component) -> str:
         return ANY
@@ -330,13 +390,34 @@ class K8sResolver:
     def pod(self, name: str) -> str:
         """The pod (workload and Service name) that holds component `name`.
 
-        A per-node role's pods are one DaemonSet named after the role (the
-        description's `nodeproxy-<node>` is the DaemonSet's pod on that node).
+        Without nodes, a per-node role's pods are one DaemonSet named after
+        the role (the description's `nodeproxy-node1` is the DaemonSet's pod
+        on each node). With nodes, every component is its own workload,
+        named after it (`dpu-daemon-node2`); a `K8S_APP` name gets the node
+        when the service has instances on several nodes (``s1-worker-node2``).
         """
         owner = self.desc.network_owner(name)
-        if owner.role in NODE_ROLES:
+        if owner.role in NODE_ROLES and not self.placed:
             return k8s_name(owner.role)
-        return k8s_name(owner.env.get("K8S_APP", owner.name))
+        app = owner.env.get("K8S_APP")
+        if app is None:
+            return k8s_name(owner.name)
+        if owner.service and self.desc.topology.replicated(owner.service):
+            return k8s_name(f"{app}-{owner.node}")
+        return k8s_name(app)
+
+    def node_of(self, name: str) -> str | None:
+        """The `NODE_LABEL` value component `name`'s pod must run on; None without nodes."""
+        if not self.placed:
+            return None
+        members = [
+            c.node
+            for c in self.desc.components
+            if self.desc.network_owner(c.name).name == self.desc.network_owner(name).name
+        ]
+        if len(set(members)) != 1:
+            raise ValueError(f"pod of {name}: its components are on nodes {sorted(set(members))}")
+        return members[0]
 
     def namespace(self, name: str) -> str:
         """The namespace of component `name`'s pod."""
@@ -587,7 +668,11 @@ class _Build:
             volumes["shm"] = {"hostPath": {"path": SHM, "type": "Directory"}}
         per_node = owner.role in NODE_ROLES
         kind = "DaemonSet" if per_node else "Deployment"
-        spec = _pod_spec(containers, [{"name": n, **v} for n, v in volumes.items()])
+        spec = _pod_spec(
+            containers,
+            [{"name": n, **v} for n, v in volumes.items()],
+            node=self.resolver.node_of(owner.name),
+        )
         workload = _workload(kind, name, namespace, labels, spec)
         if not ports:
             return [workload]
@@ -599,7 +684,9 @@ class _Build:
             ],
         }
         if per_node:
-            service["internalTrafficPolicy"] = "Local"  # the client's node's daemon
+            # One DaemonSet on every node: the client's node's pod. One per node (with nodes):
+            # its one pod, from any node (see the module docstring).
+            service["internalTrafficPolicy"] = "Cluster" if self.resolver.placed else "Local"
         return [workload, _object("v1", "Service", name, namespace, labels, spec=service)]
 
     def configmap_name(self, component: Component, file: File) -> str:
@@ -661,6 +748,7 @@ class _Build:
         labels = self.labels(None, "loadgen")
         results = {"name": "results", "mountPath": RESULTS}
         volumes = [{"name": "results", "emptyDir": {}}]
+        node = CLIENT_NODE if self.resolver.placed else None  # a node of its own (DESIGN §8)
         worker = self.container(
             LOCUST_WORKER,
             "loadgen",
@@ -697,7 +785,7 @@ class _Build:
             "backoffLimit": 0,  # a failed run is a result to read, not to repeat
             "template": {
                 "metadata": {"labels": {**labels, "app": LOCUST_MASTER}},
-                "spec": {**_pod_spec([headless], volumes), "restartPolicy": "Never"},
+                "spec": {**_pod_spec([headless], volumes, node=node), "restartPolicy": "Never"},
             },
         }
         return {
@@ -708,12 +796,18 @@ class _Build:
                     LOCUST_WORKER,
                     namespace,
                     labels,
-                    _pod_spec([worker], volumes),
+                    _pod_spec([worker], volumes, node=node),
                     replicas=load.workers,
                 ),
             ],
             "locust/master-ui.yaml": [
-                _workload("Deployment", LOCUST_MASTER, namespace, labels, _pod_spec([ui], volumes))
+                _workload(
+                    "Deployment",
+                    LOCUST_MASTER,
+                    namespace,
+                    labels,
+                    _pod_spec([ui], volumes, node=node),
+                )
             ],
             "locust/master-headless.yaml": [
                 _object("batch/v1", "Job", LOCUST_JOB, namespace, labels, spec=job_spec)
@@ -774,8 +868,12 @@ def _workload(
 
 
 def _pod_spec(
-    containers: Sequence[Mapping[str, Any]], volumes: Sequence[Mapping[str, Any]]
+    containers: Sequence[Mapping[str, Any]],
+    volumes: Sequence[Mapping[str, Any]],
+    *,
+    node: str | None = None,
 ) -> dict[str, Any]:
+    """A pod's spec; `node`: required node affinity to `NODE_LABEL` = `node`."""
     spec: dict[str, Any] = {
         "enableServiceLinks": False,  # the environment is the description's
         "automountServiceAccountToken": False,  # nothing here talks to the API server
@@ -788,7 +886,21 @@ def _pod_spec(
     }
     if volumes:
         spec["volumes"] = list(volumes)
+    if node is not None:
+        spec["affinity"] = node_affinity(node)
     return spec
+
+
+def node_affinity(node: str) -> dict[str, Any]:
+    """The affinity of a pod that must run on the node labelled `NODE_LABEL` = `node`."""
+    term = {"key": NODE_LABEL, "operator": "In", "values": [_checked(node, _LABEL_VALUE, "node")]}
+    return {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [{"matchExpressions": [term]}]
+            }
+        }
+    }
 
 
 def _configmap(

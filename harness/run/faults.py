@@ -66,8 +66,6 @@ from harness.run.runner import (
     wait_first_request,
 )
 from harness.stacks import describe
-from harness.stacks.cell import app_name
-from harness.stacks.envoy import sidecar_name
 from harness.stacks.model import StackDescription
 from loadtests import latency
 
@@ -121,14 +119,15 @@ def parse_faults(text: str) -> list[Fault]:
 
 
 def target_component(desc: StackDescription, fault: Fault, service: str) -> str | None:
-    """The component of `desc` that `fault` hits (None: the stack has no such part)."""
-    names = {c.name: c for c in desc.components}
-    if fault.target == "worker":
-        return app_name(service) if app_name(service) in names else None
-    if fault.target == "sidecar":
-        name = sidecar_name(service)
-        return name if name in names and names[name].role == "sidecar" else None
-    matches = [c.name for c in desc.components if c.role == fault.target]
+    """The component of `desc` that `fault` hits (None: the stack has no such part): the
+    service's first app or sidecar, or the first component of the role (node 1's, with
+    nodes)."""
+    role = {"worker": "app", "sidecar": "sidecar"}.get(fault.target, fault.target)
+    matches = [
+        c.name
+        for c in desc.components
+        if c.role == role and (fault.target not in ("worker", "sidecar") or c.service == service)
+    ]
     return matches[0] if matches else None
 
 
@@ -305,6 +304,7 @@ class FaultBench:
             request_mode=self.config.request_mode,
             processes=self.config.processes,
             cpus=self.placement.cpus("loadgen"),
+            inside=stack.client_argv,
         )
 
     def _inject(

@@ -30,7 +30,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +69,8 @@ class LocustSpec:
     request_mode: str = "get"
     processes: int = 1
     cpus: frozenset[int] | None = None  # the loadgen CPU set (None: unrestricted)
+    # Where Locust runs: wraps its command line (a stack's `client_argv`: the client node).
+    inside: Callable[[list[str]], list[str]] = list
 
     @property
     def run_s(self) -> int:
@@ -194,7 +196,7 @@ class LocustRun:
         self._events = EventsFile(spec.events_path)
         self._live: Live | None = None
         self._stopping = False
-        self.popen = spawn_locust(locust_argv(spec), spec.log_path, spec.cpus)
+        self.popen = spawn_locust(locust_argv(spec), spec.log_path, spec.cpus, spec.inside)
         try:
             self.process = psutil.Process(self.popen.pid)
         except BaseException:
@@ -239,15 +241,22 @@ class LocustRun:
 
 
 def spawn_locust(
-    argv: Sequence[str], log_path: Path, cpus: frozenset[int] | None
+    argv: Sequence[str],
+    log_path: Path,
+    cpus: frozenset[int] | None,
+    inside: Callable[[list[str]], list[str]] = list,
 ) -> subprocess.Popen[bytes]:
     """Start Locust's `argv` on `cpus` (None: unrestricted) in a session of its own, logging
-    to `log_path`; a Ctrl-C meanwhile waits until the process is known, then stops it."""
+    to `log_path`, `inside` the client's node; a Ctrl-C meanwhile waits until the process
+    is known, then stops it."""
     popen = None
     try:
         with signals_deferred():
             popen = spawn_session(
-                wrap_argv(argv, cpus), log_path, env={"PYTHONUNBUFFERED": "1"}, cwd=REPO
+                wrap_argv(inside(list(argv)), cpus),
+                log_path,
+                env={"PYTHONUNBUFFERED": "1"},
+                cwd=REPO,
             )
     except BaseException:
         if popen is not None:

@@ -200,6 +200,12 @@ def downstream_per_request(traffic: Traffic, entry: str) -> float | None:
     return sum(chk.observed_calls(traffic, entry).values()) / entries
 
 
+def cross_node_per_request(traffic: Traffic) -> float | None:
+    """Requests the stack carried from one node to another per entry request."""
+    entries = traffic["entry_requests"]
+    return traffic["cross_node"] / entries if entries > 0 else None
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -219,6 +225,8 @@ def settings_of(config: BenchConfig, model: DpuModel | None = None) -> Settings:
         dma_latency_us=model.dma_latency_us if model else 0.0,
         dma_gbps=model.dma_gbps if model else 0.0,
         mtls=config.mtls,
+        nodes=config.nodes,
+        place=config.place,
     )
 
 
@@ -488,6 +496,7 @@ class Runner:
             request_mode=self.config.request_mode,
             processes=self.config.processes,
             cpus=self.placement.cpus("loadgen"),
+            inside=stack.client_argv,
         )
 
     def _level(
@@ -524,6 +533,8 @@ class Runner:
             sidecar=m.sidecar,
             usage=derived,
             downstream_calls_per_req=downstream_per_request(m.level_traffic, stack.entry),
+            cross_node_per_req=cross_node_per_request(m.level_traffic),
+            nodes=cfg.nodes,
             mtls=self.descriptions[seg.label].mtls,
             dpu_model=self.models[seg.label],
             checks_ok=ok,
@@ -585,6 +596,15 @@ class Runner:
 
     # -- meta.json -------------------------------------------------------------------------
 
+    def _nodes(self) -> dict[str, Any]:
+        """Where the services ran (DESIGN §8): the one topology every stack shares."""
+        topology = next((d.topology for d in self.descriptions.values()), None)
+        return {
+            **(topology.as_dict() if topology is not None else {}),
+            "count": self.config.nodes,
+            "share_cores": True,  # every node's processes run on the run's one set of CPU sets
+        }
+
     def _write_meta(self, interrupted: bool) -> None:
         cfg = self.config
         machine = dict(self.machine)
@@ -633,6 +653,7 @@ class Runner:
                 },
             },
             "mesh_configs": self.mesh_configs,
+            "nodes": self._nodes(),
             "fairness": self._fairness(),
             "checks_ok": self.checks_ok,
             "checks": self.checks,

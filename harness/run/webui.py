@@ -17,6 +17,11 @@
 3. once the UI answers, one line ``locust web UI at http://127.0.0.1:N``
    after the stack's ``ready`` line.
 
+With nodes (`--nodes`, DESIGN §8) Locust runs in the nodes' client namespace
+(`LocalStack.client_argv`) and its UI listens on the client's address, the
+status endpoint on the harness's address on the nodes' bridge; both URLs are
+reachable from this machine.
+
 SIGINT or SIGTERM stops Locust's session, the status endpoint, then the
 stack. A Locust that exits while serving ends the serve too: the stack is
 stopped and `LocustUIError` (a `StartError`: ``run_bench.py`` prints it in
@@ -54,12 +59,15 @@ class LocustUIError(StartError):
 
 
 class StatusServer:
-    """``GET /traffic`` on 127.0.0.1 (ephemeral port): the stack's counters, as JSON."""
+    """``GET /traffic`` on `address` (ephemeral port): the stack's counters, as JSON.
 
-    def __init__(self, read: Callable[[], Traffic]) -> None:
-        self.server = ThreadingHTTPServer((LOOPBACK, 0), _status_handler(read))
+    127.0.0.1, or with nodes the harness's address on the nodes' bridge, which the
+    client namespace Locust runs in reaches."""
+
+    def __init__(self, read: Callable[[], Traffic], address: str = LOOPBACK) -> None:
+        self.server = ThreadingHTTPServer((address, 0), _status_handler(read))
         self.server.daemon_threads = True
-        self.url = f"http://{LOOPBACK}:{self.server.server_address[1]}{STATUS_PATH}"
+        self.url = f"http://{address}:{self.server.server_address[1]}{STATUS_PATH}"
         self.thread = threading.Thread(
             target=self.server.serve_forever, name="mesh-status", daemon=True
         )
@@ -98,12 +106,14 @@ def _status_handler(read: Callable[[], Traffic]) -> type[BaseHTTPRequestHandler]
     return Handler
 
 
-def locust_ui_argv(url: str, web_port: int, status_url: str, events_out: Path) -> list[str]:
+def locust_ui_argv(
+    url: str, web_host: str, web_port: int, status_url: str, events_out: Path
+) -> list[str]:
     """Locust's web UI against the stack at `url`, with the Mesh tab's counters at `status_url`."""
     users = str(OPEN_LOOP_MIN_USERS)  # the start form's defaults: an open-loop level's users
     return [
         *locust_command(events_out),
-        *("--web-host", LOOPBACK, "--web-port", str(web_port)),
+        *("--web-host", web_host, "--web-port", str(web_port)),
         *("--host", url, "--class-picker", "-u", users, "-r", users),
         *("--mesh-status-url", status_url),
     ]
@@ -121,7 +131,7 @@ class LocustUI:
         cpus: frozenset[int] | None,
     ) -> None:
         self.stack, self.stop, self.port, self.cpus = stack, stop, port, cpus
-        self.url = f"http://{LOOPBACK}:{port}"
+        self.url = f"http://{stack.client_address}:{port}"
         self.log_path = stack.run_dir / "locust.log"
         self.exit_status: int | None = None  # set when Locust exited on its own
         self._closing = threading.Event()
@@ -129,15 +139,16 @@ class LocustUI:
     def __enter__(self) -> LocustUI:
         if not port_is_free(self.port):
             raise LocustUIError(f"Locust web UI: port {self.port} is already in use")
-        self.status = StatusServer(self.stack.traffic)
+        self.status = StatusServer(self.stack.traffic, self.stack.harness_address)
         try:
             argv = locust_ui_argv(
                 self.stack.url,
+                self.stack.client_address,
                 self.port,
                 self.status.url,
                 self.stack.run_dir / "locust.events.jsonl",
             )
-            self.popen = spawn_locust(argv, self.log_path, self.cpus)
+            self.popen = spawn_locust(argv, self.log_path, self.cpus, self.stack.client_argv)
         except BaseException:
             self.status.close()
             raise
@@ -195,7 +206,8 @@ def _how(returncode: int) -> str:
 
 def serve(desc: StackDescription, *, locust_port: int, **options: Any) -> None:
     """Serve `desc` (`harness.deploy.local.start`'s `options`) with Locust's web UI on
-    127.0.0.1:`locust_port`, until SIGINT/SIGTERM or Locust's exit."""
+    port `locust_port` of the load generator's node (127.0.0.1 without nodes), until
+    SIGINT/SIGTERM or Locust's exit."""
     placement = options.get("placement")
     cpus = placement.cpus("loadgen") if placement is not None else None
 

@@ -6,12 +6,15 @@ workmodel file, seed, scale, custom functions and worker plan.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+from harness.names import LOCAL_NODE
 from harness.stacks.model import Component, Counters, File, Port, Probe, Settings, StackDescription
+from harness.stacks.topology import Topology, place
 from mubench.http_app import HEALTH_PATH as APP_HEALTH_PATH
 from mubench.internal import custom_function_names
-from mubench.workmodel import Workmodel, load_workmodel, plan_processes
+from mubench.workmodel import Workmodel, WorkmodelError, load_workmodel, plan_processes
 
 WORKMODEL_MOUNT = "/etc/mubench/workmodel.json"
 FUNCTIONS_MOUNT = "/etc/mubench/functions"
@@ -26,6 +29,7 @@ class Cell:
     workmodel: Workmodel
     plan: dict[str, tuple[int, int]]
     warnings: tuple[str, ...]
+    topology: Topology
 
     @property
     def services(self) -> tuple[str, ...]:
@@ -34,7 +38,7 @@ class Cell:
     @property
     def entry(self) -> str:
         """μBench's convention: `s0`, or without one the first service in the file."""
-        return "s0" if "s0" in self.workmodel else self.services[0]
+        return entry_service(self.workmodel)
 
     def stack(
         self,
@@ -55,7 +59,16 @@ class Cell:
             probe_path=APP_HEALTH_PATH,
             counters=counters,
             front=front,
+            topology=self.topology,
         )
+
+    def instances(self) -> list[tuple[str, str]]:
+        """Every (service, node) instance of the cell, service by service."""
+        return [(s, node) for s in self.services for node in self.topology.nodes_of(s)]
+
+    def instance_name(self, base: str, service: str, node: str) -> str:
+        """A component name of one instance: `base`, with its node when the service has several."""
+        return f"{base}-{node}" if self.topology.replicated(service) else base
 
     def files(self) -> tuple[File, ...]:
         """The workmodel and, if any, the directory of custom functions."""
@@ -85,12 +98,24 @@ class Cell:
         return env
 
 
+def entry_service(workmodel: Workmodel) -> str:
+    """μBench's convention: `s0`, or without one the first service in the file."""
+    return "s0" if "s0" in workmodel else next(iter(workmodel))
+
+
 def load_cell(settings: Settings) -> Cell:
     """Load and validate the workmodel and plan its workers (`WorkmodelError` if unusable)."""
     custom = custom_function_names(settings.functions_dir)
     workmodel = load_workmodel(str(settings.workmodel), custom=custom)
     plan, warnings = plan_processes(workmodel, settings.per_service_cap, settings.total_cap)
-    return Cell(settings, workmodel, plan, tuple(warnings))
+    services = tuple(workmodel)
+    entry = entry_service(workmodel)
+    replicas = {s: spec.replicas for s, spec in workmodel.items() if spec.replicas}
+    try:
+        topology = place(services, entry, settings.nodes, settings.place, replicas)
+    except ValueError as exc:
+        raise WorkmodelError(f"{settings.workmodel}: {exc}") from None
+    return Cell(settings, workmodel, plan, tuple(warnings), topology)
 
 
 def service_port(cell: Cell, service: str, offset: int) -> int:
@@ -102,9 +127,9 @@ def app_name(service: str) -> str:
     return f"app-{service}"
 
 
-def app_counters(cell: Cell) -> dict[str, tuple[str, str]]:
+def app_counters(apps: Sequence[Component]) -> dict[str, tuple[str, str]]:
     """The plain-HTTP apps' own counter endpoints (`harness.measure.accounting`)."""
-    return {f"app:{svc}": (app_name(svc), "http") for svc in cell.services}
+    return {f"app:{c.name}": (c.name, "http") for c in apps}
 
 
 def http_app(
@@ -114,10 +139,11 @@ def http_app(
     *,
     public: bool = False,
     network_of: str | None = None,
+    node: str = LOCAL_NODE,
 ) -> Component:
-    """The plain-HTTP μBench cell of one service (envoy and nomesh stacks)."""
+    """The plain-HTTP μBench cell of one instance of a service (the stacks but dpumesh)."""
     workers, threads = cell.plan[service]
-    name = app_name(service)
+    name = cell.instance_name(app_name(service), service, node)
     number = PUBLIC_PORT if public else service_port(cell, service, 0)
     return Component(
         name=name,
@@ -135,4 +161,5 @@ def http_app(
         probe=Probe("http", APP_HEALTH_PATH),
         files=cell.files(),
         network_of=network_of,
+        node=node,
     )

@@ -20,6 +20,7 @@ from typing import Any
 
 from baselines.envoy import config as envoy
 from baselines.envoy.tls import MeshCa
+from harness.names import LOCAL_NODE
 from harness.stacks.cell import (
     PUBLIC_PORT,
     Cell,
@@ -95,6 +96,7 @@ def envoy_component(
     bootstraps: Bootstraps,
     ca: MeshCa | None,
     service: str = "",
+    node: str = LOCAL_NODE,
 ) -> Component:
     """One Envoy of an Envoy stack: tuned command line, bootstrap (checked by Envoy), certificates.
 
@@ -113,6 +115,7 @@ def envoy_component(
         ports=ports,
         probe=Probe("admin", "/ready"),
         files=(File(CONFIG, CONFIG_MOUNT, generate=generate, check=envoy.validate), *tls_files(ca)),
+        node=node,
     )
 
 
@@ -125,7 +128,7 @@ def gateway_ports() -> dict[str, Port]:
 
 
 def served_at(proxy: str, listeners: list[str]) -> ServedAt:
-    """A service counted by the listeners (stat prefixes) of `proxy` that lead to its app."""
+    """An instance counted by the listeners (stat prefixes) of `proxy` that lead to its app."""
     return ServedAt(
         proxy,
         tuple(envoy.listener_stat(p, "downstream_rq_total") for p in listeners),
@@ -133,24 +136,42 @@ def served_at(proxy: str, listeners: list[str]) -> ServedAt:
     )
 
 
+def crossing_stats(
+    cell: Cell, envoys: Mapping[str, Component], callees: Callable[[Component], list[str]]
+) -> tuple[tuple[str, str], ...]:
+    """The (Envoy, stat) pairs counting requests carried to another node: each Envoy's
+    `to_<svc>` cluster for a service it reaches (`callees`) with no instance on its node."""
+    topology = cell.topology
+    return tuple(
+        (name, envoy.cluster_stat(envoy.callee_cluster(svc), "upstream_rq_total"))
+        for name, component in envoys.items()
+        for svc in callees(component)
+        if topology.crosses(component.node, svc)
+    )
+
+
 def envoy_counters(
-    cell: Cell, envoys: Mapping[str, Component], served: Mapping[str, ServedAt]
+    apps: list[Component],
+    envoys: Mapping[str, Component],
+    served: Mapping[str, tuple[ServedAt, ...]],
+    crossing: tuple[tuple[str, str], ...],
 ) -> Counters:
     """The counters of an Envoy stack: every Envoy's admin, the apps', and per service `served`."""
-    endpoints = app_counters(cell)
+    endpoints = app_counters(apps)
     endpoints |= {f"admin:{name}": (name, "admin") for name in envoys}
-    return Counters("envoy", endpoints, dict(served))
+    return Counters("envoy", endpoints, dict(served), crossing)
 
 
 def shared_view(
     cell: Cell, resolver: Resolver, reader: Component, envoys: Mapping[str, Component]
 ) -> dict[str, Any]:
-    """What both meshes' generator descriptions hold alike (the gateway, entry, tuning,
-    listening address and mTLS files), as the Envoy `reader` sees the rendered stack."""
+    """What both meshes' generator descriptions hold alike (the gateway, its node, entry,
+    tuning, listening address and mTLS files), as the Envoy `reader` sees the rendered stack."""
     return {
         "gateway": envoy.GatewayPorts(
             resolver.port(reader, GATEWAY, "public"), resolver.port(reader, GATEWAY, "admin")
         ),
+        "gateway_node": envoys[GATEWAY].node,
         "entry": cell.entry,
         "concurrency": cell.settings.envoy_concurrency,
         "listen_address": resolver.bind(reader),
@@ -166,20 +187,25 @@ def mesh_description(
     def port(component: str, name: str) -> int:
         return resolver.port(reader, component, name)
 
-    services = {
-        svc: envoy.ServicePorts(
-            app_port=port(app_name(svc), "http"),
-            inbound_port=port(sidecar_name(svc), "inbound"),
-            outbound_port=port(sidecar_name(svc), "outbound"),
-            admin_port=port(sidecar_name(svc), "admin"),
+    sidecars = {
+        name: envoy.Sidecar(
+            service=c.service,
+            node=c.node,
+            app_port=port(app_of(cell, c), "http"),
+            inbound_port=port(name, "inbound"),
+            outbound_port=port(name, "outbound"),
+            admin_port=port(name, "admin"),
+            host=resolver.host(reader, name),
         )
-        for svc in cell.services
+        for name, c in envoys.items()
+        if c.role == "sidecar"
     }
-    return envoy.MeshDescription(
-        services=services,
-        service_hosts={svc: resolver.host(reader, sidecar_name(svc)) for svc in cell.services},
-        **shared_view(cell, resolver, reader, envoys),
-    )
+    return envoy.MeshDescription(sidecars=sidecars, **shared_view(cell, resolver, reader, envoys))
+
+
+def app_of(cell: Cell, sidecar: Component) -> str:
+    """The app in `sidecar`'s pod."""
+    return cell.instance_name(app_name(sidecar.service), sidecar.service, sidecar.node)
 
 
 def describe(cell: Cell) -> StackDescription:
@@ -190,25 +216,40 @@ def describe(cell: Cell) -> StackDescription:
         return envoy.render(mesh_description(cell, resolver, reader, envoys))
 
     apps = []
-    for svc in cell.services:
-        pod = sidecar_name(svc)
+    for svc, node in cell.instances():
+        pod = cell.instance_name(sidecar_name(svc), svc, node)
         egress = ("--egress-proxy", f"http://{{host:{pod}}}:{{port:{pod}:outbound}}")
-        apps.append(http_app(cell, svc, egress, network_of=pod))
-    for svc in cell.services:
+        apps.append(http_app(cell, svc, egress, network_of=pod, node=node))
+    for svc, node in cell.instances():
         ports = {
             "inbound": Port(service_port(cell, svc, 1)),
             "outbound": Port(service_port(cell, svc, 2)),
             "admin": Port(service_port(cell, svc, 3), read=True),
         }
-        name = sidecar_name(svc)
-        envoys[name] = envoy_component(cell, name, "sidecar", ports, bootstraps, ca, svc)
-    envoys[GATEWAY] = envoy_component(cell, GATEWAY, "gateway", gateway_ports(), bootstraps, ca)
+        name = cell.instance_name(sidecar_name(svc), svc, node)
+        envoys[name] = envoy_component(cell, name, "sidecar", ports, bootstraps, ca, svc, node)
+    entry_node = cell.topology.nodes[0]
+    envoys[GATEWAY] = envoy_component(
+        cell, GATEWAY, "gateway", gateway_ports(), bootstraps, ca, node=entry_node
+    )
     served = {
-        svc: served_at(sidecar_name(svc), [envoy.inbound_stat_prefix(svc)]) for svc in cell.services
+        svc: tuple(
+            served_at(
+                cell.instance_name(sidecar_name(svc), svc, node), [envoy.inbound_stat_prefix(svc)]
+            )
+            for node in cell.topology.nodes_of(svc)
+        )
+        for svc in cell.services
     }
+    # A sidecar's outbound listener reaches every service; the gateway too (by path or Host).
+    crossing = crossing_stats(cell, envoys, lambda _component: list(cell.services))
     return cell.stack(
         "envoy",
         (*apps, *envoys.values()),
-        envoy_counters(cell, envoys, served),
-        (GATEWAY, sidecar_name(cell.entry), app_name(cell.entry)),
+        envoy_counters(apps, envoys, served, crossing),
+        (
+            GATEWAY,
+            cell.instance_name(sidecar_name(cell.entry), cell.entry, entry_node),
+            cell.instance_name(app_name(cell.entry), cell.entry, entry_node),
+        ),
     )

@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from baselines.envoy.config import DEFAULT_CONCURRENCY
-from harness.names import CPU_SETS, ENVOY_MESHES, ROLE_CPU_SET, ROLES
+from harness.names import CPU_SETS, ENVOY_MESHES, LOCAL_NODE, ROLE_CPU_SET, ROLES
+from harness.stacks.topology import Topology
 from mubench.workmodel import DEFAULT_PER_SERVICE_CAP, DEFAULT_TOTAL_CAP
 
 PROGRAMS = ("python", "envoy")
@@ -151,6 +152,7 @@ class Component:
     ipc_of: str | None = None  # joins this component's IPC namespace (/dev/shm)
     ipc_owner: bool = False  # others join its IPC namespace
     network: bool = True  # False: needs no network at all (reached through shared memory)
+    node: str = LOCAL_NODE  # the node it runs on (`harness.stacks.topology`)
 
     def __post_init__(self) -> None:
         if self.role not in ROLES or self.role == "loadgen":
@@ -184,6 +186,8 @@ class Settings:
     dma_latency_us: float = 0.0
     dma_gbps: float = 0.0
     mtls: bool = False  # mutual TLS between the Envoy stacks' proxies (`ENVOY_MESHES`)
+    nodes: int = 0  # 0: this machine; N: N node namespaces (`harness.stacks.topology`)
+    place: tuple[tuple[str, int], ...] = ()  # (service, node number) pairs; others round robin
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -197,13 +201,15 @@ class Settings:
             "dma_latency_us": self.dma_latency_us,
             "dma_gbps": self.dma_gbps,
             "mtls": self.mtls,
+            "nodes": self.nodes,
+            "place": {service: number for service, number in self.place},
         }
 
 
 @dataclass(frozen=True)
 class ServedAt:
-    """Where an Envoy stack counts the requests one service received, and its 5xx answers:
-    the sums of stats (full names) of the Envoy `proxy` in front of the service's app."""
+    """Where an Envoy stack counts the requests one service instance received, and its 5xx
+    answers: the sums of stats (full names) of the Envoy `proxy` in front of the instance's app."""
 
     proxy: str
     requests: tuple[str, ...]
@@ -215,14 +221,17 @@ class Counters:
     """Where a stack's traffic counters are (`harness.measure.accounting`).
 
     `endpoints` name (component, port) pairs the reader of `kind` needs:
-    ``app:<svc>`` for apps' own counters, ``admin:<envoy>`` for Envoy admin
-    stats, ``bridge`` for the DPUmesh bridge. `served`: per service, which
-    Envoy stat counts it (kind ``envoy``).
+    ``app:<component>`` for an app's own counters, ``admin:<envoy>`` for Envoy
+    admin stats, ``bridge:<node>`` for a node's DPUmesh bridge. Kind ``envoy``
+    also says, per service, which Envoy stats count each instance (`served`)
+    and which stats count requests an Envoy carried to another node
+    (`crossing`: (Envoy, stat) pairs, summed).
     """
 
     kind: str
     endpoints: Mapping[str, tuple[str, str]]
-    served: Mapping[str, ServedAt] = field(default_factory=dict)
+    served: Mapping[str, tuple[ServedAt, ...]] = field(default_factory=dict)
+    crossing: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -240,6 +249,7 @@ class StackDescription:
     counters: Counters
     # Components whose logs explain a public URL that does not answer.
     front: tuple[str, ...]
+    topology: Topology  # the nodes, and where each service's instances run
 
     def __post_init__(self) -> None:
         names = [c.name for c in self.components]
@@ -250,9 +260,13 @@ class StackDescription:
             raise ValueError(f"{self.mesh}: exactly one public port, not {public}")
         known = set(names)
         for c in self.components:
+            if c.node not in self.topology.nodes:
+                raise ValueError(f"{self.mesh}: {c.name} is on unknown node {c.node}")
             for ref in (c.network_of, c.ipc_of):
                 if ref is not None and ref not in known:
                     raise ValueError(f"{self.mesh}: {c.name} joins unknown component {ref}")
+                if ref is not None and self.component(ref).node != c.node:
+                    raise ValueError(f"{self.mesh}: {c.name} joins {ref} on another node")
             if c.cpu_set not in CPU_SETS:
                 raise ValueError(f"{self.mesh}: {c.name} has unknown CPU set {c.cpu_set}")
 

@@ -2,17 +2,19 @@
 
 The design between per-pod sidecars and a DPU: Istio's ambient mode (one
 ztunnel per node) and Cilium's per-node Envoy take the proxy out of every pod
-but keep it on the host's cores. Here every app runs on one node
-(`harness.names.LOCAL_NODE`: this machine); each node has one node proxy,
-`nodeproxy-<node>` (role `nodeproxy`, CPU set `host`), and nothing else of
-the stack differs from `envoy`: the same apps, gateway and Envoy tuning.
+but keep it on the host's cores. Here each node of the run
+(`harness.stacks.topology`; one, this machine, without `--nodes`) has one
+node proxy, `nodeproxy-<node>` (role `nodeproxy`, CPU set `host`), and
+nothing else of the stack differs from `envoy`: the same apps, gateway and
+Envoy tuning.
 
 * An app sends a call for service S to its node proxy's outbound listener
   for S (`--upstream S=<node proxy>:<out port of S>`: the explicit stand-in
   for ambient's redirection by destination address), which hands it to S's
-  app when S is on the same node, so a call crosses the node proxy once each
-  way (ambient's same-node path), and else to the inbound listener for S on
-  S's node's proxy (source node proxy, then destination node proxy).
+  app when S has an instance on the same node, so a call crosses the node
+  proxy once each way (ambient's same-node path), and else to the inbound
+  listener for S on the proxies of S's nodes, round robin (source node
+  proxy, then destination node proxy).
 * The gateway calls the inbound listener for the service on its node's proxy.
 * With `Settings.mtls`, every Envoy-to-Envoy hop (the gateway's, and node to
   node) is mutual TLS; app to node proxy and node proxy to app stay plaintext.
@@ -33,10 +35,10 @@ from __future__ import annotations
 from typing import Any
 
 from baselines.envoy import config as envoy
-from harness.names import LOCAL_NODE
 from harness.stacks.cell import Cell, app_name, http_app, service_port
 from harness.stacks.envoy import (
     GATEWAY,
+    crossing_stats,
     envoy_component,
     envoy_counters,
     gateway_ports,
@@ -50,11 +52,6 @@ ROLE = "nodeproxy"
 ADMIN_PORT = 15000  # Istio's number for a proxy's admin port (istio.io, "Ports used by Istio")
 
 
-def node_of(cell: Cell) -> dict[str, str]:
-    """The node each service's app runs on: all on this machine's one node."""
-    return dict.fromkeys(cell.services, LOCAL_NODE)
-
-
 def inbound_port(cell: Cell, service: str) -> str:
     """The name of a node proxy's port for calls into `service` from other Envoys."""
     return f"in-{cell.services.index(service)}"
@@ -66,31 +63,29 @@ def outbound_port(cell: Cell, service: str) -> str:
 
 
 def node_mesh_description(
-    cell: Cell,
-    resolver: Resolver,
-    reader: Component,
-    envoys: dict[str, Component],
-    nodes: dict[str, str],
+    cell: Cell, resolver: Resolver, reader: Component, envoys: dict[str, Component]
 ) -> envoy.NodeMeshDescription:
     """The Envoy generator's view of the rendered stack, as the Envoy `reader` sees it."""
 
     def port(component: str, name: str) -> int:
         return resolver.port(reader, component, name)
 
-    proxies = {node: envoy.node_proxy_name(node) for node in dict.fromkeys(nodes.values())}
+    topology = cell.topology
+    apps = {
+        svc: {
+            node: envoy.AppAddress(port(app, "http"), resolver.host(reader, app))
+            for node in topology.nodes_of(svc)
+            for app in [cell.instance_name(app_name(svc), svc, node)]
+        }
+        for svc in cell.services
+    }
+    proxies = {node: envoy.node_proxy_name(node) for node in topology.nodes}
     return envoy.NodeMeshDescription(
-        apps={
-            svc: envoy.AppAddress(
-                node, port(app_name(svc), "http"), resolver.host(reader, app_name(svc))
-            )
-            for svc, node in nodes.items()
-        },
+        apps=apps,
         nodes={
             node: envoy.NodeProxyPorts(
-                inbound={
-                    s: port(name, inbound_port(cell, s)) for s, n in nodes.items() if n == node
-                },
-                outbound={s: port(name, outbound_port(cell, s)) for s in nodes},
+                inbound={s: port(name, inbound_port(cell, s)) for s in topology.services_on(node)},
+                outbound={s: port(name, outbound_port(cell, s)) for s in cell.services},
                 admin_port=port(name, "admin"),
             )
             for node, name in proxies.items()
@@ -102,14 +97,14 @@ def node_mesh_description(
 
 def describe(cell: Cell) -> StackDescription:
     ca = mesh_ca(cell, "nodeproxy")
-    nodes = node_of(cell)
+    topology = cell.topology
     envoys: dict[str, Component] = {}  # filled below; read when a bootstrap is rendered
 
     def bootstraps(resolver: Resolver, reader: Component) -> dict[str, dict[str, Any]]:
-        return envoy.render_nodes(node_mesh_description(cell, resolver, reader, envoys, nodes))
+        return envoy.render_nodes(node_mesh_description(cell, resolver, reader, envoys))
 
     apps = []
-    for svc, node in nodes.items():
+    for svc, node in cell.instances():
         proxy = envoy.node_proxy_name(node)
         routing = tuple(
             arg
@@ -119,31 +114,42 @@ def describe(cell: Cell) -> StackDescription:
                 f"{callee}=http://{{host:{proxy}}}:{{port:{proxy}:{outbound_port(cell, callee)}}}",
             )
         )
-        apps.append(http_app(cell, svc, routing))
-    for node in dict.fromkeys(nodes.values()):
+        apps.append(http_app(cell, svc, routing, node=node))
+    for node in topology.nodes:
         name = envoy.node_proxy_name(node)
         # The sidecars' port numbers (in a container of its own, nothing else binds them).
         ports = {
             **{
                 inbound_port(cell, s): Port(service_port(cell, s, 1))
-                for s in cell.services
-                if nodes[s] == node
+                for s in topology.services_on(node)
             },
             **{outbound_port(cell, s): Port(service_port(cell, s, 2)) for s in cell.services},
             "admin": Port(ADMIN_PORT, read=True),
         }
-        envoys[name] = envoy_component(cell, name, ROLE, ports, bootstraps, ca)
-    envoys[GATEWAY] = envoy_component(cell, GATEWAY, "gateway", gateway_ports(), bootstraps, ca)
+        envoys[name] = envoy_component(cell, name, ROLE, ports, bootstraps, ca, node=node)
+    entry_node = topology.nodes[0]
+    envoys[GATEWAY] = envoy_component(
+        cell, GATEWAY, "gateway", gateway_ports(), bootstraps, ca, node=entry_node
+    )
     served = {
-        svc: served_at(
-            envoy.node_proxy_name(node),
-            [envoy.inbound_stat_prefix(svc), envoy.outbound_to_stat_prefix(svc)],
+        svc: tuple(
+            served_at(
+                envoy.node_proxy_name(node),
+                [envoy.inbound_stat_prefix(svc), envoy.outbound_to_stat_prefix(svc)],
+            )
+            for node in topology.nodes_of(svc)
         )
-        for svc, node in nodes.items()
+        for svc in cell.services
     }
+    # A node proxy's outbound listeners and the gateway reach every service.
+    crossing = crossing_stats(cell, envoys, lambda _component: list(cell.services))
     return cell.stack(
         "nodeproxy",
         (*apps, *envoys.values()),
-        envoy_counters(cell, envoys, served),
-        (GATEWAY, envoy.node_proxy_name(nodes[cell.entry]), app_name(cell.entry)),
+        envoy_counters(apps, envoys, served, crossing),
+        (
+            GATEWAY,
+            envoy.node_proxy_name(entry_node),
+            cell.instance_name(app_name(cell.entry), cell.entry, entry_node),
+        ),
     )

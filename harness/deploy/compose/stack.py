@@ -141,9 +141,13 @@ class ComposeStack:
             self._reader_restarts = restarts
         return since(self._read_traffic(), self._baseline)
 
+    def client_argv(self, argv: list[str]) -> list[str]:
+        """The load generator runs on this machine, reaching the stack's published port."""
+        return argv
+
     def _reader(self) -> Callable[[], Traffic]:
         desc = self.desc
-        return accounting.reader(desc.counters, desc.services, desc.entry, self.host_port)
+        return accounting.reader(desc, lambda c, p: (LOOPBACK, self.host_port(c, p)))
 
     def restarts(self) -> dict[str, int]:
         """Restarts per component since the stack was ready (every component present)."""
@@ -248,7 +252,7 @@ class ComposeStack:
                 workers.setdefault(bridge, []).append((c.name, c.probe))
         for (component, port, path), probes in workers.items():
             names = tuple(name for name, _probe in probes)
-            stats = self.host_port(component, port)
+            stats = (LOOPBACK, self.host_port(component, port))
             checks.append((names, self._registered(stats, path, [p for _n, p in probes])))
         public, name = self.desc.public
         url = f"http://{LOOPBACK}:{self.host_port(public.name, name)}{self.desc.probe_path}"
@@ -256,15 +260,17 @@ class ComposeStack:
         return checks
 
     @staticmethod
-    def _registered(port: int, path: str, probes: list[WorkersProbe]) -> Callable[[], bool]:
-        """Ready when the bridge at `port` lists each probe's number of live workers.
+    def _registered(
+        address: tuple[str, int], path: str, probes: list[WorkersProbe]
+    ) -> Callable[[], bool]:
+        """Ready when the bridge at `address` lists each probe's number of live workers.
 
         One stats request per round serves every worker runtime behind that bridge.
         """
 
         def check() -> bool:
             try:
-                live = get_json(port, path, timeout_s=2.0)["workers"]
+                live = get_json(address, path, timeout_s=2.0)["workers"]
             except (OSError, RuntimeError, ValueError, http.client.HTTPException):
                 return False
             return all(len(live.get(p.service, [])) == p.count for p in probes)

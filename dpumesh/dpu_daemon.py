@@ -5,10 +5,13 @@ keep-alive or the seed's JSON protocol), picks a live local worker of the
 target service (least outstanding requests) and hands the request to the DMA
 manager through `sidecar_cq`; worker replies and worker egress calls come back
 through `sidecar_sq`. Services with no local worker go to an HTTP peer
-(`--route`, round robin over a service's peers: `dpumesh.routing.nearest`)
-without blocking the event loop. Every request has a deadline (504), a dead
-worker's requests are answered at once (503), and counters are served at
-`GET /_dpumesh/stats` so a benchmark can prove what crossed the mesh.
+(`--route`, round robin over a service's peers; which peers, the stack
+descriptions decide by `dpumesh.routing.nearest`) without blocking the event
+loop. Every request has a deadline (504), a dead worker's requests are
+answered at once (503), and counters are served at `GET /_dpumesh/stats` so a
+benchmark can prove what crossed the mesh. A request a peer sidecar sent
+(`PEER_HEADER`) is routed by its `Host` alone and counted as `peer_ingress`,
+not as a client's `ingress`.
 
 The shared-memory queue is read by one thread that blocks in `sem_wait` and
 hands batches to the asyncio loop; everything else runs on the loop.
@@ -190,12 +193,18 @@ class _Pending:
     timer: asyncio.TimerHandle | None = None
 
 
+#: Marks a request one sidecar's fallback sends another (nodes, DESIGN §8).
+PEER_HEADER = "x-dpumesh-peer"
+
+
 @dataclass(slots=True)
 class _ServiceStats:
     requests: int = 0
     ingress: int = 0
+    peer_ingress: int = 0  # from another node's sidecar (its fallback), not from a client
     egress: int = 0
     fallback: int = 0
+    fallback_errors: int = 0  # fallbacks that failed here (502/504: no answer from the peer)
     errors: int = 0
     by_class: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
@@ -203,8 +212,10 @@ class _ServiceStats:
         return {
             "requests": self.requests,
             "ingress": self.ingress,
+            "peer_ingress": self.peer_ingress,
             "egress": self.egress,
             "fallback": self.fallback,
+            "fallback_errors": self.fallback_errors,
             "errors": self.errors,
             "by_class": dict(self.by_class),
         }
@@ -733,9 +744,9 @@ class Sidecar:
             peer = next(peers) if peers is not None else self.cfg.peer
             if peer is not None:
                 stats.fallback += 1
-                headers = _naming_service(headers, service, self.table.known)
+                headers = _to_peer(headers, service, self.table.known)
                 self.loop.create_task(
-                    self._fallback(peer, method, target, headers, body, deadline_ns, counted)
+                    self._fallback(peer, method, target, headers, body, deadline_ns, counted, stats)
                 )
             elif service in self.table.known:
                 counted((503, JSON_HEADERS, error_body(503, f"no live worker for {service!r}")))
@@ -771,7 +782,9 @@ class Sidecar:
         self.by_worker[worker].add(sid)
         self.table.started(worker)
 
-    async def _fallback(self, peer, method, target, headers, body, deadline_ns, deliver) -> None:
+    async def _fallback(
+        self, peer, method, target, headers, body, deadline_ns, deliver, stats
+    ) -> None:
         timeout = max(0.001, (deadline_ns - time.monotonic_ns()) / 1e9)
         try:
             result = await self.fallback.request(peer, method, target, headers, body, timeout)
@@ -782,6 +795,10 @@ class Sidecar:
         except Exception as exc:  # a bug must still answer the client, never strand it
             log.exception("fallback to %s:%d failed", peer.host, peer.port)
             result = (502, JSON_HEADERS, error_body(502, f"fallback failed: {exc!r}"))
+        else:
+            deliver(result)  # the peer's answer: counted there too
+            return
+        stats.fallback_errors += 1
         deliver(result)
 
     def _expire(self, sid: int) -> None:
@@ -817,8 +834,13 @@ class Sidecar:
                 fut.set_result((200, JSON_HEADERS, b'{"status": "ok"}'))
             return req_id, fut
         self._follow_registry()
-        service, path = self._resolve(req)
-        self._stats_for(service).ingress += 1
+        from_peer = req.header(PEER_HEADER) is not None
+        service, path = self._resolve(req, from_peer)
+        stats = self._stats_for(service)
+        if from_peer:
+            stats.peer_ingress += 1
+        else:
+            stats.ingress += 1
         target = path + ("?" + req.query if req.query else "")
         deadline_ns = time.monotonic_ns() + int(self.cfg.deadline_s * 1e9)
 
@@ -829,8 +851,12 @@ class Sidecar:
         self._route(service, req.method, target, req.headers, req.body, deadline_ns, deliver)
         return req_id, fut
 
-    def _resolve(self, req: BridgeRequest) -> tuple[str, str]:
+    def _resolve(self, req: BridgeRequest, from_peer: bool = False) -> tuple[str, str]:
+        """The service and path of a bridge request; a peer sidecar's already names its
+        service in `Host` (its path is the callee's own, whatever its first segment)."""
         known = self.table.known
+        if from_peer:
+            return host_service(req.header("host"), known) or self.cfg.entry_service, req.path
         if req.target_service:
             return req.target_service, req.path
         if req.url:
@@ -1495,19 +1521,20 @@ def parse_args(argv: list[str] | None = None) -> Config:
     )
 
 
-def _naming_service(
+def _to_peer(
     headers: list[tuple[str, str]], service: str, known: set[str]
 ) -> list[tuple[str, str]]:
-    """`headers` whose `Host` names `service`, so a peer sidecar routes the request to it too.
+    """`headers` for a peer sidecar: marked as from a peer (`PEER_HEADER`: not a client's
+    entry request there, routed by `Host` alone) with a `Host` naming `service`.
 
     A worker's call already names its callee; a bridge request routed by path prefix, seed
-    JSON or as the entry service may carry the client's `Host` (another node's address),
-    which the peer would resolve to its entry service instead.
+    JSON or as the entry service may carry the client's `Host` (another node's address).
     """
     host = next((v for k, v in headers if k.lower() == "host"), None)
-    if host_service(host, known) == service:
-        return headers
-    return [*((k, v) for k, v in headers if k.lower() != "host"), ("host", service)]
+    if host_service(host, known) != service:
+        host = service
+    kept = [(k, v) for k, v in headers if k.lower() not in ("host", PEER_HEADER)]
+    return [*kept, ("host", host), (PEER_HEADER, "1")]
 
 
 def _positive_int(text: str) -> int:

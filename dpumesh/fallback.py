@@ -112,7 +112,9 @@ class _Response:
 class FallbackClient:
     """Keep-alive connection pool per peer; `request` never blocks the event loop."""
 
-    def __init__(self, max_idle_per_peer: int = 32, max_body: int = 8 << 20) -> None:
+    # Idle connections kept per peer: as many as a loaded node keeps in flight to another
+    # (Envoy's pools are unlimited); fewer would open a connection per cross-node call.
+    def __init__(self, max_idle_per_peer: int = 1024, max_body: int = 8 << 20) -> None:
         self._idle: dict[Peer, list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]] = {}
         self._max_idle = max_idle_per_peer
         self._max_body = max_body

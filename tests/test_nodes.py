@@ -108,6 +108,35 @@ def test_a_stack_on_two_nodes_counts_the_calls_that_cross(mesh, tmp_path):
     assert _ours() == ([], [])
 
 
+@pytest.mark.parametrize("mesh", MESHES)
+def test_a_call_back_into_the_entry_node_is_no_entry_request(mesh, tmp_path):
+    """s0 (node 1) -> s1 (node 2) -> s2 (node 1): two crossings per request, and the call
+    arriving back on node 1 is not counted as a client's request."""
+    _netns_ready()
+    doc = json.loads(DEFAULT_WORKMODEL.read_text())
+    doc["s0"]["external_services"] = [{"seq_len": 1, "services": ["s1"]}]
+    doc["s1"]["external_services"] = [{"seq_len": 1, "services": ["s2"]}]
+    workmodel = tmp_path / "chain.json"
+    workmodel.write_text(json.dumps(doc))
+    with start_stack(
+        mesh,
+        workmodel,
+        run_dir=tmp_path / "run",
+        port=free_ports(1)[0],
+        nodes=2,
+        place=(("s1", 2), ("s2", 1)),
+        scale=0.0,
+    ) as stack:
+        argv = stack.client_argv([sys.executable, "-c", CLIENT, stack.url, str(REQUESTS)])
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=REPO)
+        assert json.loads(done.stdout) == [200] * REQUESTS, done.stderr
+        traffic = stack.traffic()
+        assert traffic["entry_requests"] == REQUESTS
+        assert traffic["per_service"] == {"s0": REQUESTS, "s1": REQUESTS, "s2": REQUESTS}
+        assert traffic["cross_node"] == 2 * REQUESTS
+    assert _ours() == ([], [])
+
+
 def test_a_service_on_two_nodes_serves_its_own_nodes_callers(tmp_path):
     """A replicated callee: a caller on a node with an instance calls only that one."""
     _netns_ready()

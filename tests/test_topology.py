@@ -39,7 +39,11 @@ def test_an_explicit_map_wins_and_the_rest_go_round_robin():
     topology = place(SERVICES, "s0", 3, parse_place("s1=1, s4=3"))
     assert topology.nodes_of("s1") == ("node1",)
     assert topology.nodes_of("s4") == ("node3",)
-    assert topology.nodes_of("s2") == ("node3",)  # index 2 -> node 3
+    # The others round robin among themselves: s0, s2, s3 on nodes 1, 2, 3.
+    assert (topology.nodes_of("s2"), topology.nodes_of("s3")) == (("node2",), ("node3",))
+    assert topology.empty_nodes() == ()
+    crowded = place(SERVICES[:2], "s0", 3, parse_place("s1=1"))
+    assert crowded.empty_nodes() == ("node2", "node3")
 
 
 def test_replicas_take_the_next_nodes_up_to_the_node_count():

@@ -283,7 +283,8 @@ def teardown(desc: StackDescription, resolver: LocalResolver, sup: Supervisor) -
                 print(f"warning: {problem}", file=sys.stderr)
         busy = []
         deadline = time.monotonic() + PORTS_FREE_TIMEOUT_S  # one wait for all ports
-        for port in resolver.ports.values():
+        # Ports bound in node namespaces went with them.
+        for port in resolver.ports.values() if resolver.network is None else ():
             try:
                 wait_port_free(port, timeout_s=max(0.0, deadline - time.monotonic()))
             except TimeoutError:
@@ -302,7 +303,8 @@ def start(
     placement: Placement | None = None,
     restart: RestartPolicy = ALWAYS,
 ) -> LocalStack:
-    """Start `desc` with its public port on `127.0.0.1:port`; return once it answers.
+    """Start `desc` with its public port on `127.0.0.1:port` (with nodes, on node 1's
+    address); return once it answers.
 
     With `placement`, every component starts on its CPU set's cores (and the
     DPU daemons in the dpu set's cgroup); what the kernel applies is read back
@@ -314,19 +316,17 @@ def start(
     """
     for line in desc.warnings:
         print(f"warning: {line}", file=sys.stderr)
-    if not port_is_free(port):
+    isolated = desc.topology.isolated  # in node namespaces: the host's ports are not theirs
+    if not isolated and not port_is_free(port):
         raise StartError(f"{desc.mesh} stack: port {port} is already in use")
     run_dir = run_dir.resolve()
     deadline = time.monotonic() + ready_timeout_s
-    network = netns.create(len(desc.topology.nodes)) if desc.topology.isolated else None
+    network = sup = None
     try:
-        resolver = LocalResolver.allocate(desc, port, run_dir, network)
-    except BaseException:
-        if network is not None:
-            netns.remove(network)
-        raise
-    sup = Supervisor(run_dir, restart=restart)
-    try:
+        with signals_deferred():  # a Ctrl-C waits until what is made can be torn down
+            network = netns.create(len(desc.topology.nodes)) if isolated else None
+            resolver = LocalResolver.allocate(desc, port, run_dir, network)
+            sup = Supervisor(run_dir, restart=restart)
         rendered = [render(c, resolver) for c in desc.components]
         configs = files.write_generated(rendered, run_dir)
         watch = _WorkerWatch(resolver)
@@ -373,7 +373,10 @@ def start(
         )
         return LocalStack(desc, resolver, sup, read_traffic, configs, path)
     except BaseException:
-        teardown(desc, resolver, sup)
+        if sup is not None:
+            teardown(desc, resolver, sup)
+        elif network is not None:
+            netns.remove(network)
         raise
 
 
@@ -494,6 +497,7 @@ def _deployment(resolver: LocalResolver, sup: Supervisor) -> dict[str, Any]:
     roles = sup.roles()
     return {
         "namespace": resolver.namespace,
+        "ipc_namespaces": sorted({resolver.node_namespace(n) for n in resolver.node_of.values()}),
         "nodes": resolver.network.as_dict() if resolver.network is not None else None,
         "restart": sup.restart.as_dict(),
         "ports": sorted(resolver.ports.values()),

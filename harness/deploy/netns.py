@@ -62,7 +62,7 @@ from typing import Any
 import psutil
 
 from harness.procs import StartError, signals_deferred
-from harness.stacks.topology import MAX_NODES, node_name
+from harness.stacks.topology import MAX_NODES, node_names
 
 PREFIX = "dmb"
 RANGE = ipaddress.IPv4Network("10.213.0.0/16")
@@ -138,11 +138,6 @@ class NodeNetwork:
             "nodes": {name: one(host) for name, host in self.nodes.items()},
             "client": one(self.client),
         }
-
-
-def node_names(count: int) -> tuple[str, ...]:
-    """The names of `count` nodes, in order: node1 .. nodeN."""
-    return tuple(node_name(k) for k in range(1, count + 1))
 
 
 def plan(count: int, *, owner_pid: int, taken: Iterable[ipaddress.IPv4Network]) -> NodeNetwork:

@@ -45,9 +45,10 @@ Sources:
   in front of it (the stack tests assert it, `tests/test_nodeproxy.py`,
   `tests/test_stacks.py`; a run's self-checks do not, since requests in
   flight at a window's edges make them differ by a few).
-* `dpumesh`: the bridge's `/_dpumesh/stats`: entry = the requests the bridge
-  routed to a service (`ingress`, summed; the bridge's own `/_dpumesh/*`
-  endpoints are not in it), per service = `requests` (ingress + egress).
+* `dpumesh`: every node's bridge `/_dpumesh/stats`: entry = the requests the
+  entry node's bridge routed to a service for clients (`ingress`, summed; not
+  its own `/_dpumesh/*` endpoints, nor what other nodes' sidecars sent it),
+  per service = `requests` (ingress + egress) on the nodes it runs on.
 * `nomesh`: each app's `/_mubench/stats` (`requests`, which excludes the
   health and stats endpoints); entry = the entry service's count, so any call
   a service makes *to* the entry service counts too (there is no proxy to
@@ -164,8 +165,10 @@ def dpumesh_traffic(desc: StackDescription, bridges: Mapping[str, Address]) -> T
 
     A service's requests and 5xx answers are counted by the sidecars of the nodes it
     runs on (a request another node's sidecar sent on through its fallback is counted
-    there too, as `fallback`: the requests carried between nodes); entry requests are
-    the entry node's bridge ingress.
+    there too, as `fallback`: the requests carried between nodes), plus the fallbacks
+    that got no answer from the peer (`fallback_errors`, 502/504, counted by the
+    sender only); entry requests are the entry node's bridge `ingress`, which leaves
+    out what other sidecars sent it (`peer_ingress`).
     """
     topology = desc.topology
     stats = {node: get_json(address, BRIDGE_STATS_PATH) for node, address in bridges.items()}
@@ -179,10 +182,14 @@ def dpumesh_traffic(desc: StackDescription, bridges: Mapping[str, Address]) -> T
             for svc in desc.services
         }
 
+    def everywhere(svc: str, field: str) -> int:
+        return sum(one["services"].get(svc, {}).get(field, 0) for one in stats.values())
+
+    errors = {svc: n + everywhere(svc, "fallback_errors") for svc, n in counted("errors").items()}
     entry = sum(c.get("ingress", 0) for c in stats[topology.nodes[0]]["services"].values())
     crossed = sum(c.get("fallback", 0) for one in stats.values() for c in one["services"].values())
     raw = {"bridge": stats[topology.nodes[0]], "bridges": stats}
-    return _traffic(entry, counted("requests"), raw, counted("errors"), crossed)
+    return _traffic(entry, counted("requests"), raw, errors, crossed)
 
 
 def reader(desc: StackDescription, address_of: AddressOf) -> Callable[[], Traffic]:

@@ -15,7 +15,8 @@
    its events to ``<run dir>/locust.events.jsonl`` (a record of every test
    started from the UI);
 3. once the UI answers, one line ``locust web UI at http://127.0.0.1:N``
-   after the stack's ``ready`` line.
+   (with nodes, the client namespace's address) after the stack's ``ready``
+   line.
 
 With nodes (`--nodes`, DESIGN §8) Locust runs in the nodes' client namespace
 (`LocalStack.client_argv`) and its UI listens on the client's address, the
@@ -137,7 +138,8 @@ class LocustUI:
         self._closing = threading.Event()
 
     def __enter__(self) -> LocustUI:
-        if not port_is_free(self.port):
+        on_host = self.stack.client_address == LOOPBACK  # else in the client's namespace
+        if on_host and not port_is_free(self.port):
             raise LocustUIError(f"Locust web UI: port {self.port} is already in use")
         self.status = StatusServer(self.stack.traffic, self.stack.harness_address)
         try:

@@ -37,7 +37,6 @@ class Cell:
 
     @property
     def entry(self) -> str:
-        """μBench's convention: `s0`, or without one the first service in the file."""
         return entry_service(self.workmodel)
 
     def stack(
@@ -65,6 +64,10 @@ class Cell:
     def instances(self) -> list[tuple[str, str]]:
         """Every (service, node) instance of the cell, service by service."""
         return [(s, node) for s in self.services for node in self.topology.nodes_of(s)]
+
+    def app_of(self, service: str, node: str) -> str:
+        """The component name of `service`'s app (or DPUmesh workers) on `node`."""
+        return self.instance_name(app_name(service), service, node)
 
     def instance_name(self, base: str, service: str, node: str) -> str:
         """A component name of one instance: `base`, with its node when the service has several."""
@@ -115,6 +118,10 @@ def load_cell(settings: Settings) -> Cell:
         topology = place(services, entry, settings.nodes, settings.place, replicas)
     except ValueError as exc:
         raise WorkmodelError(f"{settings.workmodel}: {exc}") from None
+    warnings += [
+        f"node {node} runs no service (its per-node parts start anyway)"
+        for node in topology.empty_nodes()
+    ]
     return Cell(settings, workmodel, plan, tuple(warnings), topology)
 
 
@@ -143,7 +150,7 @@ def http_app(
 ) -> Component:
     """The plain-HTTP μBench cell of one instance of a service (the stacks but dpumesh)."""
     workers, threads = cell.plan[service]
-    name = cell.instance_name(app_name(service), service, node)
+    name = cell.app_of(service, node)
     number = PUBLIC_PORT if public else service_port(cell, service, 0)
     return Component(
         name=name,

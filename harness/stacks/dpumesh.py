@@ -139,7 +139,7 @@ def stack(
     warnings: tuple[str, ...] = (),
 ) -> StackDescription:
     """Per node both daemons and the workers of the services placed there; the entry node's
-    bridge is the public port. `make_worker(service, node, name, daemons)` builds a worker.
+    bridge is the public port. `make_worker(service, node, daemons)` builds a worker.
 
     A node's sidecar routes a service with no instance on its node to the sidecars of the
     nodes that have one (`--route`, HTTP fallback, `topology.targets`)."""
@@ -222,7 +222,7 @@ def describe(cell: Cell) -> StackDescription:
             threads,
             env=cell.cell_env(),
             files=cell.files(),
-            name=cell.instance_name(app_name(svc), svc, node),
+            name=cell.app_of(svc, node),
             daemons=daemons,
             node=node,
         )

@@ -25,7 +25,6 @@ from harness.stacks.cell import (
     PUBLIC_PORT,
     Cell,
     app_counters,
-    app_name,
     http_app,
     service_port,
 )
@@ -191,7 +190,7 @@ def mesh_description(
         name: envoy.Sidecar(
             service=c.service,
             node=c.node,
-            app_port=port(app_of(cell, c), "http"),
+            app_port=port(cell.app_of(c.service, c.node), "http"),
             inbound_port=port(name, "inbound"),
             outbound_port=port(name, "outbound"),
             admin_port=port(name, "admin"),
@@ -203,9 +202,9 @@ def mesh_description(
     return envoy.MeshDescription(sidecars=sidecars, **shared_view(cell, resolver, reader, envoys))
 
 
-def app_of(cell: Cell, sidecar: Component) -> str:
-    """The app in `sidecar`'s pod."""
-    return cell.instance_name(app_name(sidecar.service), sidecar.service, sidecar.node)
+def sidecar_of(cell: Cell, service: str, node: str) -> str:
+    """The component name of `service`'s sidecar on `node`."""
+    return cell.instance_name(sidecar_name(service), service, node)
 
 
 def describe(cell: Cell) -> StackDescription:
@@ -217,7 +216,7 @@ def describe(cell: Cell) -> StackDescription:
 
     apps = []
     for svc, node in cell.instances():
-        pod = cell.instance_name(sidecar_name(svc), svc, node)
+        pod = sidecar_of(cell, svc, node)
         egress = ("--egress-proxy", f"http://{{host:{pod}}}:{{port:{pod}:outbound}}")
         apps.append(http_app(cell, svc, egress, network_of=pod, node=node))
     for svc, node in cell.instances():
@@ -226,7 +225,7 @@ def describe(cell: Cell) -> StackDescription:
             "outbound": Port(service_port(cell, svc, 2)),
             "admin": Port(service_port(cell, svc, 3), read=True),
         }
-        name = cell.instance_name(sidecar_name(svc), svc, node)
+        name = sidecar_of(cell, svc, node)
         envoys[name] = envoy_component(cell, name, "sidecar", ports, bootstraps, ca, svc, node)
     entry_node = cell.topology.nodes[0]
     envoys[GATEWAY] = envoy_component(
@@ -234,9 +233,7 @@ def describe(cell: Cell) -> StackDescription:
     )
     served = {
         svc: tuple(
-            served_at(
-                cell.instance_name(sidecar_name(svc), svc, node), [envoy.inbound_stat_prefix(svc)]
-            )
+            served_at(sidecar_of(cell, svc, node), [envoy.inbound_stat_prefix(svc)])
             for node in cell.topology.nodes_of(svc)
         )
         for svc in cell.services
@@ -249,7 +246,7 @@ def describe(cell: Cell) -> StackDescription:
         envoy_counters(apps, envoys, served, crossing),
         (
             GATEWAY,
-            cell.instance_name(sidecar_name(cell.entry), cell.entry, entry_node),
-            cell.instance_name(app_name(cell.entry), cell.entry, entry_node),
+            sidecar_of(cell, cell.entry, entry_node),
+            cell.app_of(cell.entry, entry_node),
         ),
     )

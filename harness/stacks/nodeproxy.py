@@ -35,7 +35,7 @@ from __future__ import annotations
 from typing import Any
 
 from baselines.envoy import config as envoy
-from harness.stacks.cell import Cell, app_name, http_app, service_port
+from harness.stacks.cell import Cell, http_app, service_port
 from harness.stacks.envoy import (
     GATEWAY,
     crossing_stats,
@@ -73,9 +73,10 @@ def node_mesh_description(
     topology = cell.topology
     apps = {
         svc: {
-            node: envoy.AppAddress(port(app, "http"), resolver.host(reader, app))
+            node: envoy.AppAddress(
+                port(cell.app_of(svc, node), "http"), resolver.host(reader, cell.app_of(svc, node))
+            )
             for node in topology.nodes_of(svc)
-            for app in [cell.instance_name(app_name(svc), svc, node)]
         }
         for svc in cell.services
     }
@@ -150,6 +151,6 @@ def describe(cell: Cell) -> StackDescription:
         (
             GATEWAY,
             envoy.node_proxy_name(entry_node),
-            cell.instance_name(app_name(cell.entry), cell.entry, entry_node),
+            cell.app_of(cell.entry, entry_node),
         ),
     )

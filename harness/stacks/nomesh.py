@@ -8,7 +8,7 @@ nodes round robin (`--upstream` once per target: `topology.targets`).
 
 from __future__ import annotations
 
-from harness.stacks.cell import Cell, app_counters, app_name, http_app
+from harness.stacks.cell import Cell, app_counters, http_app
 from harness.stacks.model import Counters, StackDescription
 
 
@@ -17,7 +17,7 @@ def upstreams(cell: Cell, node: str) -> tuple[str, ...]:
     args = []
     for svc in cell.services:
         for target in cell.topology.targets(node, svc):
-            name = cell.instance_name(app_name(svc), svc, target)
+            name = cell.app_of(svc, target)
             args += ["--upstream", f"{svc}=http://{{host:{name}}}:{{port:{name}:http}}"]
     return tuple(args)
 
@@ -34,5 +34,5 @@ def describe(cell: Cell) -> StackDescription:
         )
         for svc, node in cell.instances()
     )
-    front = (cell.instance_name(app_name(cell.entry), cell.entry, entry_node),)
+    front = (cell.app_of(cell.entry, entry_node),)
     return cell.stack("nomesh", apps, Counters("nomesh", app_counters(apps)), front)

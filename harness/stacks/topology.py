@@ -1,8 +1,8 @@
 """Which node each service's instances run on (DESIGN §8): pure, shared by every stack.
 
 A run on `nodes` N >= 1 spreads the workmodel's services over nodes
-`node1`..`nodeN`: round robin in the workmodel's order by default (the entry
-service first, so on node 1), or where `--place SVC=K` puts them. A service
+`node1`..`nodeN`: where `--place SVC=K` puts them, the others round robin in
+the workmodel's order from node 1 (the entry service first, so on node 1). A service
 whose workmodel spec asks for `replicas` R (μBench's key: pods of the
 service, each with the spec's `workers`) runs one instance on each of
 min(R, N) nodes, its own node first, then the next ones round robin; every
@@ -33,6 +33,11 @@ MAX_NODES = 32  # addresses of one /24 (harness.deploy.netns)
 def node_name(number: int) -> str:
     """The name of node `number` (1-based): `node1`, `node2`, ..."""
     return f"node{number}"
+
+
+def node_names(count: int) -> tuple[str, ...]:
+    """The names of `count` nodes, in order."""
+    return tuple(node_name(k) for k in range(1, count + 1))
 
 
 def parse_place(text: str) -> tuple[tuple[str, int], ...]:
@@ -78,6 +83,10 @@ class Topology:
         """Whether `service` runs more than one instance (its components' names carry the node)."""
         return len(self.instances[service]) > 1
 
+    def empty_nodes(self) -> tuple[str, ...]:
+        """Nodes no service runs on (their per-node parts still start: say so)."""
+        return tuple(n for n in self.nodes if not self.services_on(n))
+
     def as_dict(self) -> dict[str, object]:
         return {
             "nodes": list(self.nodes),
@@ -110,11 +119,11 @@ def place(
     if explicit.get(entry, 1) != 1:
         raise ValueError(f"the entry service {entry} must be on node 1 (the entry point's node)")
     order = [entry, *(s for s in services if s != entry)]
+    unplaced = [s for s in order if s not in explicit]
     instances = {}
-    for index, service in enumerate(order):
-        first = explicit.get(service, index % count + 1)
+    for service in order:
+        first = explicit.get(service) or unplaced.index(service) % count + 1
         wanted = min(max(1, (replicas or {}).get(service, 1)), count)
         numbers = [(first - 1 + k) % count + 1 for k in range(wanted)]
         instances[service] = tuple(node_name(n) for n in numbers)
-    nodes = tuple(node_name(n) for n in range(1, count + 1))
-    return Topology(nodes, {s: instances[s] for s in services}, isolated=True)
+    return Topology(node_names(count), {s: instances[s] for s in services}, isolated=True)

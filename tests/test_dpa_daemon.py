@@ -239,7 +239,9 @@ def test_idle_daemon_uses_no_cpu_and_sigterm_cleans_up(ns: str, start_daemon: Ca
     after = proc.cpu_times()
     elapsed = time.monotonic() - t0
     used = (after.user + after.system) - (before.user + before.system)
-    assert used / elapsed < 0.01, f"idle daemon used {used / elapsed:.2%} CPU"
+    # Asleep on its doorbell, ticking 5 times a second: about 0.5 % (seen 1.2 % on a busy
+    # 2-core machine); a loop that polled would use a whole core.
+    assert used / elapsed < 0.05, f"idle daemon used {used / elapsed:.2%} CPU"
     worker.close()
     sidecar.close()
     assert stop(daemon) == 0

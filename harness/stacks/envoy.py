@@ -135,16 +135,15 @@ def served_at(proxy: str, listeners: list[str]) -> ServedAt:
     )
 
 
-def crossing_stats(
-    cell: Cell, envoys: Mapping[str, Component], callees: Callable[[Component], list[str]]
-) -> tuple[tuple[str, str], ...]:
+def crossing_stats(cell: Cell, envoys: Mapping[str, Component]) -> tuple[tuple[str, str], ...]:
     """The (Envoy, stat) pairs counting requests carried to another node: each Envoy's
-    `to_<svc>` cluster for a service it reaches (`callees`) with no instance on its node."""
+    `to_<svc>` cluster for a service with no instance on its node (every Envoy of both
+    stacks, gateway included, reaches every service)."""
     topology = cell.topology
     return tuple(
         (name, envoy.cluster_stat(envoy.callee_cluster(svc), "upstream_rq_total"))
         for name, component in envoys.items()
-        for svc in callees(component)
+        for svc in cell.services
         if topology.crosses(component.node, svc)
     )
 
@@ -238,8 +237,7 @@ def describe(cell: Cell) -> StackDescription:
         )
         for svc in cell.services
     }
-    # A sidecar's outbound listener reaches every service; the gateway too (by path or Host).
-    crossing = crossing_stats(cell, envoys, lambda _component: list(cell.services))
+    crossing = crossing_stats(cell, envoys)
     return cell.stack(
         "envoy",
         (*apps, *envoys.values()),

@@ -142,8 +142,7 @@ def describe(cell: Cell) -> StackDescription:
         )
         for svc in cell.services
     }
-    # A node proxy's outbound listeners and the gateway reach every service.
-    crossing = crossing_stats(cell, envoys, lambda _component: list(cell.services))
+    crossing = crossing_stats(cell, envoys)
     return cell.stack(
         "nodeproxy",
         (*apps, *envoys.values()),
